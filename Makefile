@@ -1,0 +1,61 @@
+# kiwi-shim build, test and benchmark entry points. Every target that needs
+# system packages depends on `deps`, which installs them idempotently, so a
+# fresh Debian 12 machine needs nothing but this repository, Go and root.
+
+SHELL     := /bin/bash
+GO        ?= go
+BIN       := $(CURDIR)/bin
+VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -X main.version=$(VERSION)
+PREFIX    ?= /usr/local
+STATICCHECK_VERSION := v0.8.2
+
+# Debian packages the tests drive for real.
+DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins \
+	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 \
+	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
+
+.PHONY: all build deps test test-unit test-integration lint bench install clean demo
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+# Installs only what is missing; apt-get update runs only then.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(GO) mod download
+
+lint:
+	test -z "$$(gofmt -l . | tee /dev/stderr)"
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+test-unit:
+	$(GO) test -race -count=1 ./pkg/... ./cmd/...
+
+# Integration tests share host loop devices, podman and QEMU: one package
+# at a time, never in parallel with the unit tests.
+test-integration: build
+	KIWI_SHIM_BIN=$(BIN) $(GO) test -count=1 -p 1 -timeout 60m -v ./integration/
+
+test: deps build lint test-unit test-integration
+
+bench: deps build
+	./contrib/bench/run
+
+install: build
+	install -D -m 0755 $(BIN)/kiwi-shim $(DESTDIR)$(PREFIX)/bin/kiwi-shim
+	install -D -m 0644 contrib/podman/containers.conf $(DESTDIR)/etc/containers/containers.conf.d/50-kiwi-shim.conf
+
+demo: deps build
+	./contrib/demo/run
+
+clean:
+	rm -rf $(BIN) integration.log

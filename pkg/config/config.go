@@ -1,0 +1,217 @@
+// Package config reads kiwi-shim's host configuration, a TOML file
+// (/etc/kiwi-shim/config.toml by default), and applies defaults and
+// environment overrides. Per-container settings come from OCI annotations
+// and are layered on top by the callers.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+)
+
+// DefaultPath is where the host configuration lives unless --config or
+// KIWI_SHIM_CONFIG names another file.
+const DefaultPath = "/etc/kiwi-shim/config.toml"
+
+// Environment variables that override the file.
+const (
+	EnvConfig       = "KIWI_SHIM_CONFIG"
+	EnvLoopCapacity = "KIWI_SHIM_LOOP_CAPACITY"
+	EnvLoopDir      = "KIWI_SHIM_LOOP_DIR"
+)
+
+// Modes a container can run in.
+const (
+	ModeVM        = "vm"
+	ModeContainer = "container"
+)
+
+// Config is the host configuration.
+type Config struct {
+	// DefaultMode is the mode of containers without an io.kiwi-shim.mode
+	// annotation: "vm" or "container".
+	DefaultMode string `toml:"default_mode"`
+	// CacheDir holds guest kernels and initramfs images.
+	CacheDir string `toml:"cache_dir"`
+	// Loop configures the host loop-device allocator.
+	Loop Loop `toml:"loop"`
+	// Container configures container mode.
+	Container Container `toml:"container"`
+	// VM configures VM mode.
+	VM VM `toml:"vm"`
+}
+
+// Loop configures the loop-device allocator.
+type Loop struct {
+	// Capacity caps the devices leased at once; 0 means the host's number
+	// of loop nodes.
+	Capacity int `toml:"capacity"`
+	// Dir holds the allocator's leases. It is host-wide on purpose and not
+	// under the runtime's --root: podman, containerd and people may each
+	// pass a different --root, but they share one set of loop devices.
+	Dir string `toml:"dir"`
+	// DefaultCount is how many devices a container-mode container leases
+	// without an io.kiwi-shim.loop.count annotation.
+	DefaultCount int `toml:"default_count"`
+}
+
+// Container configures container mode.
+type Container struct {
+	// Runtime is the OCI runtime that runs the container: a name looked up
+	// in PATH or an absolute path. Empty means runc, else crun.
+	Runtime string `toml:"runtime"`
+}
+
+// VM configures VM mode.
+type VM struct {
+	// Accel is "auto", "kvm" or "tcg".
+	Accel string `toml:"accel"`
+	// Memory is the default guest memory, e.g. "2G".
+	Memory string `toml:"memory"`
+	// CPUs is the default number of guest CPUs.
+	CPUs int `toml:"cpus"`
+	// Kernel maps a guest architecture (x86_64, aarch64) to a kernel image.
+	Kernel map[string]string `toml:"kernel"`
+	// QEMU maps a guest architecture to its qemu-system binary.
+	QEMU map[string]string `toml:"qemu"`
+}
+
+// Default returns the configuration used when no file exists.
+func Default() Config {
+	return Config{
+		DefaultMode: ModeVM,
+		CacheDir:    "/var/cache/kiwi-shim",
+		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2},
+	}
+}
+
+// Path returns the configuration file to read: flag, then $KIWI_SHIM_CONFIG,
+// then DefaultPath. explicit reports whether the user named it, in which
+// case a missing file is an error.
+func Path(flag string) (path string, explicit bool) {
+	if flag != "" {
+		return flag, true
+	}
+	if p := os.Getenv(EnvConfig); p != "" {
+		return p, true
+	}
+	return DefaultPath, false
+}
+
+// Load reads the file at path over the defaults, then applies environment
+// overrides. A missing file is fine unless explicit.
+func Load(path string, explicit bool) (Config, error) {
+	c := Default()
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if err := Parse(b, &c); err != nil {
+			return Config{}, fmt.Errorf("config %s: %w", path, err)
+		}
+	case errors.Is(err, os.ErrNotExist) && !explicit:
+	default:
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	if err := c.applyEnv(); err != nil {
+		return Config{}, err
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes TOML into c, rejecting keys it does not know so that a
+// typo is an error rather than a silently ignored setting.
+func Parse(b []byte, c *Config) error {
+	md, err := toml.Decode(string(b), c)
+	if err != nil {
+		return err
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		return fmt.Errorf("unknown key(s) %s", strings.Join(keys, ", "))
+	}
+	return nil
+}
+
+func (c *Config) applyEnv() error {
+	if v := os.Getenv(EnvLoopCapacity); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%s=%q: want a number of loop devices >= 0", EnvLoopCapacity, v)
+		}
+		c.Loop.Capacity = n
+	}
+	if v := os.Getenv(EnvLoopDir); v != "" {
+		c.Loop.Dir = v
+	}
+	return nil
+}
+
+// Validate checks values that the TOML types cannot.
+func (c *Config) Validate() error {
+	switch c.DefaultMode {
+	case ModeVM, ModeContainer:
+	default:
+		return fmt.Errorf("default_mode %q: want %q or %q", c.DefaultMode, ModeVM, ModeContainer)
+	}
+	if c.Loop.Capacity < 0 {
+		return fmt.Errorf("loop.capacity %d: must not be negative", c.Loop.Capacity)
+	}
+	if c.Loop.DefaultCount < 1 {
+		return fmt.Errorf("loop.default_count %d: must be at least 1", c.Loop.DefaultCount)
+	}
+	if c.Loop.Dir == "" || !strings.HasPrefix(c.Loop.Dir, "/") {
+		return fmt.Errorf("loop.dir %q: want an absolute path", c.Loop.Dir)
+	}
+	switch c.VM.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return fmt.Errorf("vm.accel %q: want auto, kvm or tcg", c.VM.Accel)
+	}
+	if c.VM.CPUs < 1 {
+		return fmt.Errorf("vm.cpus %d: must be at least 1", c.VM.CPUs)
+	}
+	if _, err := ParseSize(c.VM.Memory); err != nil {
+		return fmt.Errorf("vm.memory: %w", err)
+	}
+	return nil
+}
+
+// ParseSize parses a size such as "512M", "2G" or "1073741824" into bytes.
+// Suffixes are binary (K = 1024) as in QEMU's -m.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	mult := int64(1)
+	if t != "" {
+		switch t[len(t)-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 || n > (1<<50)/mult {
+		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M, G or T suffix", s)
+	}
+	return n * mult, nil
+}
