@@ -41,7 +41,22 @@ func main() {
 		cli.BoolFlag{Name: "rootless", Hidden: true, Usage: "accepted for runc compatibility"},
 	}
 	app.Commands = []cli.Command{
+		createCommand,
+		startCommand,
+		runCommand,
+		stateCommand,
+		killCommand,
+		deleteCommand,
+		execCommand,
+		psCommand,
+		listCommand,
+		pauseCommand,
+		resumeCommand,
+		updateCommand,
+		featuresCommand,
+		specCommand,
 		loopCommand,
+		keeperCommand,
 	}
 	app.Before = func(ctx *cli.Context) error {
 		switch f := ctx.GlobalString("log-format"); f {

@@ -182,18 +182,26 @@ func (h Host) Ensure(d Device) error {
 	}
 	// devtmpfs normally creates the node; make it ourselves where /dev is
 	// not devtmpfs (e.g. inside a container).
-	b, err := os.ReadFile(filepath.Join(h.SysBlock, d.Name(), "dev"))
+	maj, min, err := h.DevNumber(d)
 	if err != nil {
-		return fmt.Errorf("create node for %s: %w", d, err)
-	}
-	var maj, min uint32
-	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &maj, &min); err != nil {
-		return fmt.Errorf("parse device number of %s: %w", d, err)
+		return err
 	}
 	if err := unix.Mknod(node, unix.S_IFBLK|0o660, int(unix.Mkdev(maj, min))); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("mknod %s: %w", node, err)
 	}
 	return nil
+}
+
+// DevNumber returns the device's major and minor numbers.
+func (h Host) DevNumber(d Device) (major, minor uint32, err error) {
+	b, err := os.ReadFile(filepath.Join(h.SysBlock, d.Name(), "dev"))
+	if err != nil {
+		return 0, 0, fmt.Errorf("device number of %s: %w", d, err)
+	}
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &major, &minor); err != nil {
+		return 0, 0, fmt.Errorf("parse device number of %s: %w", d, err)
+	}
+	return major, minor, nil
 }
 
 // AttachOptions tune how a backing file is bound.

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+)
+
+// errVMMode is what VM-mode containers get until VM mode lands.
+var errVMMode = errors.New("VM mode is not available yet in this build of kiwi-shim: " +
+	"run the container in container mode (podman run --annotation io.kiwi-shim.mode=container, " +
+	"or default_mode = \"container\" in " + config.DefaultPath + ")")
+
+func (e *env) store() state.Store { return state.NewStore(e.root) }
+
+// manager builds the container-mode manager from the configuration and the
+// global flags, which are passed on to the low-level runtime.
+func (e *env) manager(ctx *cli.Context) (*containermode.Manager, error) {
+	path, err := containermode.FindRuntime(e.cfg.Container.Runtime)
+	if err != nil {
+		return nil, err
+	}
+	alloc, err := e.allocator()
+	if err != nil {
+		return nil, err
+	}
+	return &containermode.Manager{
+		Runtime: containermode.Runtime{
+			Path:          path,
+			Root:          filepath.Join(e.root, "runc"),
+			Log:           ctx.GlobalString("log"),
+			LogFormat:     ctx.GlobalString("log-format"),
+			SystemdCgroup: ctx.GlobalBool("systemd-cgroup") || ctx.GlobalString("cgroup-manager") == "systemd",
+			Debug:         ctx.GlobalBool("debug"),
+		},
+		Store: e.store(),
+		Alloc: alloc,
+		Log:   e.log,
+	}, nil
+}
+
+// load finds a container's record and the manager for its mode.
+func (e *env) load(ctx *cli.Context, id string) (*state.Container, *containermode.Manager, error) {
+	rec, err := e.store().Load(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if rec.Mode == config.ModeVM {
+		return nil, nil, errVMMode
+	}
+	m, err := e.manager(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rec, m, nil
+}
+
+// keeperCmd builds the hidden loop-keeper invocation with the same global
+// settings as this one.
+func keeperCmd(ctx *cli.Context) func(owner string, count int, timeout time.Duration) *exec.Cmd {
+	return func(owner string, count int, timeout time.Duration) *exec.Cmd {
+		self, err := os.Executable()
+		if err != nil {
+			self = "/proc/self/exe"
+		}
+		var args []string
+		for _, g := range []string{"config", "log", "log-format"} {
+			if v := ctx.GlobalString(g); v != "" {
+				args = append(args, "--"+g, v)
+			}
+		}
+		if ctx.GlobalBool("debug") {
+			args = append(args, "--debug")
+		}
+		args = append(args, containermode.KeeperCommand, "--owner", owner, "--count", strconv.Itoa(count), "--timeout", timeout.String())
+		return exec.Command(self, args...)
+	}
+}
+
+// idArg returns the single container id argument.
+func idArg(ctx *cli.Context) (string, error) {
+	if ctx.NArg() < 1 {
+		return "", fmt.Errorf("%s: container id missing (usage: kiwi-shim %s %s)", ctx.Command.Name, ctx.Command.Name, ctx.Command.ArgsUsage)
+	}
+	id := ctx.Args().First()
+	return id, oci.ValidateID(id)
+}
+
+// rawArgs returns the command line after the command name, untouched, so
+// that commands that container mode hands to runc as they are keep every
+// flag runc knows, including ones kiwi-shim does not interpret.
+func rawArgs(name string) []string {
+	args := os.Args[1:]
+	valued := map[string]bool{"root": true, "log": true, "log-format": true, "config": true, "cgroup-manager": true, "criu": true}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "-") {
+			if a == name {
+				return args[i+1:]
+			}
+			return nil
+		}
+		flag, _, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if valued[flag] && !hasVal {
+			i++
+		}
+	}
+	return nil
+}

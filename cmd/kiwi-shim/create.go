@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+
+	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+)
+
+var createFlags = []cli.Flag{
+	cli.StringFlag{Name: "bundle, b", Value: ".", Usage: "path to the bundle directory"},
+	cli.StringFlag{Name: "pid-file", Usage: "write the container's process id to this file"},
+	cli.StringFlag{Name: "console-socket", Usage: "unix socket that receives the pty master when process.terminal is true"},
+	cli.BoolFlag{Name: "no-pivot", Usage: "do not use pivot_root (container mode)"},
+	cli.BoolFlag{Name: "no-new-keyring", Usage: "do not create a new session keyring (container mode)"},
+	cli.IntFlag{Name: "preserve-fds", Usage: "pass N additional file descriptors to the container (after stdio)"},
+}
+
+var createCommand = cli.Command{
+	Name:      "create",
+	Usage:     "create a container",
+	ArgsUsage: "<container-id>",
+	Description: `Creates the container described by the bundle's config.json. The mode
+   comes from the io.kiwi-shim.mode annotation, else default_mode in the
+   config file, else "vm". In container mode the loop devices are leased
+   here: create waits for them, first come first served.`,
+	Flags:  createFlags,
+	Action: withEnv(create),
+}
+
+func create(ctx *cli.Context, e *env) error {
+	id, err := idArg(ctx)
+	if err != nil {
+		return err
+	}
+	return createContainer(ctx, e, id)
+}
+
+// createContainer is create's work, shared with run.
+func createContainer(ctx *cli.Context, e *env, id string) error {
+	bundle, err := filepath.Abs(ctx.String("bundle"))
+	if err != nil {
+		return fmt.Errorf("bundle: %w", err)
+	}
+	spec, err := oci.LoadSpec(bundle)
+	if err != nil {
+		return err
+	}
+	settings, err := oci.ParseAnnotations(spec.Annotations)
+	if err != nil {
+		return err
+	}
+	mode := settings.Mode
+	if mode == "" {
+		mode = e.cfg.DefaultMode
+	}
+	if mode == config.ModeVM {
+		return errVMMode
+	}
+	if ctx.Int("preserve-fds") < 0 {
+		return fmt.Errorf("--preserve-fds %d: must not be negative", ctx.Int("preserve-fds"))
+	}
+	count := settings.LoopCount
+	if count == 0 {
+		count = e.cfg.Loop.DefaultCount
+	}
+	m, err := e.manager(ctx)
+	if err != nil {
+		return err
+	}
+	if count > m.Alloc.Capacity() {
+		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, count, m.Alloc.Capacity())
+	}
+	return m.Create(context.Background(), containermode.CreateOptions{
+		ID: id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count,
+		PidFile: ctx.String("pid-file"), ConsoleSocket: ctx.String("console-socket"),
+		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
+		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),
+	})
+}

@@ -1,0 +1,38 @@
+package main
+
+import (
+	"context"
+
+	"github.com/urfave/cli"
+)
+
+var killCommand = cli.Command{
+	Name:      "kill",
+	Usage:     "send a signal to a container's process",
+	ArgsUsage: "<container-id> [signal]",
+	Description: `The signal is a name (TERM, SIGTERM) or a number; the default is SIGTERM.
+   With --all, every process of the container gets it.`,
+	Flags: []cli.Flag{cli.BoolFlag{Name: "all, a", Usage: "signal all processes of the container"}},
+	Action: withEnv(func(ctx *cli.Context, e *env) error {
+		id, err := idArg(ctx)
+		if err != nil {
+			return err
+		}
+		sig := "SIGTERM"
+		if ctx.NArg() > 1 {
+			sig = ctx.Args().Get(1)
+		}
+		if _, err := parseSignal(sig); err != nil {
+			return err
+		}
+		_, m, err := e.load(ctx, id)
+		if err != nil {
+			return err
+		}
+		args := []string{"kill"}
+		if ctx.Bool("all") {
+			args = append(args, "--all")
+		}
+		return m.Runtime.Run(context.Background(), append(args, id, sig)...)
+	}),
+}

@@ -1,0 +1,24 @@
+package main
+
+import (
+	"context"
+
+	"github.com/urfave/cli"
+)
+
+var startCommand = cli.Command{
+	Name:      "start",
+	Usage:     "start the process of a created container",
+	ArgsUsage: "<container-id>",
+	Action: withEnv(func(ctx *cli.Context, e *env) error {
+		id, err := idArg(ctx)
+		if err != nil {
+			return err
+		}
+		_, m, err := e.load(ctx, id)
+		if err != nil {
+			return err
+		}
+		return m.Runtime.Run(context.Background(), "start", id)
+	}),
+}

@@ -1,0 +1,95 @@
+// Package containermode runs a kiwi box as an ordinary container through
+// runc (or crun), handing it exactly the loop devices it leased from the
+// host allocator instead of the host's /dev.
+//
+// Threat model: the container runs KIWI as root with CAP_SYS_ADMIN and
+// CAP_MKNOD, which it needs for mount, losetup and mknod. What keeps it
+// from the host's block devices is the device cgroup: it allows only the
+// leased loop devices (and /dev/loop-control when asked for), so a node
+// the container makes for any other device cannot be opened. Container
+// mode is therefore weaker isolation than VM mode; use VM mode for
+// untrusted descriptions.
+package containermode
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"slices"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Device is a host device node to hand to the container.
+type Device struct {
+	// Path is the node's path, the same inside the container.
+	Path string
+	// Type is "b" or "c".
+	Type string
+	// Major and Minor are the device numbers.
+	Major, Minor int64
+}
+
+// Capabilities KIWI needs on top of a default container's: mount and
+// losetup (SYS_ADMIN), making device nodes in the image root (MKNOD), and
+// writing and controlling audit records (package scripts that run
+// systemd or useradd).
+var kiwiCapabilities = []string{"CAP_SYS_ADMIN", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL"}
+
+// LoopControl is /dev/loop-control, handed out only on request.
+var LoopControl = Device{Path: "/dev/loop-control", Type: "c", Major: 10, Minor: 237}
+
+// Rewrite returns a copy of s for runc: the rootfs path made absolute
+// (the copy lives in another bundle directory), the devices added as nodes
+// with device-cgroup rules, KIWI's capabilities added, and /sys/dev/block
+// unmasked (lsblk and KIWI read it to find partitions).
+func Rewrite(s *specs.Spec, rootfs string, devs []Device) (*specs.Spec, error) {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return nil, fmt.Errorf("copy spec: %w", err)
+	}
+	var out specs.Spec
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("copy spec: %w", err)
+	}
+	out.Root.Path = rootfs
+	if out.Linux == nil {
+		out.Linux = &specs.Linux{}
+	}
+	if out.Linux.Resources == nil {
+		out.Linux.Resources = &specs.LinuxResources{}
+	}
+	zero := uint32(0)
+	mode := os.FileMode(0o660)
+	for _, d := range devs {
+		out.Linux.Devices = slices.DeleteFunc(out.Linux.Devices, func(x specs.LinuxDevice) bool { return x.Path == d.Path })
+		out.Linux.Devices = append(out.Linux.Devices, specs.LinuxDevice{
+			Path: d.Path, Type: d.Type, Major: d.Major, Minor: d.Minor,
+			FileMode: &mode, UID: &zero, GID: &zero,
+		})
+		major, minor := d.Major, d.Minor
+		out.Linux.Resources.Devices = append(out.Linux.Resources.Devices, specs.LinuxDeviceCgroup{
+			Allow: true, Type: d.Type, Major: &major, Minor: &minor, Access: "rwm",
+		})
+	}
+	if p := out.Process; p != nil {
+		if p.Capabilities == nil {
+			p.Capabilities = &specs.LinuxCapabilities{}
+		}
+		c := p.Capabilities
+		c.Bounding = addAll(c.Bounding, kiwiCapabilities)
+		c.Effective = addAll(c.Effective, kiwiCapabilities)
+		c.Permitted = addAll(c.Permitted, kiwiCapabilities)
+	}
+	out.Linux.MaskedPaths = slices.DeleteFunc(out.Linux.MaskedPaths, func(p string) bool { return p == "/sys/dev/block" })
+	return &out, nil
+}
+
+func addAll(set, add []string) []string {
+	for _, a := range add {
+		if !slices.Contains(set, a) {
+			set = append(set, a)
+		}
+	}
+	return set
+}

@@ -1,0 +1,125 @@
+package containermode
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// Runtime is the low-level OCI runtime container mode delegates to, with
+// the global flags every call carries.
+type Runtime struct {
+	// Path is the runtime binary.
+	Path string
+	// Root is its --root; kiwi-shim keeps it apart from its own records.
+	Root string
+	// Log and LogFormat are passed through so that the caller (podman,
+	// containerd's runc shim) finds the runtime's errors where it looks.
+	Log, LogFormat string
+	// SystemdCgroup passes --systemd-cgroup.
+	SystemdCgroup bool
+	// Debug passes --debug.
+	Debug bool
+}
+
+// searchDirs are tried after PATH: the PATH that podman's cleanup process
+// and conmon hand down often lacks the sbin directories runc lives in.
+var searchDirs = []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
+
+// FindRuntime resolves the configured runtime: a path, a name in PATH or
+// the usual system directories, or "" for runc, else crun.
+func FindRuntime(name string) (string, error) {
+	if strings.Contains(name, "/") {
+		if _, err := os.Stat(name); err != nil {
+			return "", fmt.Errorf("container.runtime %s: %w", name, err)
+		}
+		return name, nil
+	}
+	names := []string{name}
+	if name == "" {
+		names = []string{"runc", "crun"}
+	}
+	for _, n := range names {
+		if p, err := exec.LookPath(n); err == nil {
+			return p, nil
+		}
+		for _, d := range searchDirs {
+			p := filepath.Join(d, n)
+			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+				return p, nil
+			}
+		}
+	}
+	if name != "" {
+		return "", fmt.Errorf("container.runtime %q not found: install it or set container.runtime in the config", name)
+	}
+	return "", errors.New("container mode needs runc or crun: install runc (apt-get install runc) or set container.runtime")
+}
+
+func (r Runtime) globalArgs() []string {
+	args := []string{"--root", r.Root}
+	if r.Log != "" {
+		args = append(args, "--log", r.Log)
+	}
+	if r.LogFormat != "" {
+		args = append(args, "--log-format", r.LogFormat)
+	}
+	if r.SystemdCgroup {
+		args = append(args, "--systemd-cgroup")
+	}
+	if r.Debug {
+		args = append(args, "--debug")
+	}
+	return args
+}
+
+// Command returns the runtime invocation for args, with the caller's
+// stdio: the container's stdio travels through it unchanged.
+func (r Runtime) Command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, r.Path, append(r.globalArgs(), args...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	return cmd
+}
+
+// Run runs the runtime with the caller's stdio.
+func (r Runtime) Run(ctx context.Context, args ...string) error {
+	cmd := r.Command(ctx, args...)
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s %s: %w", filepath.Base(r.Path), args[0], err)
+	}
+	return nil
+}
+
+// State is the runtime's answer to `state`.
+type State struct {
+	OCIVersion  string            `json:"ociVersion"`
+	ID          string            `json:"id"`
+	Status      string            `json:"status"`
+	Pid         int               `json:"pid"`
+	Bundle      string            `json:"bundle"`
+	Rootfs      string            `json:"rootfs,omitempty"`
+	Created     string            `json:"created,omitempty"`
+	Owner       string            `json:"owner,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// State asks the runtime for the container's state.
+func (r Runtime) State(ctx context.Context, id string) (*State, error) {
+	cmd := exec.CommandContext(ctx, r.Path, append(r.globalArgs(), "state", id)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%s state %s: %v: %s", filepath.Base(r.Path), id, err, strings.TrimSpace(errb.String()))
+	}
+	var st State
+	if err := json.Unmarshal(out.Bytes(), &st); err != nil {
+		return nil, fmt.Errorf("%s state %s: %w", filepath.Base(r.Path), id, err)
+	}
+	return &st, nil
+}

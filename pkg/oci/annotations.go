@@ -1,0 +1,126 @@
+package oci
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+)
+
+// Annotation keys kiwi-shim reads. Any other io.kiwi-shim.* key is an
+// error, so that a typo does not silently fall back to a default.
+const (
+	AnnotationMode        = "io.kiwi-shim.mode"
+	AnnotationLoopCount   = "io.kiwi-shim.loop.count"
+	AnnotationLoopTimeout = "io.kiwi-shim.loop.timeout"
+	AnnotationLoopControl = "io.kiwi-shim.loop.control"
+	AnnotationVMMemory    = "io.kiwi-shim.vm.memory"
+	AnnotationVMCPUs      = "io.kiwi-shim.vm.cpus"
+	AnnotationVMArch      = "io.kiwi-shim.vm.arch"
+	AnnotationVMScratch   = "io.kiwi-shim.vm.scratch"
+	AnnotationShare       = "io.kiwi-shim.share"
+)
+
+const annotationPrefix = "io.kiwi-shim."
+
+var knownAnnotations = map[string]bool{
+	AnnotationMode: true, AnnotationLoopCount: true, AnnotationLoopTimeout: true,
+	AnnotationLoopControl: true, AnnotationVMMemory: true, AnnotationVMCPUs: true,
+	AnnotationVMArch: true, AnnotationVMScratch: true, AnnotationShare: true,
+}
+
+// Settings are the per-container choices made with annotations. Zero
+// values mean "not set": callers fall back to the config file.
+type Settings struct {
+	// Mode is "vm", "container" or "".
+	Mode string
+	// LoopCount is the number of loop devices to lease (container mode).
+	LoopCount int
+	// LoopTimeout bounds the wait for loop devices; 0 waits for ever.
+	LoopTimeout time.Duration
+	// LoopControl gives the container /dev/loop-control.
+	LoopControl bool
+	// VMMemory, VMCPUs, VMArch, VMScratch and Share configure VM mode.
+	VMMemory, VMArch, VMScratch, Share string
+	VMCPUs                             int
+}
+
+// ParseAnnotations extracts and checks the io.kiwi-shim.* annotations.
+func ParseAnnotations(a map[string]string) (Settings, error) {
+	var s Settings
+	keys := make([]string, 0, len(a))
+	for k := range a {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // report the first bad key deterministically
+	for _, k := range keys {
+		if !strings.HasPrefix(k, annotationPrefix) {
+			continue
+		}
+		v := a[k]
+		bad := func(want string) error {
+			return fmt.Errorf("annotation %s=%.64q: want %s", k, v, want)
+		}
+		switch k {
+		case AnnotationMode:
+			if v != "vm" && v != "container" {
+				return s, bad(`"vm" or "container"`)
+			}
+			s.Mode = v
+		case AnnotationLoopCount:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 256 {
+				return s, bad("a number of loop devices from 1 to 256")
+			}
+			s.LoopCount = n
+		case AnnotationLoopTimeout:
+			d, err := time.ParseDuration(v)
+			if err != nil || d < 0 {
+				return s, bad(`a duration such as "10m" (0 waits for ever)`)
+			}
+			s.LoopTimeout = d
+		case AnnotationLoopControl:
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return s, bad("true or false")
+			}
+			s.LoopControl = b
+		case AnnotationVMCPUs:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 256 {
+				return s, bad("a number of CPUs from 1 to 256")
+			}
+			s.VMCPUs = n
+		case AnnotationVMMemory:
+			if _, err := config.ParseSize(v); err != nil {
+				return s, bad(`a size such as "4G"`)
+			}
+			s.VMMemory = v
+		case AnnotationVMArch:
+			switch v {
+			case "x86_64", "amd64", "aarch64", "arm64":
+			default:
+				return s, bad("x86_64 or aarch64")
+			}
+			s.VMArch = v
+		case AnnotationVMScratch:
+			if _, err := config.ParseSize(v); err != nil {
+				return s, bad(`a size such as "20G"`)
+			}
+			s.VMScratch = v
+		case AnnotationShare:
+			if v != "virtiofs" && v != "9p" {
+				return s, bad(`"virtiofs" or "9p"`)
+			}
+			s.Share = v
+		default:
+			if !knownAnnotations[k] {
+				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, share)", k)
+			}
+		}
+	}
+	return s, nil
+}

@@ -1,0 +1,144 @@
+// Package state keeps kiwi-shim's record of each container under the
+// runtime root: one directory per container holding container.json.
+// The record is what every later command (start, state, kill, delete)
+// needs to find the container again, whatever mode it runs in.
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+)
+
+// ErrNotExist is returned for a container that has no record.
+var ErrNotExist = errors.New("container does not exist")
+
+// Container is the record of one container.
+type Container struct {
+	// ID is the container id.
+	ID string `json:"id"`
+	// Bundle is the bundle directory the caller created the container from.
+	Bundle string `json:"bundle"`
+	// Mode is "vm" or "container".
+	Mode string `json:"mode"`
+	// Created is when create ran.
+	Created time.Time `json:"created"`
+	// Annotations are the spec's annotations, for `state`.
+	Annotations map[string]string `json:"annotations,omitempty"`
+	// RuntimeBundle is the rewritten bundle handed to the low-level
+	// runtime (container mode).
+	RuntimeBundle string `json:"runtimeBundle,omitempty"`
+	// Pid is the container's init process on the host.
+	Pid int `json:"pid,omitempty"`
+	// KeeperPID is the process holding the container's loop lease.
+	KeeperPID int `json:"keeperPid,omitempty"`
+	// Devices are the loop devices leased for the container.
+	Devices []string `json:"devices,omitempty"`
+}
+
+// Store is the set of container records under a root directory.
+type Store struct {
+	root string
+}
+
+// NewStore returns the store under root (the runtime's --root).
+func NewStore(root string) Store { return Store{root: root} }
+
+// Root is the runtime root directory.
+func (s Store) Root() string { return s.root }
+
+func (s Store) containers() string { return filepath.Join(s.root, "containers") }
+
+// Dir is the state directory of container id.
+func (s Store) Dir(id string) string { return filepath.Join(s.containers(), id) }
+
+func (s Store) file(id string) string { return filepath.Join(s.Dir(id), "container.json") }
+
+// Create makes the state directory of a new container. It fails if a
+// container with that id exists.
+func (s Store) Create(c *Container) error {
+	if err := oci.ValidateID(c.ID); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(s.containers(), 0o711); err != nil {
+		return fmt.Errorf("state root: %w", err)
+	}
+	if err := os.Mkdir(s.Dir(c.ID), 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("container %s already exists", c.ID)
+		}
+		return fmt.Errorf("state of %s: %w", c.ID, err)
+	}
+	return s.Save(c)
+}
+
+// Save writes the record atomically.
+func (s Store) Save(c *Container) error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := s.file(c.ID) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("save state of %s: %w", c.ID, err)
+	}
+	if err := os.Rename(tmp, s.file(c.ID)); err != nil {
+		return fmt.Errorf("save state of %s: %w", c.ID, err)
+	}
+	return nil
+}
+
+// Load reads the record of container id.
+func (s Store) Load(id string) (*Container, error) {
+	if err := oci.ValidateID(id); err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(s.file(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("container %s: %w", id, ErrNotExist)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state of %s: %w", id, err)
+	}
+	var c Container
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("state of %s is corrupt (remove %s): %w", id, s.Dir(id), err)
+	}
+	return &c, nil
+}
+
+// Remove deletes the state directory of container id.
+func (s Store) Remove(id string) error {
+	if err := oci.ValidateID(id); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(s.Dir(id)); err != nil {
+		return fmt.Errorf("remove state of %s: %w", id, err)
+	}
+	return nil
+}
+
+// List returns the ids of all containers with a record, sorted.
+func (s Store) List() ([]string, error) {
+	ents, err := os.ReadDir(s.containers())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list containers: %w", err)
+	}
+	var ids []string
+	for _, e := range ents {
+		if e.IsDir() && oci.ValidateID(e.Name()) == nil {
+			ids = append(ids, e.Name())
+		}
+	}
+	sort.Strings(ids)
+	return ids, nil
+}
