@@ -103,7 +103,6 @@ func idArg(ctx *cli.Context) (string, error) {
 // flag runc knows, including ones kiwi-shim does not interpret.
 func rawArgs(name string) []string {
 	args := os.Args[1:]
-	valued := map[string]bool{"root": true, "log": true, "log-format": true, "config": true, "cgroup-manager": true, "criu": true}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "-") {
@@ -113,7 +112,7 @@ func rawArgs(name string) []string {
 			return nil
 		}
 		flag, _, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if valued[flag] && !hasVal {
+		if valuedGlobals[flag] && !hasVal {
 			i++
 		}
 	}

@@ -139,7 +139,7 @@ func globalLogTarget() (path, format string) {
 			break // first command name: globals end here
 		}
 		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if !hasVal && (name == "log" || name == "log-format") && i+1 < len(args) {
+		if !hasVal && valuedGlobals[name] && i+1 < len(args) {
 			i++
 			val = args[i]
 		}
@@ -152,6 +152,9 @@ func globalLogTarget() (path, format string) {
 	}
 	return path, format
 }
+
+// valuedGlobals are the global flags that take a value.
+var valuedGlobals = map[string]bool{"root": true, "log": true, "log-format": true, "config": true, "cgroup-manager": true, "criu": true}
 
 // newLogger writes runc-style records: json lines with level, msg and time,
 // or logfmt text.
