@@ -15,13 +15,15 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps test test-unit test-integration lint bench install clean demo
+.PHONY: all build deps kernel test test-unit test-integration lint bench install clean demo
 
 all: build
 
+# kiwi-box-init runs as the guest's PID 1: static, no cgo.
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/kiwi-shim
+	CGO_ENABLED=0 $(GO) build -ldflags "-s -w" -o $(BIN)/kiwi-box-init ./cmd/kiwi-box-init
 
 # Installs only what is missing; apt-get update runs only then.
 deps:
@@ -31,6 +33,10 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	$(GO) mod download
+
+# A guest kernel for VM mode, unpacked into the cache (not installed).
+kernel: build
+	$(BIN)/kiwi-shim setup
 
 lint:
 	test -z "$$(gofmt -l . | tee /dev/stderr)"
@@ -45,13 +51,14 @@ test-unit:
 test-integration: build
 	KIWI_SHIM_BIN=$(BIN) $(GO) test -count=1 -p 1 -timeout 60m -v ./integration/
 
-test: deps build lint test-unit test-integration
+test: deps build kernel lint test-unit test-integration
 
 bench: deps build
 	./contrib/bench/run
 
 install: build
 	install -D -m 0755 $(BIN)/kiwi-shim $(DESTDIR)$(PREFIX)/bin/kiwi-shim
+	install -D -m 0755 $(BIN)/kiwi-box-init $(DESTDIR)$(PREFIX)/libexec/kiwi-shim/kiwi-box-init
 	install -D -m 0644 contrib/podman/containers.conf $(DESTDIR)/etc/containers/containers.conf.d/50-kiwi-shim.conf
 
 demo: deps build

@@ -1,7 +1,7 @@
 package main
 
 import (
-	"errors"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,17 +11,14 @@ import (
 	"time"
 
 	"github.com/urfave/cli"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
-
-// errVMMode is what VM-mode containers get until VM mode lands.
-var errVMMode = errors.New("VM mode is not available yet in this build of kiwi-shim: " +
-	"run the container in container mode (podman run --annotation io.kiwi-shim.mode=container, " +
-	"or default_mode = \"container\" in " + config.DefaultPath + ")")
 
 func (e *env) store() state.Store { return state.NewStore(e.root) }
 
@@ -51,20 +48,62 @@ func (e *env) manager(ctx *cli.Context) (*containermode.Manager, error) {
 	}, nil
 }
 
-// load finds a container's record and the manager for its mode.
+// load finds a container's record and, for container mode, the manager
+// that runs it (nil in VM mode).
 func (e *env) load(ctx *cli.Context, id string) (*state.Container, *containermode.Manager, error) {
 	rec, err := e.store().Load(id)
 	if err != nil {
 		return nil, nil, err
 	}
 	if rec.Mode == config.ModeVM {
-		return nil, nil, errVMMode
+		return rec, nil, nil
 	}
 	m, err := e.manager(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
 	return rec, m, nil
+}
+
+// ociState answers `state` for a container in either mode.
+func (e *env) ociState(rec *state.Container, m *containermode.Manager) (*state.OCI, error) {
+	if m == nil {
+		return vmState(rec, e.store().Dir(rec.ID)), nil
+	}
+	return m.State(context.Background(), rec)
+}
+
+// startContainer starts a created container in either mode.
+func (e *env) startContainer(rec *state.Container, m *containermode.Manager) error {
+	if m == nil {
+		return vm.Start(e.store().Dir(rec.ID))
+	}
+	return m.Runtime.Run(context.Background(), "start", rec.ID)
+}
+
+// signalContainer delivers sig to the container's process (or all).
+func (e *env) signalContainer(rec *state.Container, m *containermode.Manager, sig unix.Signal, all bool) error {
+	if m == nil {
+		return vm.Signal(e.store().Dir(rec.ID), int(sig), all)
+	}
+	args := []string{"kill"}
+	if all {
+		args = append(args, "--all")
+	}
+	return m.Runtime.Run(context.Background(), append(args, rec.ID, strconv.Itoa(int(sig)))...)
+}
+
+// deleteContainer removes a container in either mode.
+func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, force bool) error {
+	if m != nil {
+		return m.Delete(context.Background(), rec, force)
+	}
+	dir := e.store().Dir(rec.ID)
+	if st := vmState(rec, dir); st.Status == "running" && !force {
+		return fmt.Errorf("cannot delete container %s that is running: stop it first or use --force", rec.ID)
+	}
+	vm.Stop(dir, rec.Pid, 10*time.Second)
+	return e.store().Remove(rec.ID)
 }
 
 // keeperCmd builds the hidden loop-keeper invocation with the same global

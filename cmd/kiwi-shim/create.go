@@ -60,7 +60,7 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 		mode = e.cfg.DefaultMode
 	}
 	if mode == config.ModeVM {
-		return errVMMode
+		return createVM(ctx, e, id, bundle, spec, settings)
 	}
 	if ctx.Int("preserve-fds") < 0 {
 		return fmt.Errorf("--preserve-fds %d: must not be negative", ctx.Int("preserve-fds"))

@@ -37,6 +37,6 @@ var deleteCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		return m.Delete(context.Background(), rec, ctx.Bool("force"))
+		return e.deleteContainer(rec, m, ctx.Bool("force"))
 	}),
 }

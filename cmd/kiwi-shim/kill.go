@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-
 	"github.com/urfave/cli"
 )
 
@@ -22,17 +20,14 @@ var killCommand = cli.Command{
 		if ctx.NArg() > 1 {
 			sig = ctx.Args().Get(1)
 		}
-		if _, err := parseSignal(sig); err != nil {
-			return err
-		}
-		_, m, err := e.load(ctx, id)
+		signum, err := parseSignal(sig)
 		if err != nil {
 			return err
 		}
-		args := []string{"kill"}
-		if ctx.Bool("all") {
-			args = append(args, "--all")
+		rec, m, err := e.load(ctx, id)
+		if err != nil {
+			return err
 		}
-		return m.Runtime.Run(context.Background(), append(args, id, sig)...)
+		return e.signalContainer(rec, m, signum, ctx.Bool("all"))
 	}),
 }

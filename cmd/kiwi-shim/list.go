@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -9,8 +8,7 @@ import (
 
 	"github.com/urfave/cli"
 
-	"github.com/kiwi-shim/kiwi-shim/pkg/config"
-	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var listCommand = cli.Command{
@@ -29,20 +27,13 @@ var listCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		states := []*containermode.State{}
+		states := []*state.OCI{}
 		for _, id := range ids {
-			rec, err := e.store().Load(id)
+			rec, m, err := e.load(ctx, id)
 			if err != nil {
 				continue // being created or deleted right now
 			}
-			if rec.Mode == config.ModeVM {
-				continue
-			}
-			m, err := e.manager(ctx)
-			if err != nil {
-				return err
-			}
-			st, err := m.State(context.Background(), rec)
+			st, err := e.ociState(rec, m)
 			if err != nil {
 				return err
 			}

@@ -56,7 +56,10 @@ func main() {
 		featuresCommand,
 		specCommand,
 		loopCommand,
+		setupCommand,
 		keeperCommand,
+		vmMonitorCommand,
+		vmExecCommand,
 	}
 	app.Before = func(ctx *cli.Context) error {
 		switch f := ctx.GlobalString("log-format"); f {

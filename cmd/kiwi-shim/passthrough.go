@@ -2,14 +2,19 @@ package main
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 // passthrough makes a command that container mode hands to the low-level
 // runtime with its arguments untouched (runc knows them all); the flags
 // declared here document them and catch typos.
-func passthrough(name, usage, argsUsage string, flags []cli.Flag) cli.Command {
+// VM-mode containers have no low-level runtime: vmAction does the work
+// there, or the command is refused when it is nil.
+func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(*cli.Context, *env, *state.Container) error) cli.Command {
 	return cli.Command{
 		Name:      name,
 		Usage:     usage,
@@ -23,9 +28,15 @@ func passthrough(name, usage, argsUsage string, flags []cli.Flag) cli.Command {
 			if err != nil {
 				return err
 			}
-			_, m, err := e.load(ctx, id)
+			rec, m, err := e.load(ctx, id)
 			if err != nil {
 				return err
+			}
+			if m == nil {
+				if vmAction == nil {
+					return fmt.Errorf("%s is not supported for VM-mode containers", name)
+				}
+				return vmAction(ctx, e, rec)
 			}
 			return m.Runtime.Run(context.Background(), append([]string{name}, rawArgs(name)...)...)
 		}),
@@ -50,14 +61,14 @@ var execCommand = passthrough("exec", "run a further process in a running contai
 		cli.IntFlag{Name: "preserve-fds", Usage: "pass N additional file descriptors"},
 		cli.StringSliceFlag{Name: "cgroup", Usage: "run in this sub-cgroup"},
 		cli.BoolFlag{Name: "ignore-paused", Usage: "allow exec in a paused container"},
-	})
+	}, vmExec)
 
 var psCommand = passthrough("ps", "list the processes of a container", "<container-id> [ps options]",
-	[]cli.Flag{cli.StringFlag{Name: "format, f", Value: "table", Usage: "table or json"}})
+	[]cli.Flag{cli.StringFlag{Name: "format, f", Value: "table", Usage: "table or json"}}, vmPs)
 
-var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil)
+var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil, nil)
 
-var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil)
+var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil, nil)
 
 var updateCommand = passthrough("update", "update a container's resource limits", "<container-id>",
 	[]cli.Flag{
@@ -76,4 +87,4 @@ var updateCommand = passthrough("update", "update a container's resource limits"
 		cli.StringFlag{Name: "kernel-memory-tcp", Usage: "kernel TCP memory limit"},
 		cli.StringFlag{Name: "l3-cache-schema", Usage: "L3 cache schema"},
 		cli.StringFlag{Name: "mem-bw-schema", Usage: "memory bandwidth schema"},
-	})
+	}, nil)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -39,9 +38,8 @@ var runCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		bg := context.Background()
-		if err := m.Runtime.Run(bg, "start", id); err != nil {
-			m.Delete(bg, rec, true)
+		if err := e.startContainer(rec, m); err != nil {
+			e.deleteContainer(rec, m, true)
 			return err
 		}
 		if detach {
@@ -51,15 +49,13 @@ var runCommand = cli.Command{
 		signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
 		go func() {
 			for s := range sigs {
-				cmd := m.Runtime.Command(bg, "kill", id, fmt.Sprint(int(s.(unix.Signal))))
-				cmd.Stdout, cmd.Stderr = nil, nil
-				cmd.Run()
+				e.signalContainer(rec, m, s.(unix.Signal), false)
 			}
 		}()
 		status := waitFor(rec.Pid)
 		signal.Stop(sigs)
 		if !ctx.Bool("keep") {
-			if err := m.Delete(bg, rec, true); err != nil {
+			if err := e.deleteContainer(rec, m, true); err != nil {
 				e.log.Error("delete after run", "id", id, "err", err)
 			}
 		}

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-
 	"github.com/urfave/cli"
 )
 
@@ -15,10 +13,10 @@ var startCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		_, m, err := e.load(ctx, id)
+		rec, m, err := e.load(ctx, id)
 		if err != nil {
 			return err
 		}
-		return m.Runtime.Run(context.Background(), "start", id)
+		return e.startContainer(rec, m)
 	}),
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"os"
 
@@ -21,7 +20,7 @@ var stateCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		st, err := m.State(context.Background(), rec)
+		st, err := e.ociState(rec, m)
 		if err != nil {
 			return err
 		}

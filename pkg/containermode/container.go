@@ -13,8 +13,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
@@ -74,7 +74,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 	}()
 
 	kcmd := o.KeeperCmd(o.ID, o.LoopCount, o.Settings.LoopTimeout)
-	err = withInheritedFdsHidden(func() error {
+	err = fdutil.WithInheritedHidden(func() error {
 		var kerr error
 		keeper, kerr = StartKeeper(kcmd)
 		return kerr
@@ -137,7 +137,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 		return err
 	}
 	if o.PidFile != "" {
-		if err := writePid(o.PidFile, pid); err != nil {
+		if err := state.WritePidFile(o.PidFile, pid); err != nil {
 			m.Runtime.Command(context.Background(), "delete", "--force", o.ID).Run()
 			return err
 		}
@@ -190,12 +190,12 @@ func (m *Manager) Delete(ctx context.Context, rec *state.Container, force bool) 
 }
 
 // State asks the runtime and answers with the caller's bundle.
-func (m *Manager) State(ctx context.Context, rec *state.Container) (*State, error) {
+func (m *Manager) State(ctx context.Context, rec *state.Container) (*state.OCI, error) {
 	st, err := m.Runtime.State(ctx, rec.ID)
 	if err != nil {
 		// The runtime lost it (e.g. its root was cleared): report the
 		// container as stopped so that the caller can delete it.
-		st = &State{OCIVersion: specs.Version, ID: rec.ID, Status: "stopped"}
+		st = &state.OCI{OCIVersion: specs.Version, ID: rec.ID, Status: "stopped"}
 	}
 	st.Bundle = rec.Bundle
 	st.Annotations = rec.Annotations
@@ -235,50 +235,4 @@ func readPid(p string) (int, error) {
 		return 0, fmt.Errorf("container pid file %s: %q is not a pid", p, b)
 	}
 	return pid, nil
-}
-
-// writePid writes the pid file atomically, as runc does: conmon reads it as
-// soon as it appears.
-func writePid(p string, pid int) error {
-	tmp := filepath.Join(filepath.Dir(p), "."+filepath.Base(p)+".tmp")
-	if err := os.WriteFile(tmp, []byte(strconv.Itoa(pid)), 0o644); err != nil {
-		return fmt.Errorf("write pid file: %w", err)
-	}
-	if err := os.Rename(tmp, p); err != nil {
-		return fmt.Errorf("write pid file: %w", err)
-	}
-	return nil
-}
-
-// withInheritedFdsHidden runs fn with every inherited descriptor above
-// stderr marked close-on-exec, so that a long-lived helper started by fn
-// never holds the caller's pipes or the container's --preserve-fds open.
-// The marks are undone afterwards for the runtime that needs them.
-func withInheritedFdsHidden(fn func() error) error {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return fn()
-	}
-	var marked []int
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd < 3 {
-			continue
-		}
-		flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-		if err != nil || flags&unix.FD_CLOEXEC != 0 {
-			continue
-		}
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, flags|unix.FD_CLOEXEC); err == nil {
-			marked = append(marked, fd)
-		}
-	}
-	defer func() {
-		for _, fd := range marked {
-			if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
-				unix.FcntlInt(uintptr(fd), unix.F_SETFD, flags&^unix.FD_CLOEXEC)
-			}
-		}
-	}()
-	return fn()
 }

@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 // Runtime is the low-level OCI runtime container mode delegates to, with
@@ -96,28 +98,15 @@ func (r Runtime) Run(ctx context.Context, args ...string) error {
 	return nil
 }
 
-// State is the runtime's answer to `state`.
-type State struct {
-	OCIVersion  string            `json:"ociVersion"`
-	ID          string            `json:"id"`
-	Status      string            `json:"status"`
-	Pid         int               `json:"pid"`
-	Bundle      string            `json:"bundle"`
-	Rootfs      string            `json:"rootfs,omitempty"`
-	Created     string            `json:"created,omitempty"`
-	Owner       string            `json:"owner,omitempty"`
-	Annotations map[string]string `json:"annotations,omitempty"`
-}
-
 // State asks the runtime for the container's state.
-func (r Runtime) State(ctx context.Context, id string) (*State, error) {
+func (r Runtime) State(ctx context.Context, id string) (*state.OCI, error) {
 	cmd := exec.CommandContext(ctx, r.Path, append(r.globalArgs(), "state", id)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {
 		return nil, fmt.Errorf("%s state %s: %v: %s", filepath.Base(r.Path), id, err, strings.TrimSpace(errb.String()))
 	}
-	var st State
+	var st state.OCI
 	if err := json.Unmarshal(out.Bytes(), &st); err != nil {
 		return nil, fmt.Errorf("%s state %s: %w", filepath.Base(r.Path), id, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
@@ -40,6 +41,33 @@ type Container struct {
 	KeeperPID int `json:"keeperPid,omitempty"`
 	// Devices are the loop devices leased for the container.
 	Devices []string `json:"devices,omitempty"`
+}
+
+// OCI is a container's state as `kiwi-shim state` prints it: the OCI
+// runtime-spec state plus the fields runc adds (created, owner).
+type OCI struct {
+	OCIVersion  string            `json:"ociVersion"`
+	ID          string            `json:"id"`
+	Status      string            `json:"status"`
+	Pid         int               `json:"pid"`
+	Bundle      string            `json:"bundle"`
+	Rootfs      string            `json:"rootfs,omitempty"`
+	Created     string            `json:"created,omitempty"`
+	Owner       string            `json:"owner,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// WritePidFile writes a pid file atomically, as runc does: conmon and
+// containerd read it as soon as it appears.
+func WritePidFile(p string, pid int) error {
+	tmp := filepath.Join(filepath.Dir(p), "."+filepath.Base(p)+".tmp")
+	if err := os.WriteFile(tmp, []byte(strconv.Itoa(pid)), 0o644); err != nil {
+		return fmt.Errorf("write pid file: %w", err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		return fmt.Errorf("write pid file: %w", err)
+	}
+	return nil
 }
 
 // Store is the set of container records under a root directory.

@@ -1,0 +1,379 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// guest runs the container's processes for the host.
+type guest struct {
+	ctl *os.File
+	w   *vmproto.Writer
+
+	mu    sync.Mutex
+	procs map[uint32]*proc // by stream
+	byPid map[int]*proc
+	done  chan struct{} // closed when stream 0 has exited
+}
+
+// proc is one process the host asked for.
+type proc struct {
+	stream uint32
+	pid    int
+	stdin  *os.File // pipe write end, or the pty master
+	pty    *os.File // the pty master when the process has a terminal
+	relays sync.WaitGroup
+}
+
+func newGuest(ctl *os.File) *guest {
+	return &guest{ctl: ctl, w: vmproto.NewWriter(ctl), procs: map[uint32]*proc{}, byPid: map[int]*proc{}, done: make(chan struct{})}
+}
+
+// serve handles the host's requests until the container's first process
+// has ended or the host asks for poweroff.
+func (g *guest) serve(cfg *vmproto.Config) error {
+	sigs := make(chan os.Signal, 64)
+	signal.Notify(sigs, unix.SIGCHLD)
+	go func() {
+		tick := time.NewTicker(time.Second) // covers coalesced SIGCHLDs
+		for {
+			select {
+			case <-sigs:
+			case <-tick.C:
+			}
+			g.reap()
+		}
+	}()
+	frames := make(chan vmproto.Frame)
+	readErr := make(chan error, 1)
+	go func() {
+		for {
+			f, err := vmproto.ReadFrame(g.ctl)
+			if err != nil {
+				readErr <- err
+				return
+			}
+			frames <- f
+		}
+	}()
+	for {
+		select {
+		case <-g.done:
+			return g.shutdown()
+		case err := <-readErr:
+			// The host went away: nothing left to run for.
+			g.shutdown()
+			return fmt.Errorf("control channel: %w", err)
+		case f := <-frames:
+			if stop := g.handle(f, cfg); stop {
+				return g.shutdown()
+			}
+		}
+	}
+}
+
+func (g *guest) handle(f vmproto.Frame, cfg *vmproto.Config) (stop bool) {
+	switch f.Type {
+	case vmproto.TStart:
+		g.spawn(0, cfg.Process)
+	case vmproto.TExec:
+		var p vmproto.Process
+		if err := vmproto.Decode(f.Payload, &p); err != nil || f.Stream == 0 {
+			g.w.WriteJSON(vmproto.TError, f.Stream, vmproto.Error{Message: fmt.Sprintf("bad exec request: %v", err)})
+			return false
+		}
+		g.spawn(f.Stream, p)
+	case vmproto.TStdin:
+		g.mu.Lock()
+		p := g.procs[f.Stream]
+		g.mu.Unlock()
+		if p == nil || p.stdin == nil {
+			return false
+		}
+		if len(f.Payload) == 0 {
+			if p.pty != nil {
+				// A terminal has no EOF of its own: send ^D.
+				p.stdin.Write([]byte{4})
+			} else {
+				p.stdin.Close()
+				p.stdin = nil
+			}
+			return false
+		}
+		p.stdin.Write(f.Payload)
+	case vmproto.TSignal:
+		var s vmproto.Signal
+		if err := vmproto.Decode(f.Payload, &s); err != nil || s.Signal <= 0 || s.Signal > 64 {
+			return false
+		}
+		g.signal(f.Stream, unix.Signal(s.Signal), s.All)
+	case vmproto.TResize:
+		var r vmproto.Resize
+		if vmproto.Decode(f.Payload, &r) != nil {
+			return false
+		}
+		g.mu.Lock()
+		p := g.procs[f.Stream]
+		g.mu.Unlock()
+		if p != nil && p.pty != nil {
+			unix.IoctlSetWinsize(int(p.pty.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: r.Rows, Col: r.Cols})
+		}
+	case vmproto.TPoweroff:
+		return true
+	}
+	return false
+}
+
+func (g *guest) signal(stream uint32, sig unix.Signal, all bool) {
+	if all {
+		// Everything but init: the whole container.
+		unix.Kill(-1, sig)
+		return
+	}
+	g.mu.Lock()
+	p := g.procs[stream]
+	g.mu.Unlock()
+	if p != nil && p.pid > 0 {
+		unix.Kill(p.pid, sig)
+	}
+}
+
+// spawn starts a process and its stdio relays. A process that cannot be
+// started ends at once with status 127 (126 when not executable), the
+// error on its stderr, as a shell would report it.
+func (g *guest) spawn(stream uint32, p vmproto.Process) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, dup := g.procs[stream]; dup {
+		g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: "stream in use"})
+		return
+	}
+	pr := &proc{stream: stream}
+	files, err := g.stdio(pr, p)
+	if err == nil {
+		err = g.start(pr, p, files)
+	}
+	for _, f := range files {
+		f.Close() // the child has its copies
+	}
+	if err != nil {
+		status := 127
+		if errors.Is(err, os.ErrPermission) {
+			status = 126
+		}
+		g.w.Write(vmproto.TStderr, stream, []byte("kiwi-box-init: "+err.Error()+"\n"))
+		g.w.Write(vmproto.TStdout, stream, nil)
+		g.w.Write(vmproto.TStderr, stream, nil)
+		g.w.WriteJSON(vmproto.TExit, stream, vmproto.Exit{Status: status})
+		if stream == 0 {
+			close(g.done)
+		}
+		return
+	}
+	g.procs[stream] = pr
+	g.byPid[pr.pid] = pr
+	g.w.WriteJSON(vmproto.TStarted, stream, vmproto.Started{Pid: pr.pid})
+}
+
+// stdio makes the child's stdin, stdout and stderr and starts the relays
+// of our ends. It returns the child's ends.
+func (g *guest) stdio(pr *proc, p vmproto.Process) ([]*os.File, error) {
+	if p.Terminal {
+		master, slave, err := openPty()
+		if err != nil {
+			return nil, err
+		}
+		if p.Rows > 0 && p.Cols > 0 {
+			unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: p.Rows, Col: p.Cols})
+		}
+		pr.pty, pr.stdin = master, master
+		g.relay(pr, master, vmproto.TStdout)
+		g.w.Write(vmproto.TStderr, pr.stream, nil)
+		return []*os.File{slave, slave, slave}, nil
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	pr.stdin = inW
+	g.relay(pr, outR, vmproto.TStdout)
+	g.relay(pr, errR, vmproto.TStderr)
+	return []*os.File{inR, outW, errW}, nil
+}
+
+// relay copies r to the host as frames of type t until EOF, then sends an
+// empty frame.
+func (g *guest) relay(pr *proc, r *os.File, t vmproto.Type) {
+	pr.relays.Add(1)
+	go func() {
+		defer pr.relays.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				if g.w.Write(t, pr.stream, buf[:n]) != nil {
+					return
+				}
+			}
+			if err != nil {
+				// EIO is how a pty master says the slave side closed.
+				g.w.Write(t, pr.stream, nil)
+				if pr.pty == nil {
+					r.Close()
+				}
+				return
+			}
+		}
+	}()
+}
+
+func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
+	if len(p.Args) == 0 {
+		return errors.New("no command given")
+	}
+	path, err := lookPath(p.Args[0], p.Env)
+	if err != nil {
+		return err
+	}
+	if p.Umask != nil {
+		old := unix.Umask(int(*p.Umask))
+		defer unix.Umask(old)
+	}
+	groups := make([]uint32, len(p.AdditionalGids))
+	copy(groups, p.AdditionalGids)
+	attr := &os.ProcAttr{
+		Dir:   p.Cwd,
+		Env:   p.Env,
+		Files: files,
+		Sys: &syscall.SysProcAttr{
+			Setsid:     true,
+			Setctty:    p.Terminal,
+			Ctty:       0,
+			Credential: &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups},
+		},
+	}
+	proc, err := os.StartProcess(path, p.Args, attr)
+	if err != nil {
+		return err
+	}
+	pr.pid = proc.Pid
+	// The reaper waits for it; os.Process must not.
+	proc.Release()
+	return nil
+}
+
+// lookPath finds a command in the container's PATH.
+func lookPath(name string, env []string) (string, error) {
+	if strings.Contains(name, "/") {
+		return name, nil
+	}
+	path := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	for _, e := range env {
+		if v, ok := strings.CutPrefix(e, "PATH="); ok {
+			path = v
+		}
+	}
+	for _, dir := range filepath.SplitList(path) {
+		p := filepath.Join(dir, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s: executable file not found in $PATH", name)
+}
+
+// reap collects every exited child, as PID 1 must, and reports the ones
+// the host started.
+func (g *guest) reap() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if pid <= 0 || err != nil {
+			return
+		}
+		g.mu.Lock()
+		pr := g.byPid[pid]
+		delete(g.byPid, pid)
+		g.mu.Unlock()
+		if pr == nil {
+			continue // an orphan
+		}
+		status := ws.ExitStatus()
+		if ws.Signaled() {
+			status = 128 + int(ws.Signal())
+		}
+		go g.finish(pr, status)
+	}
+}
+
+// finish reports a process's exit once its output is drained. Output held
+// open by a background child of the process is not waited for long.
+func (g *guest) finish(pr *proc, status int) {
+	drained := make(chan struct{})
+	go func() { pr.relays.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(2 * time.Second):
+	}
+	g.w.WriteJSON(vmproto.TExit, pr.stream, vmproto.Exit{Status: status})
+	g.mu.Lock()
+	delete(g.procs, pr.stream)
+	if pr.stdin != nil {
+		pr.stdin.Close()
+	}
+	g.mu.Unlock()
+	if pr.stream == 0 {
+		close(g.done)
+	}
+}
+
+// shutdown ends every remaining process; the caller powers off.
+func (g *guest) shutdown() error {
+	unix.Kill(-1, unix.SIGKILL)
+	time.Sleep(50 * time.Millisecond)
+	g.reap()
+	unix.Sync()
+	return nil
+}
+
+// openPty opens a new pseudo-terminal pair in the container's devpts.
+func openPty() (master, slave *os.File, err error) {
+	ptmx := "/dev/pts/ptmx"
+	if _, err := os.Stat(ptmx); err != nil {
+		ptmx = "/dev/ptmx"
+	}
+	mfd, err := unix.Open(ptmx, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open %s: %w", ptmx, err)
+	}
+	if err := unix.IoctlSetPointerInt(mfd, unix.TIOCSPTLCK, 0); err != nil {
+		unix.Close(mfd)
+		return nil, nil, fmt.Errorf("unlock pty: %w", err)
+	}
+	// TIOCGPTPEER opens the slave without a path lookup (kernel 4.13+).
+	sfd, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(mfd), unix.TIOCGPTPEER, uintptr(unix.O_RDWR|unix.O_NOCTTY))
+	if errno != 0 {
+		unix.Close(mfd)
+		return nil, nil, fmt.Errorf("open pty peer: %w", errno)
+	}
+	return os.NewFile(uintptr(mfd), "ptmx"), os.NewFile(sfd, "pts"), nil
+}

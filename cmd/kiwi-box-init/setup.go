@@ -1,0 +1,242 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// loadModules loads the modules listed in path, one absolute path per
+// line, already in dependency order (the host resolved modules.dep).
+func loadModules(path string) error {
+	f, err := os.Open(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var failed []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		p := strings.TrimSpace(sc.Text())
+		if p == "" {
+			continue
+		}
+		mf, err := os.Open(p)
+		if err != nil {
+			failed = append(failed, filepath.Base(p)+": "+err.Error())
+			continue
+		}
+		err = unix.FinitModule(int(mf.Fd()), "", 0)
+		mf.Close()
+		if err != nil && err != unix.EEXIST {
+			failed = append(failed, filepath.Base(p)+": "+err.Error())
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("modules not loaded: %s", strings.Join(failed, "; "))
+	}
+	return nil
+}
+
+// openPort finds the virtio-serial port with the given name and opens it.
+func openPort(name string, timeout time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		ents, _ := os.ReadDir("/sys/class/virtio-ports")
+		for _, e := range ents {
+			b, err := os.ReadFile(filepath.Join("/sys/class/virtio-ports", e.Name(), "name"))
+			if err == nil && strings.TrimSpace(string(b)) == name {
+				f, err := os.OpenFile(filepath.Join("/dev", e.Name()), os.O_RDWR, 0)
+				if err == nil {
+					return f, nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("control port %s not found (is virtio_console loaded?)", name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+const newRoot = "/newroot"
+
+// shareOptions are the mount options of host shares. cache=mmap keeps
+// the guest coherent with the host while still allowing shared writable
+// mappings (package managers mmap their databases).
+const shareOptions9p = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap,access=client"
+
+func mountShare(kind, tag, target string, flags uintptr) error {
+	switch kind {
+	case "virtiofs":
+		return unix.Mount(tag, target, "virtiofs", flags, "")
+	default:
+		return unix.Mount(tag, target, "9p", flags, shareOptions9p)
+	}
+}
+
+// setupRoot mounts the container's root and its mounts, then makes it the
+// root of this process, so that every process started later lives in it.
+func setupRoot(cfg *vmproto.Config) error {
+	if err := os.MkdirAll(newRoot, 0o755); err != nil {
+		return err
+	}
+	var flags uintptr
+	if cfg.RootReadonly {
+		flags |= unix.MS_RDONLY
+	}
+	if err := mountShare(cfg.RootShare, cfg.RootTag, newRoot, flags); err != nil {
+		return fmt.Errorf("mount root share %s (%s): %w", cfg.RootTag, cfg.RootShare, err)
+	}
+	for i, m := range cfg.Mounts {
+		if err := mountOne(i, m, cfg.RootShare); err != nil {
+			return fmt.Errorf("mount %s (%s): %w", m.Destination, m.Type, err)
+		}
+	}
+	if cfg.Hostname != "" {
+		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
+			return fmt.Errorf("sethostname: %w", err)
+		}
+	}
+	if err := os.Chdir(newRoot); err != nil {
+		return err
+	}
+	if err := unix.Mount(newRoot, "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("move root: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	return os.Chdir("/")
+}
+
+// target resolves a container path under the new root. Destinations come
+// from the host, which is trusted; symlinks inside the image are resolved
+// by the kernel as the image intends.
+func target(dest string) string {
+	return filepath.Join(newRoot, filepath.Clean("/"+dest))
+}
+
+func mountOne(i int, m vmproto.Mount, share string) error {
+	flags, data := parseOptions(m.Options)
+	dst := target(m.Destination)
+	switch m.Type {
+	case "share":
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return err
+		}
+		return mountShare(share, m.Tag, dst, flags&^(unix.MS_BIND|unix.MS_REC))
+	case "file":
+		// A host file (resolv.conf, hosts, ...) arrives by value: put it
+		// on a guest tmpfs and bind it over its place, so that nothing is
+		// written into the shared image.
+		src := fmt.Sprintf("/run/kiwi-files/%d", i)
+		if err := os.MkdirAll(filepath.Dir(src), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(src, m.Content, 0o644); err != nil {
+			return err
+		}
+		if err := ensureFile(dst); err != nil {
+			return err
+		}
+		if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+			return err
+		}
+		if flags&unix.MS_RDONLY != 0 {
+			return unix.Mount("", dst, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, "")
+		}
+		return nil
+	case "cgroup", "cgroup2":
+		// The VM's own cgroups are not the container's business; best
+		// effort only.
+		os.MkdirAll(dst, 0o755)
+		unix.Mount("cgroup2", dst, "cgroup2", flags, "")
+		return nil
+	default:
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return err
+		}
+		src := m.Source
+		if src == "" {
+			src = m.Type
+		}
+		return unix.Mount(src, dst, m.Type, flags, data)
+	}
+}
+
+func ensureFile(p string) error {
+	if _, err := os.Stat(p); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+var optionFlags = map[string]uintptr{
+	"ro": unix.MS_RDONLY, "nosuid": unix.MS_NOSUID, "nodev": unix.MS_NODEV,
+	"noexec": unix.MS_NOEXEC, "sync": unix.MS_SYNCHRONOUS, "dirsync": unix.MS_DIRSYNC,
+	"noatime": unix.MS_NOATIME, "nodiratime": unix.MS_NODIRATIME, "relatime": unix.MS_RELATIME,
+	"strictatime": unix.MS_STRICTATIME, "bind": unix.MS_BIND, "rbind": unix.MS_BIND | unix.MS_REC,
+}
+
+// ignoredOptions are propagation and mode words that make no sense for a
+// mount made fresh inside the VM.
+var ignoredOptions = map[string]bool{
+	"rw": true, "suid": true, "dev": true, "exec": true, "atime": true, "private": true,
+	"rprivate": true, "shared": true, "rshared": true, "slave": true, "rslave": true,
+	"unbindable": true, "runbindable": true, "async": true, "nocopyup": true, "copy": true,
+	"notmpcopyup": true, "tmpcopyup": true, "Z": true, "z": true,
+}
+
+func parseOptions(opts []string) (uintptr, string) {
+	var flags uintptr
+	var data []string
+	for _, o := range opts {
+		if f, ok := optionFlags[o]; ok {
+			flags |= f
+		} else if !ignoredOptions[o] {
+			data = append(data, o)
+		}
+	}
+	return flags, strings.Join(data, ",")
+}
+
+var rlimitTypes = map[string]int{
+	"RLIMIT_AS": unix.RLIMIT_AS, "RLIMIT_CORE": unix.RLIMIT_CORE, "RLIMIT_CPU": unix.RLIMIT_CPU,
+	"RLIMIT_DATA": unix.RLIMIT_DATA, "RLIMIT_FSIZE": unix.RLIMIT_FSIZE, "RLIMIT_LOCKS": 10,
+	"RLIMIT_MEMLOCK": unix.RLIMIT_MEMLOCK, "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13,
+	"RLIMIT_NOFILE": unix.RLIMIT_NOFILE, "RLIMIT_NPROC": unix.RLIMIT_NPROC, "RLIMIT_RSS": unix.RLIMIT_RSS,
+	"RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15, "RLIMIT_SIGPENDING": 11, "RLIMIT_STACK": unix.RLIMIT_STACK,
+}
+
+// applyRlimits sets the limits on init itself; every process it starts
+// inherits them.
+func applyRlimits(rl []vmproto.Rlimit) error {
+	for _, r := range rl {
+		t, ok := rlimitTypes[r.Type]
+		if !ok {
+			return fmt.Errorf("unknown rlimit %s", r.Type)
+		}
+		if err := unix.Setrlimit(t, &unix.Rlimit{Cur: r.Soft, Max: r.Hard}); err != nil {
+			return fmt.Errorf("setrlimit %s: %w", r.Type, err)
+		}
+	}
+	return nil
+}

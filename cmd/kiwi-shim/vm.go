@@ -1,0 +1,265 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
+	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+)
+
+// vmMonitorCommand is the hidden command create starts as a VM's monitor.
+var vmMonitorCommand = cli.Command{
+	Name:   "vm-monitor",
+	Hidden: true,
+	Flags:  []cli.Flag{cli.StringFlag{Name: "state-dir"}},
+	Action: withEnv(func(ctx *cli.Context, e *env) error {
+		ready := os.NewFile(3, "ready")
+		return exitError{code: vm.Run(ctx.String("state-dir"), ready, e.log)}
+	}),
+}
+
+// guestArch normalises io.kiwi-shim.vm.arch.
+func guestArch(s oci.Settings) string {
+	switch s.VMArch {
+	case "amd64", "x86_64":
+		return "x86_64"
+	case "arm64", "aarch64":
+		return "aarch64"
+	}
+	return vm.HostArch()
+}
+
+// findQEMU returns the qemu-system binary for arch.
+func (e *env) findQEMU(arch string) (string, error) {
+	name := e.cfg.VM.QEMU[arch]
+	if name == "" {
+		name = "qemu-system-" + arch
+	}
+	if strings.Contains(name, "/") {
+		if _, err := os.Stat(name); err != nil {
+			return "", fmt.Errorf("vm.qemu.%s: %w", arch, err)
+		}
+		return name, nil
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	for _, d := range []string{"/usr/bin", "/usr/local/bin"} {
+		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
+			return filepath.Join(d, name), nil
+		}
+	}
+	pkg := "qemu-system-x86"
+	if arch == "aarch64" {
+		pkg = "qemu-system-arm"
+	}
+	return "", fmt.Errorf("%s not found: install it (apt-get install %s) or set vm.qemu.%s", name, pkg, arch)
+}
+
+// initBinary finds kiwi-box-init for the guest architecture: next to
+// kiwi-shim (as built by make), or where make install puts it.
+func initBinary(arch string) ([]byte, error) {
+	self, _ := os.Executable()
+	var cands []string
+	for _, n := range []string{"kiwi-box-init-" + arch, "kiwi-box-init"} {
+		if n == "kiwi-box-init" && arch != vm.HostArch() {
+			continue
+		}
+		cands = append(cands, filepath.Join(filepath.Dir(self), n), filepath.Join("/usr/local/libexec/kiwi-shim", n), filepath.Join("/usr/libexec/kiwi-shim", n))
+	}
+	for _, c := range cands {
+		if b, err := os.ReadFile(c); err == nil {
+			return b, nil
+		}
+	}
+	return nil, fmt.Errorf("kiwi-box-init for %s not found (looked in %s): build it with make", arch, strings.Join(cands, ", "))
+}
+
+// vmSize returns guest memory (MiB) and cpus: annotations, then the
+// spec's resource limits, then the config.
+func (e *env) vmSize(spec *specs.Spec, s oci.Settings) (int64, int, error) {
+	mem := e.cfg.VM.Memory
+	var memBytes int64
+	if r := spec.Linux.Resources; r != nil && r.Memory != nil && r.Memory.Limit != nil && *r.Memory.Limit > 0 {
+		memBytes = *r.Memory.Limit
+	}
+	if s.VMMemory != "" {
+		mem, memBytes = s.VMMemory, 0
+	}
+	if memBytes == 0 {
+		b, err := config.ParseSize(mem)
+		if err != nil {
+			return 0, 0, err
+		}
+		memBytes = b
+	}
+	cpus := e.cfg.VM.CPUs
+	if r := spec.Linux.Resources; r != nil && r.CPU != nil && r.CPU.Quota != nil && r.CPU.Period != nil && *r.CPU.Period > 0 && *r.CPU.Quota > 0 {
+		cpus = int((uint64(*r.CPU.Quota) + *r.CPU.Period - 1) / *r.CPU.Period)
+	}
+	if s.VMCPUs > 0 {
+		cpus = s.VMCPUs
+	}
+	return memBytes >> 20, max(cpus, 1), nil
+}
+
+// createVM prepares the box and starts its monitor, which boots the guest
+// and sets up the container's root; create returns once that is done.
+func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s oci.Settings) (err error) {
+	arch := guestArch(s)
+	qemu, err := e.findQEMU(arch)
+	if err != nil {
+		return err
+	}
+	share := s.Share
+	if share == "" {
+		share = "9p"
+	}
+	if share != "9p" {
+		return fmt.Errorf("annotation %s=%s: only 9p sharing is available in this build", oci.AnnotationShare, share)
+	}
+	kern, err := vm.FindKernel(e.cfg.VM.Kernel[arch], e.cfg.CacheDir, arch)
+	if err != nil {
+		return err
+	}
+	accel, err := vm.ChooseAccel(e.cfg.VM.Accel, arch, qemu)
+	if err != nil {
+		return err
+	}
+	e.log.Debug("accelerator", "accel", accel.Name, "reason", accel.Reason)
+	init, err := initBinary(arch)
+	if err != nil {
+		return err
+	}
+	initrd, err := initramfs.Build(initramfs.Spec{Init: init, ModulesDir: kern.ModulesDir}, e.cfg.CacheDir)
+	if err != nil {
+		return fmt.Errorf("initramfs: %w", err)
+	}
+	memMiB, cpus, err := e.vmSize(spec, s)
+	if err != nil {
+		return err
+	}
+	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share)
+	if err != nil {
+		return err
+	}
+
+	rec := &state.Container{ID: id, Bundle: bundle, Mode: config.ModeVM, Created: time.Now().UTC(), Annotations: spec.Annotations}
+	store := e.store()
+	if err := store.Create(rec); err != nil {
+		return err
+	}
+	dir := store.Dir(id)
+	var monitor *exec.Cmd
+	defer func() {
+		if err != nil {
+			if monitor != nil && monitor.Process != nil {
+				monitor.Process.Kill()
+				monitor.Wait()
+			}
+			vm.Stop(dir, 0, 5*time.Second)
+			store.Remove(id)
+		}
+	}()
+	mc := vm.MonitorConfig{
+		ID: id, QEMU: qemu, Guest: guest, ConsoleSocket: ctx.String("console-socket"),
+		BootTimeout: 3 * time.Minute,
+		Machine: vm.Machine{
+			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
+			Kernel: kern.Image, Initrd: initrd, Shares: shares,
+		},
+	}
+	mc.Paths(dir)
+	b, err := json.MarshalIndent(mc, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, vm.MonitorConfigFile), b, 0o600); err != nil {
+		return err
+	}
+
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer readyR.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	monitor = exec.Command(self, append(globalArgs(ctx), "vm-monitor", "--state-dir", dir)...)
+	// The monitor's stdio is the container's: conmon's pipes.
+	monitor.Stdin, monitor.Stdout, monitor.Stderr = os.Stdin, os.Stdout, os.Stderr
+	monitor.ExtraFiles = []*os.File{readyW}
+	monitor.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = fdutil.WithInheritedHidden(monitor.Start)
+	readyW.Close()
+	if err != nil {
+		return fmt.Errorf("start VM monitor: %w", err)
+	}
+	line, _ := bufio.NewReader(readyR).ReadString('\n')
+	line = strings.TrimSpace(line)
+	if msg, ok := strings.CutPrefix(line, "error "); ok {
+		monitor.Wait()
+		return errors.New(msg)
+	}
+	if line != "ok" {
+		monitor.Process.Kill()
+		monitor.Wait()
+		return fmt.Errorf("VM monitor died during boot (guest console: %s)", filepath.Join(dir, "console.log"))
+	}
+	rec.Pid = monitor.Process.Pid
+	if err := store.Save(rec); err != nil {
+		return err
+	}
+	if p := ctx.String("pid-file"); p != "" {
+		if err := state.WritePidFile(p, rec.Pid); err != nil {
+			return err
+		}
+	}
+	// conmon (a subreaper) inherits the monitor when we exit.
+	monitor.Process.Release()
+	return nil
+}
+
+// globalArgs repeats this invocation's global settings for a helper.
+func globalArgs(ctx *cli.Context) []string {
+	var args []string
+	for _, g := range []string{"config", "log", "log-format", "root"} {
+		if v := ctx.GlobalString(g); v != "" {
+			args = append(args, "--"+g, v)
+		}
+	}
+	if ctx.GlobalBool("debug") {
+		args = append(args, "--debug")
+	}
+	return args
+}
+
+// vmState answers `state` for a VM container from its monitor.
+func vmState(rec *state.Container, dir string) *state.OCI {
+	st := &state.OCI{
+		OCIVersion: specs.Version, ID: rec.ID, Bundle: rec.Bundle, Annotations: rec.Annotations,
+		Created: rec.Created.Format(time.RFC3339Nano), Owner: "root", Status: "stopped",
+	}
+	if ms, err := vm.QueryState(dir); err == nil {
+		st.Status, st.Pid = ms.Status, ms.Pid
+	}
+	return st
+}

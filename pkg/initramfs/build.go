@@ -1,0 +1,152 @@
+package initramfs
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// formatVersion changes whenever the archive's layout changes, so that old
+// cached images are not reused.
+const formatVersion = "1"
+
+// Spec says what goes into an initramfs.
+type Spec struct {
+	// Init is the kiwi-box-init binary for the guest architecture.
+	Init []byte
+	// ModulesDir is lib/modules/<release> of the guest kernel; empty for a
+	// kernel without modules (everything built in).
+	ModulesDir string
+	// Modules are the wanted module names (default: Modules).
+	Modules []string
+}
+
+// Build returns the path of the initramfs for spec under cacheDir, making
+// it if no cached copy exists. The cache key covers the init binary, the
+// kernel's module tree identity and the module list.
+func Build(spec Spec, cacheDir string) (string, error) {
+	if spec.Modules == nil {
+		spec.Modules = Modules
+	}
+	key, err := cacheKey(spec)
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(cacheDir, "initramfs")
+	out := filepath.Join(dir, key+".cpio")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("initramfs cache: %w", err)
+	}
+	var buf bytes.Buffer
+	if err := write(&buf, spec); err != nil {
+		return "", err
+	}
+	tmp, err := os.CreateTemp(dir, ".build-*")
+	if err != nil {
+		return "", fmt.Errorf("initramfs cache: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(buf.Bytes()); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("write initramfs: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return "", fmt.Errorf("write initramfs: %w", err)
+	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return "", err
+	}
+	// Concurrent builders produce identical files; the rename is atomic.
+	if err := os.Rename(tmp.Name(), out); err != nil {
+		return "", fmt.Errorf("write initramfs: %w", err)
+	}
+	return out, nil
+}
+
+func cacheKey(spec Spec) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "format %s\n", formatVersion)
+	h.Write(spec.Init)
+	fmt.Fprintf(h, "\nmodules %s\n", strings.Join(spec.Modules, ","))
+	if spec.ModulesDir != "" {
+		// The release name plus modules.order/builtin identify the build
+		// well enough; a rebuilt kernel of the same release changes their
+		// modification times.
+		fmt.Fprintf(h, "dir %s\n", spec.ModulesDir)
+		for _, f := range []string{"modules.order", "modules.builtin"} {
+			fi, err := os.Stat(filepath.Join(spec.ModulesDir, f))
+			if err == nil {
+				fmt.Fprintf(h, "%s %d %d\n", f, fi.Size(), fi.ModTime().UnixNano())
+			}
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32], nil
+}
+
+func write(buf *bytes.Buffer, spec Spec) error {
+	c := &cpioWriter{w: buf}
+	for _, d := range []string{"dev", "proc", "sys", "run", "newroot", "lib", "lib/modules"} {
+		c.Dir(d, 0o755)
+	}
+	// The kernel opens /dev/console for init's stdio before devtmpfs is
+	// mounted; without the node init's early errors would be lost.
+	c.CharDev("dev/console", 0o600, 5, 1)
+	c.File("init", 0o755, spec.Init)
+	var load []string
+	if spec.ModulesDir != "" {
+		idx, err := indexModules(spec.ModulesDir)
+		if err != nil {
+			return err
+		}
+		files, err := idx.closure(spec.Modules)
+		if err != nil {
+			return err
+		}
+		made := map[string]bool{}
+		for _, f := range files {
+			rel, err := filepath.Rel(spec.ModulesDir, f)
+			if err != nil {
+				return err
+			}
+			dst := filepath.Join("lib/modules/kiwi-box", rel)
+			for d := filepath.Dir(dst); d != "." && d != "lib/modules" && !made[d]; d = filepath.Dir(d) {
+				made[d] = true
+			}
+			load = append(load, "/"+dst)
+		}
+		// Parents before children.
+		dirs := make([]string, 0, len(made))
+		for d := range made {
+			dirs = append(dirs, d)
+		}
+		sortByDepth(dirs)
+		for _, d := range dirs {
+			c.Dir(d, 0o755)
+		}
+		for i, f := range files {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				return fmt.Errorf("read module: %w", err)
+			}
+			c.File(strings.TrimPrefix(load[i], "/"), 0o644, data)
+		}
+	}
+	c.File("lib/modules/kiwi-box.load", 0o644, []byte(strings.Join(load, "\n")+"\n"))
+	return c.Close()
+}
+
+func sortByDepth(dirs []string) {
+	depth := func(s string) int { return strings.Count(s, "/") }
+	for i := 1; i < len(dirs); i++ {
+		for j := i; j > 0 && (depth(dirs[j]) < depth(dirs[j-1]) || depth(dirs[j]) == depth(dirs[j-1]) && dirs[j] < dirs[j-1]); j-- {
+			dirs[j], dirs[j-1] = dirs[j-1], dirs[j]
+		}
+	}
+}

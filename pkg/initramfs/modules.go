@@ -1,0 +1,152 @@
+package initramfs
+
+import (
+	"bufio"
+	"bytes"
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Modules a box needs, by purpose. Names use underscores, as the kernel
+// does. Modules the kernel has built in, or does not have at all, are
+// skipped: whether a share type works is checked when it is mounted.
+var Modules = []string{
+	// devices QEMU gives the box
+	"virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng",
+	// shares
+	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay",
+	// what KIWI builds images with
+	"loop", "dm_mod", "ext4", "xfs", "btrfs", "squashfs", "vfat", "isofs",
+	"nls_cp437", "nls_iso8859_1", "nls_utf8", "crc32c_generic", "af_packet",
+}
+
+// modIndex maps module names to their files below a modules directory.
+type modIndex struct {
+	root    string // lib/modules/<release>
+	byName  map[string]string
+	builtin map[string]bool
+}
+
+func modName(file string) string {
+	n := filepath.Base(file)
+	n = strings.TrimSuffix(n, ".ko")
+	return strings.ReplaceAll(n, "-", "_")
+}
+
+func indexModules(root string) (*modIndex, error) {
+	idx := &modIndex{root: root, byName: map[string]string{}, builtin: map[string]bool{}}
+	err := filepath.WalkDir(filepath.Join(root, "kernel"), func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
+			idx.byName[modName(p)] = p
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("index kernel modules in %s: %w", root, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, "modules.builtin")); err == nil {
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			idx.builtin[modName(sc.Text())] = true
+		}
+	}
+	return idx, nil
+}
+
+// modinfoDeps reads a module's hard dependencies and "pre:" soft
+// dependencies from its .modinfo section.
+func modinfoDeps(path string) ([]string, error) {
+	f, err := elf.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read module %s: %w", path, err)
+	}
+	defer f.Close()
+	sec := f.Section(".modinfo")
+	if sec == nil {
+		return nil, nil
+	}
+	data, err := sec.Data()
+	if err != nil {
+		return nil, fmt.Errorf("read module %s: %w", path, err)
+	}
+	var deps []string
+	for _, kv := range bytes.Split(data, []byte{0}) {
+		k, v, ok := strings.Cut(string(kv), "=")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "depends":
+			for _, d := range strings.Split(v, ",") {
+				if d != "" {
+					deps = append(deps, strings.ReplaceAll(d, "-", "_"))
+				}
+			}
+		case "softdep":
+			// "pre: crc32c post: ..." : take what must come before.
+			fields := strings.Fields(v)
+			pre := false
+			for _, f := range fields {
+				switch {
+				case strings.HasSuffix(f, ":"):
+					pre = f == "pre:"
+				case pre:
+					deps = append(deps, strings.ReplaceAll(f, "-", "_"))
+				}
+			}
+		}
+	}
+	return deps, nil
+}
+
+// closure returns the files of the wanted modules and everything they
+// depend on, each after its dependencies.
+func (idx *modIndex) closure(want []string) ([]string, error) {
+	var order []string
+	state := map[string]int{} // 1 visiting, 2 done
+	var visit func(name string) error
+	visit = func(name string) error {
+		if idx.builtin[name] || state[name] == 2 {
+			return nil
+		}
+		if state[name] == 1 {
+			return nil // cycles do not happen in modules.dep; do not loop if they do
+		}
+		p, ok := idx.byName[name]
+		if !ok {
+			return nil // not in this kernel
+		}
+		state[name] = 1
+		deps, err := modinfoDeps(p)
+		if err != nil {
+			return err
+		}
+		sort.Strings(deps)
+		for _, d := range deps {
+			if err := visit(d); err != nil {
+				return err
+			}
+		}
+		state[name] = 2
+		order = append(order, p)
+		return nil
+	}
+	for _, w := range want {
+		if err := visit(w); err != nil {
+			return nil, err
+		}
+	}
+	if len(order) == 0 && len(idx.byName) == 0 {
+		return nil, errors.New("no kernel modules found")
+	}
+	return order, nil
+}

@@ -1,0 +1,168 @@
+package vm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// ErrMonitorGone means the VM's monitor is not running any more.
+var ErrMonitorGone = errors.New("the VM is not running")
+
+func dial(stateDir string) (net.Conn, *vmproto.Writer, error) {
+	c, err := net.DialTimeout("unix", filepath.Join(stateDir, MonitorSocket), 5*time.Second)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w (%v)", ErrMonitorGone, err)
+	}
+	return c, vmproto.NewWriter(c), nil
+}
+
+// request sends one frame and returns the monitor's answer.
+func request(stateDir string, t vmproto.Type, v any) (vmproto.Frame, error) {
+	c, w, err := dial(stateDir)
+	if err != nil {
+		return vmproto.Frame{}, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if v == nil {
+		err = w.Write(t, 0, nil)
+	} else {
+		err = w.WriteJSON(t, 0, v)
+	}
+	if err != nil {
+		return vmproto.Frame{}, err
+	}
+	f, err := vmproto.ReadFrame(c)
+	if err != nil {
+		return vmproto.Frame{}, fmt.Errorf("monitor did not answer: %w", err)
+	}
+	if f.Type == vmproto.TError {
+		var e vmproto.Error
+		vmproto.Decode(f.Payload, &e)
+		return f, errors.New(e.Message)
+	}
+	return f, nil
+}
+
+// QueryState asks the monitor for the container's status.
+func QueryState(stateDir string) (vmproto.State, error) {
+	f, err := request(stateDir, vmproto.TState, nil)
+	if err != nil {
+		return vmproto.State{}, err
+	}
+	var st vmproto.State
+	return st, vmproto.Decode(f.Payload, &st)
+}
+
+// Start starts the container's process.
+func Start(stateDir string) error {
+	_, err := request(stateDir, vmproto.TStart, nil)
+	return err
+}
+
+// Signal delivers a signal to the container's process (or all of its
+// processes).
+func Signal(stateDir string, sig int, all bool) error {
+	_, err := request(stateDir, vmproto.TSignal, vmproto.Signal{Signal: sig, All: all})
+	return err
+}
+
+// Exec runs p in the running VM and relays its stdio; it returns the
+// process's shell-style exit status. started, if not nil, is called once
+// the guest reports the process running.
+func Exec(stateDir string, p vmproto.Process, stdin io.Reader, stdout, stderr io.Writer, started func()) (int, error) {
+	c, w, err := dial(stateDir)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	if err := w.WriteJSON(vmproto.TExec, 0, p); err != nil {
+		return 0, err
+	}
+	if stdin != nil {
+		go func() {
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := stdin.Read(buf)
+				if n > 0 && w.Write(vmproto.TStdin, 0, buf[:n]) != nil {
+					return
+				}
+				if err != nil {
+					w.Write(vmproto.TStdin, 0, nil)
+					return
+				}
+			}
+		}()
+	}
+	for {
+		f, err := vmproto.ReadFrame(c)
+		if err != nil {
+			return 0, fmt.Errorf("exec: connection to the VM lost: %w", err)
+		}
+		switch f.Type {
+		case vmproto.TStarted:
+			if started != nil {
+				started()
+			}
+		case vmproto.TStdout:
+			stdout.Write(f.Payload)
+		case vmproto.TStderr:
+			stderr.Write(f.Payload)
+		case vmproto.TExit:
+			var e vmproto.Exit
+			if err := vmproto.Decode(f.Payload, &e); err != nil {
+				return 0, err
+			}
+			return e.Status, nil
+		case vmproto.TError:
+			var e vmproto.Error
+			vmproto.Decode(f.Payload, &e)
+			return 0, fmt.Errorf("exec: %s", e.Message)
+		}
+	}
+}
+
+// Stop ends a VM container: the monitor is asked to power the guest off
+// (SIGTERM), then killed if it does not go within the timeout, and QEMU is
+// killed if it outlived the monitor. Pids are checked against their
+// command lines before any signal, so a recycled pid is never hit.
+func Stop(stateDir string, monitorPid int, timeout time.Duration) {
+	if monitorPid > 0 && cmdlineHas(monitorPid, stateDir) {
+		signalAndWait(monitorPid, unix.SIGTERM, timeout)
+	}
+	if b, err := os.ReadFile(filepath.Join(stateDir, qemuPidFile)); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && cmdlineHas(pid, filepath.Join(stateDir, guestSocket)) {
+			signalAndWait(pid, unix.SIGKILL, timeout)
+		}
+	}
+}
+
+func signalAndWait(pid int, sig unix.Signal, timeout time.Duration) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	unix.PidfdSendSignal(fd, sig, nil, 0)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	if n, _ := unix.Poll(fds, int(timeout/time.Millisecond)); n == 0 && sig != unix.SIGKILL {
+		unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
+		unix.Poll(fds, int(timeout/time.Millisecond))
+	}
+}
+
+func cmdlineHas(pid int, s string) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && strings.Contains(string(b), s)
+}

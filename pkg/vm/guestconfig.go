@@ -1,0 +1,105 @@
+package vm
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"slices"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// maxFileMount bounds a host file that travels into the guest by value
+// (resolv.conf, hosts, .containerenv are a few hundred bytes).
+const maxFileMount = 1 << 20
+
+// RootTag is the share tag of the container's root filesystem.
+const RootTag = "rootfs"
+
+// GuestConfig translates an OCI spec into what kiwi-box-init needs, and
+// lists the host directories QEMU must serve for it.
+//
+// Bind mounts of directories become shares of their own; bind mounts of
+// files (podman's /etc/hosts, /etc/resolv.conf, ...) travel by value,
+// because a 9p or virtio-fs share is a directory and sharing the file's
+// parent would expose its siblings. The container's /dev is the guest's
+// devtmpfs, so that the build sees the box's own loop and partition
+// devices.
+func GuestConfig(spec *specs.Spec, rootfs, share string) (vmproto.Config, []Share, error) {
+	p := spec.Process
+	cfg := vmproto.Config{
+		Hostname:     spec.Hostname,
+		RootTag:      RootTag,
+		RootShare:    share,
+		RootReadonly: spec.Root.Readonly,
+		Process:      processFromSpec(p),
+	}
+	for _, r := range p.Rlimits {
+		cfg.Rlimits = append(cfg.Rlimits, vmproto.Rlimit{Type: r.Type, Hard: r.Hard, Soft: r.Soft})
+	}
+	shares := []Share{{Tag: RootTag, Path: rootfs, ReadOnly: spec.Root.Readonly}}
+	for _, m := range spec.Mounts {
+		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
+		if !bind {
+			gm := vmproto.Mount{Destination: m.Destination, Type: m.Type, Source: m.Source, Options: m.Options}
+			if m.Destination == "/dev" && m.Type == "tmpfs" {
+				gm = vmproto.Mount{Destination: "/dev", Type: "devtmpfs", Source: "devtmpfs", Options: []string{"nosuid", "mode=755"}}
+			}
+			cfg.Mounts = append(cfg.Mounts, gm)
+			continue
+		}
+		fi, err := os.Stat(m.Source)
+		if err != nil {
+			return cfg, nil, fmt.Errorf("bind mount %s: %w", m.Destination, err)
+		}
+		ro := slices.Contains(m.Options, "ro")
+		switch {
+		case fi.IsDir():
+			tag := fmt.Sprintf("kiwi%d", len(shares))
+			shares = append(shares, Share{Tag: tag, Path: m.Source, ReadOnly: ro})
+			cfg.Mounts = append(cfg.Mounts, vmproto.Mount{Destination: m.Destination, Type: "share", Tag: tag, Options: m.Options})
+		case fi.Mode().IsRegular():
+			content, err := readBounded(m.Source)
+			if err != nil {
+				return cfg, nil, fmt.Errorf("bind mount %s: %w", m.Destination, err)
+			}
+			cfg.Mounts = append(cfg.Mounts, vmproto.Mount{Destination: m.Destination, Type: "file", Content: content, Options: m.Options})
+		default:
+			return cfg, nil, fmt.Errorf("bind mount %s: %s is neither a directory nor a regular file; a VM cannot share host devices (use container mode)", m.Destination, m.Source)
+		}
+	}
+	return cfg, shares, nil
+}
+
+func processFromSpec(p *specs.Process) vmproto.Process {
+	gp := vmproto.Process{
+		Args: p.Args, Env: p.Env, Cwd: p.Cwd,
+		UID: p.User.UID, GID: p.User.GID, AdditionalGids: p.User.AdditionalGids,
+		Umask: p.User.Umask, Terminal: p.Terminal,
+	}
+	if p.ConsoleSize != nil {
+		gp.Rows, gp.Cols = uint16(p.ConsoleSize.Height), uint16(p.ConsoleSize.Width)
+	}
+	return gp
+}
+
+// ProcessFromSpec converts an OCI process (exec's process.json).
+func ProcessFromSpec(p *specs.Process) vmproto.Process { return processFromSpec(p) }
+
+func readBounded(p string) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxFileMount+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxFileMount {
+		return nil, fmt.Errorf("%s is larger than %d KiB; bind-mount its directory instead", p, maxFileMount>>10)
+	}
+	return b, nil
+}

@@ -1,0 +1,523 @@
+package vm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// The monitor is the host process of one VM. create starts it; its pid
+// goes to --pid-file, so conmon waits on it, and it exits with the
+// container's exit status. It owns QEMU (which dies with it, by
+// PR_SET_PDEATHSIG), speaks to kiwi-box-init over the control port, relays
+// the container's stdio between its own stdio (conmon's pipes or a pty)
+// and the guest, and answers the other kiwi-shim commands on monitor.sock.
+
+// Files in a VM container's state directory.
+const (
+	MonitorConfigFile = "monitor.json"
+	MonitorSocket     = "monitor.sock"
+	guestSocket       = "guest.sock"
+	consoleLog        = "console.log"
+	qemuLog           = "qemu.log"
+	qemuPidFile       = "qemu.pid"
+)
+
+// MonitorConfig is what create hands the monitor.
+type MonitorConfig struct {
+	// ID is the container id.
+	ID string `json:"id"`
+	// QEMU and Machine start the VM.
+	QEMU    string  `json:"qemu"`
+	Machine Machine `json:"machine"`
+	// Guest is sent to kiwi-box-init.
+	Guest vmproto.Config `json:"guest"`
+	// ConsoleSocket receives the pty master when the process has a
+	// terminal.
+	ConsoleSocket string `json:"consoleSocket,omitempty"`
+	// BootTimeout bounds the wait for the guest's hello.
+	BootTimeout time.Duration `json:"bootTimeout"`
+}
+
+// Paths fills the machine's socket and log paths for a state directory.
+func (c *MonitorConfig) Paths(stateDir string) {
+	c.Machine.ControlSocket = filepath.Join(stateDir, guestSocket)
+	c.Machine.ConsoleLog = filepath.Join(stateDir, consoleLog)
+}
+
+// monitor is the running state of Run.
+type monitor struct {
+	cfg      MonitorConfig
+	dir      string
+	log      *slog.Logger
+	guest    *vmproto.Writer
+	out, err io.Writer // container stdout/stderr targets
+	in       io.Reader // container stdin source
+	tty      *os.File  // pty slave when the process has a terminal
+
+	mu       sync.Mutex
+	status   string // created, running, stopped
+	exit     int
+	exitSeen bool
+	clients  map[uint32]*vmproto.Writer
+	next     uint32
+	started  chan struct{}
+}
+
+// Run runs the monitor for the state directory dir and returns the exit
+// status the process should exit with. It writes "ok" or "error MSG" to
+// ready once the guest is set up (or failed to).
+func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
+	m := &monitor{dir: dir, log: log, status: "created", clients: map[uint32]*vmproto.Writer{}, next: 1, started: make(chan struct{})}
+	fail := func(err error) int {
+		fmt.Fprintf(ready, "error %s\n", oneLine(err.Error()))
+		ready.Close()
+		log.Error("vm monitor", "id", m.cfg.ID, "err", err)
+		return 1
+	}
+	b, err := os.ReadFile(filepath.Join(dir, MonitorConfigFile))
+	if err != nil {
+		return fail(err)
+	}
+	if err := json.Unmarshal(b, &m.cfg); err != nil {
+		return fail(fmt.Errorf("monitor config: %w", err))
+	}
+	m.in, m.out, m.err = os.Stdin, os.Stdout, os.Stderr
+	if m.cfg.Guest.Process.Terminal {
+		if err := m.setupConsole(); err != nil {
+			return fail(err)
+		}
+	}
+	gl, err := net.Listen("unix", m.cfg.Machine.ControlSocket)
+	if err != nil {
+		return fail(fmt.Errorf("control socket: %w", err))
+	}
+	defer gl.Close()
+	ml, err := net.Listen("unix", filepath.Join(dir, MonitorSocket))
+	if err != nil {
+		return fail(fmt.Errorf("monitor socket: %w", err))
+	}
+	defer ml.Close()
+
+	qemu, qemuDone, err := m.startQEMU()
+	if err != nil {
+		return fail(err)
+	}
+	conn, err := m.boot(gl, qemuDone)
+	if err != nil {
+		qemu.Process.Kill()
+		<-qemuDone
+		return fail(err)
+	}
+	defer conn.Close()
+	fmt.Fprintln(ready, "ok")
+	ready.Close()
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
+	go m.readGuest(conn)
+	go m.serveClients(ml)
+	if m.tty != nil {
+		go m.watchWinsize()
+	}
+	select {
+	case <-qemuDone:
+	case s := <-sigs:
+		log.Debug("monitor stopping", "id", m.cfg.ID, "signal", s)
+		m.setExit(128+int(s.(syscall.Signal)), false)
+		m.guest.Write(vmproto.TPoweroff, 0, nil)
+		select {
+		case <-qemuDone:
+		case <-time.After(5 * time.Second):
+			qemu.Process.Kill()
+			<-qemuDone
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.status = "stopped"
+	if !m.exitSeen {
+		log.Error("VM ended without reporting the container's exit status", "id", m.cfg.ID, "console", m.cfg.Machine.ConsoleLog)
+		return 255
+	}
+	return m.exit
+}
+
+func oneLine(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c == '\n' || c == '\r' {
+			b[i] = ' '
+		}
+	}
+	return string(b)
+}
+
+// startQEMU starts QEMU as a child that dies with the monitor.
+func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
+	args, err := m.cfg.Machine.Args()
+	if err != nil {
+		return nil, nil, err
+	}
+	logf, err := os.OpenFile(filepath.Join(m.dir, qemuLog), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer logf.Close()
+	// PR_SET_PDEATHSIG fires when the thread that forked exits: pin this
+	// goroutine (the main one) to its thread for the monitor's lifetime.
+	runtime.LockOSThread()
+	cmd := exec.Command(m.cfg.QEMU, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = fdutil.WithInheritedHidden(cmd.Start)
+	if err != nil {
+		return nil, nil, fmt.Errorf("start %s: %w", m.cfg.QEMU, err)
+	}
+	os.WriteFile(filepath.Join(m.dir, qemuPidFile), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	return cmd, done, nil
+}
+
+// boot waits for the guest to say hello, sends it the configuration and
+// waits until the container's root is set up.
+func (m *monitor) boot(l net.Listener, qemuDone <-chan struct{}) (net.Conn, error) {
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	var conn net.Conn
+	select {
+	case conn = <-accepted:
+	case <-qemuDone:
+		return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
+	case <-time.After(30 * time.Second):
+		return nil, errors.New("qemu did not connect the control port within 30s")
+	}
+	type result struct {
+		f   vmproto.Frame
+		err error
+	}
+	read := func(timeout time.Duration) (vmproto.Frame, error) {
+		ch := make(chan result, 1)
+		go func() { f, err := vmproto.ReadFrame(conn); ch <- result{f, err} }()
+		select {
+		case r := <-ch:
+			return r.f, r.err
+		case <-qemuDone:
+			return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+		case <-time.After(timeout):
+			return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
+		}
+	}
+	f, err := read(m.cfg.BootTimeout)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	var hello vmproto.Hello
+	if f.Type != vmproto.THello || vmproto.Decode(f.Payload, &hello) != nil || hello.Version != vmproto.Version {
+		conn.Close()
+		return nil, fmt.Errorf("guest init speaks another protocol (frame %d %q): rebuild the initramfs", f.Type, f.Payload)
+	}
+	m.log.Debug("guest up", "id", m.cfg.ID, "kernel", hello.Kernel)
+	m.guest = vmproto.NewWriter(conn)
+	if err := m.guest.WriteJSON(vmproto.TConfig, 0, m.cfg.Guest); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("send guest config: %w", err)
+	}
+	f, err = read(m.cfg.BootTimeout)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	switch f.Type {
+	case vmproto.TReady:
+		return conn, nil
+	case vmproto.TError:
+		var e vmproto.Error
+		vmproto.Decode(f.Payload, &e)
+		conn.Close()
+		return nil, fmt.Errorf("guest setup failed: %s", e.Message)
+	default:
+		conn.Close()
+		return nil, fmt.Errorf("unexpected frame %d from guest during setup", f.Type)
+	}
+}
+
+// tail returns the last line of a log file, for error messages.
+func tail(p string) string {
+	b, err := os.ReadFile(p)
+	if err != nil || len(b) == 0 {
+		return "(empty)"
+	}
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	lines := []string{}
+	for _, l := range splitLines(string(b)) {
+		if l != "" {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) == 0 {
+		return "(empty)"
+	}
+	if len(lines) > 3 {
+		lines = lines[len(lines)-3:]
+	}
+	return oneLine(fmt.Sprint(lines))
+}
+
+func splitLines(s string) []string {
+	var out []string
+	start := 0
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\n' {
+			out = append(out, s[start:i])
+			start = i + 1
+		}
+	}
+	return append(out, s[start:])
+}
+
+func (m *monitor) setExit(status int, fromGuest bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.exitSeen && !fromGuest {
+		return
+	}
+	m.exit, m.exitSeen = status, true
+}
+
+// readGuest dispatches the guest's frames until the connection ends.
+func (m *monitor) readGuest(conn net.Conn) {
+	for {
+		f, err := vmproto.ReadFrame(conn)
+		if err != nil {
+			return
+		}
+		if f.Stream != 0 {
+			m.mu.Lock()
+			c := m.clients[f.Stream]
+			m.mu.Unlock()
+			if c != nil {
+				c.Write(f.Type, f.Stream, f.Payload)
+			}
+			continue
+		}
+		switch f.Type {
+		case vmproto.TStdout:
+			if len(f.Payload) > 0 {
+				m.out.Write(f.Payload)
+			}
+		case vmproto.TStderr:
+			if len(f.Payload) > 0 {
+				m.err.Write(f.Payload)
+			}
+		case vmproto.TExit:
+			var e vmproto.Exit
+			if vmproto.Decode(f.Payload, &e) == nil {
+				m.setExit(e.Status, true)
+			}
+		case vmproto.TError:
+			var e vmproto.Error
+			vmproto.Decode(f.Payload, &e)
+			m.log.Error("guest", "id", m.cfg.ID, "err", e.Message)
+		}
+	}
+}
+
+// serveClients answers kiwi-shim commands on monitor.sock.
+func (m *monitor) serveClients(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go m.client(c)
+	}
+}
+
+func (m *monitor) client(c net.Conn) {
+	defer c.Close()
+	f, err := vmproto.ReadFrame(c)
+	if err != nil {
+		return
+	}
+	w := vmproto.NewWriter(c)
+	switch f.Type {
+	case vmproto.TState:
+		m.mu.Lock()
+		st := vmproto.State{Status: m.status, Pid: os.Getpid()}
+		m.mu.Unlock()
+		w.WriteJSON(vmproto.TState, 0, st)
+	case vmproto.TStart:
+		m.mu.Lock()
+		if m.status != "created" {
+			m.mu.Unlock()
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not created"})
+			return
+		}
+		m.status = "running"
+		m.mu.Unlock()
+		if err := m.guest.Write(vmproto.TStart, 0, nil); err != nil {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return
+		}
+		go m.relayStdin()
+		w.WriteJSON(vmproto.TStarted, 0, vmproto.Started{Pid: os.Getpid()})
+	case vmproto.TSignal:
+		var s vmproto.Signal
+		if vmproto.Decode(f.Payload, &s) != nil {
+			return
+		}
+		m.mu.Lock()
+		created := m.status == "created"
+		m.mu.Unlock()
+		if created {
+			// Nothing runs yet: a signal to a created container ends it.
+			m.setExit(128+s.Signal, false)
+			m.guest.Write(vmproto.TPoweroff, 0, nil)
+		} else {
+			m.guest.Write(vmproto.TSignal, 0, f.Payload)
+		}
+		w.Write(vmproto.TSignal, 0, nil)
+	case vmproto.TResize:
+		m.guest.Write(vmproto.TResize, 0, f.Payload)
+	case vmproto.TExec:
+		m.exec(c, w, f.Payload)
+	}
+}
+
+// exec runs a further process in the guest for a client and relays its
+// frames both ways until the client goes away.
+func (m *monitor) exec(c net.Conn, w *vmproto.Writer, payload []byte) {
+	m.mu.Lock()
+	if m.status != "running" {
+		m.mu.Unlock()
+		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not running"})
+		return
+	}
+	id := m.next
+	m.next++
+	m.clients[id] = w
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.clients, id)
+		m.mu.Unlock()
+	}()
+	if err := m.guest.Write(vmproto.TExec, id, payload); err != nil {
+		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+		return
+	}
+	for {
+		f, err := vmproto.ReadFrame(c)
+		if err != nil {
+			return
+		}
+		switch f.Type {
+		case vmproto.TStdin, vmproto.TSignal, vmproto.TResize:
+			m.guest.Write(f.Type, id, f.Payload)
+		}
+	}
+}
+
+// relayStdin copies the container's stdin to the guest.
+func (m *monitor) relayStdin() {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := m.in.Read(buf)
+		if n > 0 {
+			if m.guest.Write(vmproto.TStdin, 0, buf[:n]) != nil {
+				return
+			}
+		}
+		if err != nil {
+			m.guest.Write(vmproto.TStdin, 0, nil)
+			return
+		}
+	}
+}
+
+// setupConsole makes the pty the container's terminal is relayed through
+// and hands its master to the console socket, as runc does.
+func (m *monitor) setupConsole() error {
+	if m.cfg.ConsoleSocket == "" {
+		return errors.New("process.terminal is true but no --console-socket was given")
+	}
+	master, slave, err := pty.Open()
+	if err != nil {
+		return fmt.Errorf("open pty: %w", err)
+	}
+	defer master.Close()
+	// The guest's pty does the terminal processing; ours passes bytes.
+	if err := makeRaw(slave); err != nil {
+		slave.Close()
+		return err
+	}
+	if p := m.cfg.Guest.Process; p.Rows > 0 {
+		pty.Setsize(master, &pty.Winsize{Rows: p.Rows, Cols: p.Cols})
+	}
+	if err := fdutil.SendFd(m.cfg.ConsoleSocket, master); err != nil {
+		slave.Close()
+		return fmt.Errorf("send pty to console socket %s: %w", m.cfg.ConsoleSocket, err)
+	}
+	m.tty = slave
+	m.in, m.out, m.err = slave, slave, slave
+	return nil
+}
+
+func makeRaw(f *os.File) error {
+	t, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	if err != nil {
+		return fmt.Errorf("pty termios: %w", err)
+	}
+	t.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
+	t.Oflag &^= unix.OPOST
+	t.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
+	t.Cflag &^= unix.CSIZE | unix.PARENB
+	t.Cflag |= unix.CS8
+	t.Cc[unix.VMIN], t.Cc[unix.VTIME] = 1, 0
+	return unix.IoctlSetTermios(int(f.Fd()), unix.TCSETS, t)
+}
+
+// watchWinsize forwards size changes that the pty master's holder
+// (conmon) makes.
+func (m *monitor) watchWinsize() {
+	var last *unix.Winsize
+	for {
+		ws, err := unix.IoctlGetWinsize(int(m.tty.Fd()), unix.TIOCGWINSZ)
+		if err != nil {
+			return
+		}
+		if last == nil || *ws != *last {
+			m.guest.WriteJSON(vmproto.TResize, 0, vmproto.Resize{Rows: ws.Row, Cols: ws.Col})
+			last = ws
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}

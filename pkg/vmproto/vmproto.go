@@ -1,0 +1,232 @@
+// Package vmproto is the wire protocol between kiwi-shim on the host and
+// kiwi-box-init in the guest, and between kiwi-shim commands and a VM's
+// monitor process. It is a stream of frames: a 12-byte little-endian header
+// (type, reserved, stream id, payload length) and a bounded payload. Control
+// messages carry JSON; stdio frames carry raw bytes.
+//
+// The guest is untrusted: a reader never allocates more than MaxPayload for
+// a frame, and every decoder rejects what it does not understand.
+//
+// It depends on the standard library only, so that the guest init stays a
+// small static binary.
+package vmproto
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+)
+
+// Version is the protocol version both sides announce in Hello.
+const Version = 1
+
+// MaxPayload bounds one frame's payload.
+const MaxPayload = 1 << 20
+
+// HeaderSize is the size of a frame header.
+const HeaderSize = 12
+
+// Type says what a frame carries.
+type Type uint8
+
+// Frame types. Comments say who sends them: H host (monitor), G guest, C a
+// kiwi-shim command talking to the monitor.
+const (
+	THello    Type = 1  // G->H: Hello
+	TConfig   Type = 2  // H->G: Config
+	TReady    Type = 3  // G->H: setup done, container root in place
+	TStart    Type = 4  // H->G, C->H: start the container process (stream 0)
+	TExec     Type = 5  // H->G, C->H: Process for a new stream id
+	TStarted  Type = 6  // G->H, H->C: Started
+	TStdin    Type = 7  // H->G, C->H: bytes for a stream's stdin; empty = EOF
+	TStdout   Type = 8  // G->H, H->C: bytes from a stream's stdout; empty = EOF
+	TStderr   Type = 9  // G->H, H->C: bytes from a stream's stderr; empty = EOF
+	TSignal   Type = 10 // H->G, C->H: Signal
+	TResize   Type = 11 // H->G, C->H: Resize
+	TExit     Type = 12 // G->H, H->C: Exit
+	TError    Type = 13 // any: Error
+	TState    Type = 14 // C->H: ask; H->C: State
+	TPoweroff Type = 15 // H->G: stop everything and power off
+	maxType   Type = 15
+)
+
+// Frame is one message.
+type Frame struct {
+	Type    Type
+	Stream  uint32
+	Payload []byte
+}
+
+// ErrTooLarge is returned for a frame whose payload exceeds MaxPayload.
+var ErrTooLarge = errors.New("vmproto: frame payload too large")
+
+// ReadFrame reads one frame. It never allocates more than MaxPayload.
+func ReadFrame(r io.Reader) (Frame, error) {
+	var h [HeaderSize]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return Frame{}, err
+	}
+	f := Frame{Type: Type(h[0]), Stream: binary.LittleEndian.Uint32(h[4:8])}
+	if f.Type == 0 || f.Type > maxType {
+		return Frame{}, fmt.Errorf("vmproto: unknown frame type %d", h[0])
+	}
+	if h[1] != 0 || h[2] != 0 || h[3] != 0 {
+		return Frame{}, errors.New("vmproto: reserved header bytes set")
+	}
+	n := binary.LittleEndian.Uint32(h[8:12])
+	if n > MaxPayload {
+		return Frame{}, ErrTooLarge
+	}
+	if n > 0 {
+		f.Payload = make([]byte, n)
+		if _, err := io.ReadFull(r, f.Payload); err != nil {
+			return Frame{}, fmt.Errorf("vmproto: short frame: %w", err)
+		}
+	}
+	return f, nil
+}
+
+// Writer writes frames; it is safe for concurrent use.
+type Writer struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+// NewWriter returns a Writer on w.
+func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
+
+// Write sends one frame, splitting nothing: payloads above MaxPayload are
+// an error (stdio writers chunk their data themselves).
+func (w *Writer) Write(t Type, stream uint32, payload []byte) error {
+	if len(payload) > MaxPayload {
+		return ErrTooLarge
+	}
+	buf := make([]byte, HeaderSize+len(payload))
+	buf[0] = byte(t)
+	binary.LittleEndian.PutUint32(buf[4:8], stream)
+	binary.LittleEndian.PutUint32(buf[8:12], uint32(len(payload)))
+	copy(buf[HeaderSize:], payload)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, err := w.w.Write(buf)
+	return err
+}
+
+// WriteJSON sends a control message.
+func (w *Writer) WriteJSON(t Type, stream uint32, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return w.Write(t, stream, b)
+}
+
+// Decode parses a control message payload strictly.
+func Decode(payload []byte, v any) error {
+	if len(payload) == 0 {
+		return errors.New("vmproto: empty control message")
+	}
+	if err := json.Unmarshal(payload, v); err != nil {
+		return fmt.Errorf("vmproto: bad control message: %w", err)
+	}
+	return nil
+}
+
+// Hello is the guest's first message.
+type Hello struct {
+	Version int    `json:"version"`
+	Kernel  string `json:"kernel"`
+}
+
+// Config tells the guest how to build the container.
+type Config struct {
+	// Hostname of the container.
+	Hostname string `json:"hostname,omitempty"`
+	// RootTag is the share that holds the root filesystem.
+	RootTag string `json:"rootTag"`
+	// RootShare is "9p" or "virtiofs".
+	RootShare string `json:"rootShare"`
+	// RootReadonly mounts the root read-only.
+	RootReadonly bool `json:"rootReadonly,omitempty"`
+	// Mounts are set up in order inside the new root.
+	Mounts []Mount `json:"mounts,omitempty"`
+	// Process is the container's process (stream 0).
+	Process Process `json:"process"`
+	// Rlimits apply to every process of the container.
+	Rlimits []Rlimit `json:"rlimits,omitempty"`
+}
+
+// Mount is one mount inside the container.
+type Mount struct {
+	// Destination inside the container.
+	Destination string `json:"destination"`
+	// Type is a filesystem type (proc, tmpfs, ...), "share" for a host
+	// directory served under Tag, or "file" for a host file whose content
+	// travels in Content.
+	Type string `json:"type"`
+	// Source for filesystem mounts.
+	Source string `json:"source,omitempty"`
+	// Tag of the share.
+	Tag string `json:"tag,omitempty"`
+	// Options as in the OCI spec (ro, nosuid, mode=755, ...).
+	Options []string `json:"options,omitempty"`
+	// Content of a "file" mount.
+	Content []byte `json:"content,omitempty"`
+}
+
+// Process is a process to run.
+type Process struct {
+	Args           []string `json:"args"`
+	Env            []string `json:"env,omitempty"`
+	Cwd            string   `json:"cwd"`
+	UID            uint32   `json:"uid"`
+	GID            uint32   `json:"gid"`
+	AdditionalGids []uint32 `json:"additionalGids,omitempty"`
+	Umask          *uint32  `json:"umask,omitempty"`
+	Terminal       bool     `json:"terminal,omitempty"`
+	Rows           uint16   `json:"rows,omitempty"`
+	Cols           uint16   `json:"cols,omitempty"`
+}
+
+// Rlimit is one resource limit.
+type Rlimit struct {
+	Type string `json:"type"`
+	Hard uint64 `json:"hard"`
+	Soft uint64 `json:"soft"`
+}
+
+// Started reports a started process.
+type Started struct {
+	Pid int `json:"pid"`
+}
+
+// Exit reports a process's end as a shell status (128+N for signal N).
+type Exit struct {
+	Status int `json:"status"`
+}
+
+// Signal asks for a signal to be delivered.
+type Signal struct {
+	Signal int  `json:"signal"`
+	All    bool `json:"all,omitempty"`
+}
+
+// Resize changes a terminal's size.
+type Resize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// Error reports a failure.
+type Error struct {
+	Message string `json:"message"`
+}
+
+// State is the monitor's answer to TState.
+type State struct {
+	Status string `json:"status"`
+	Pid    int    `json:"pid"`
+}
