@@ -1,0 +1,249 @@
+package integration
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// guestRelease is the release of the guest kernel `make kernel` unpacked
+// into the cache; it differs from the host's, which is how the tests
+// prove a command ran inside the VM.
+func guestRelease(t *testing.T) string {
+	t.Helper()
+	ks, _ := filepath.Glob("/var/cache/kiwi-shim/kernels/x86_64/boot/vmlinuz-*")
+	if len(ks) == 0 {
+		t.Fatal("no guest kernel in /var/cache/kiwi-shim: run make kernel (make test does)")
+	}
+	rel := strings.TrimPrefix(filepath.Base(ks[len(ks)-1]), "vmlinuz-")
+	var uts syscall.Utsname
+	syscall.Uname(&uts)
+	host := ""
+	for _, c := range uts.Release {
+		if c == 0 {
+			break
+		}
+		host += string(rune(c))
+	}
+	if rel == host {
+		t.Fatalf("guest kernel %s is the host's: the tests could not tell guest from host", rel)
+	}
+	return rel
+}
+
+// noVMLeft registers a check that the test left no QEMU behind.
+func noVMLeft(t *testing.T) {
+	t.Helper()
+	count := func() int {
+		out, _ := exec.Command("pgrep", "-c", "-f", "qemu-system-").Output()
+		n := 0
+		for _, c := range strings.TrimSpace(string(out)) {
+			n = n*10 + int(c-'0')
+		}
+		return n
+	}
+	before := count()
+	t.Cleanup(func() {
+		// Give a VM that is powering off a moment.
+		deadline := time.Now().Add(10 * time.Second)
+		for count() > before && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
+		}
+		if n := count(); n > before {
+			t.Errorf("%d QEMU process(es) left running", n-before)
+		}
+	})
+}
+
+// TestVMRun: podman run through VM mode runs the command in the guest,
+// with the container's environment, user, workdir, stdio and mounts.
+func TestVMRun(t *testing.T) {
+	rel := guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "in.txt"), []byte("from host\n"), 0o644)
+
+	r := p.run("", "run", "--rm", "--rootfs", rootfs, "sh", "-c", "uname -r; exit 42")
+	if r.code != 42 || strings.TrimSpace(r.stdout) != rel {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want 42 and the guest release %s", r.code, r.stdout, r.stderr, rel)
+	}
+	r = p.run("through stdin\n", "run", "--rm", "-i", "--rootfs", rootfs, "cat")
+	if r.code != 0 || r.stdout != "through stdin\n" {
+		t.Fatalf("stdin: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	r = p.run("", "run", "--rm", "-t", "--rootfs", rootfs, "sh", "-c", "tty")
+	if r.code != 0 || !strings.Contains(r.stdout, "/dev/pts/") {
+		t.Fatalf("tty: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	r = p.run("", "run", "--rm", "-e", "KIWI=box", "-w", "/share", "--user", "1000:1000",
+		"-v", share+":/share", "-v", share+":/ro:ro", "--rootfs", rootfs, "sh", "-c",
+		`echo $KIWI $(pwd) $(id -u):$(id -g); cat /share/in.txt; touch /ro/x 2>/dev/null && echo ro-writable || echo ro-refused`)
+	if r.code != 0 || r.stdout != "box /share 1000:1000\nfrom host\nro-refused\n" {
+		t.Fatalf("env/user/workdir/mounts: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	r = p.run("", "run", "--rm", "-v", share+":/share", "--rootfs", rootfs, "sh", "-c", "echo made in the box > /share/out.txt")
+	if b, err := os.ReadFile(filepath.Join(share, "out.txt")); r.code != 0 || err != nil || string(b) != "made in the box\n" {
+		t.Fatalf("rw mount: exit %d, stderr %q, host file %q, %v", r.code, r.stderr, b, err)
+	}
+}
+
+// TestVMLoopDevices: the build's loop devices, partitions and filesystems
+// are the guest's own; the host's loop devices are untouched.
+func TestVMLoopDevices(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t, "losetup", "sfdisk", "mke2fs")
+	share := t.TempDir()
+	img := filepath.Join(share, "disk.img")
+	mustRun(t, nil, "truncate", "-s", "64M", img)
+	hostLoops, _ := filepath.Glob("/sys/block/loop*/loop")
+	// Full paths: busybox sh prefers its own applets to PATH.
+	script := `set -e
+dev=$(/usr/sbin/losetup -f --show -P /share/disk.img)
+printf 'label: dos\n,32M,L\n' | /usr/sbin/sfdisk -q "$dev"
+/usr/sbin/losetup -d "$dev"
+dev=$(/usr/sbin/losetup -f --show -P /share/disk.img)
+/usr/sbin/mke2fs -q -t ext2 "${dev}p1"
+mkdir -p /mnt/p1 && mount "${dev}p1" /mnt/p1
+echo content > /mnt/p1/file && umount /mnt/p1
+/usr/sbin/losetup -d "$dev"
+echo ok`
+	r := p.run("", "run", "--rm", "-v", share+":/share", "--rootfs", rootfs, "sh", "-c", script)
+	if r.code != 0 || !strings.HasSuffix(r.stdout, "ok\n") {
+		t.Fatalf("exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+	if after, _ := filepath.Glob("/sys/block/loop*/loop"); len(after) != len(hostLoops) {
+		t.Fatalf("host loop devices changed: %v -> %v", hostLoops, after)
+	}
+	// The partition table written in the guest is on the host's file.
+	out := mustRun(t, nil, "sfdisk", "--dump", img)
+	if !strings.Contains(out, "type=83") {
+		t.Fatalf("no Linux partition in the image:\n%s", out)
+	}
+}
+
+// TestVMDetached: a detached VM container through its lifecycle; exec
+// runs in the guest.
+func TestVMDetached(t *testing.T) {
+	rel := guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	id := p.must("run", "-d", "--rootfs", rootfs, "sh", "-c", `echo started; trap "echo got-term; exit 3" TERM; while true; do sleep 0.2; done`)
+	if got := p.must("inspect", id, "--format", "{{.State.Status}}"); got != "running" {
+		t.Fatalf("state %q, want running", got)
+	}
+	if got := p.must("exec", id, "uname", "-r"); got != rel {
+		t.Fatalf("exec ran on %q, want the guest %s", got, rel)
+	}
+	if r := p.run("", "exec", id, "sh", "-c", "exit 5"); r.code != 5 {
+		t.Fatalf("exec exit status %d, want 5", r.code)
+	}
+	if r := p.run("piped\n", "exec", "-i", id, "cat"); r.stdout != "piped\n" {
+		t.Fatalf("exec stdin: %q", r.stdout)
+	}
+	eventually(t, 10*time.Second, "log shows started", func() bool { return strings.Contains(p.must("logs", id), "started") })
+	p.must("stop", "-t", "20", id)
+	if got := p.must("inspect", id, "--format", "{{.State.Status}} {{.State.ExitCode}}"); got != "exited 3" {
+		t.Fatalf("after stop: %q, want exited 3 (SIGTERM reached the guest)", got)
+	}
+	p.must("rm", id)
+
+	id = p.must("run", "-d", "--rootfs", rootfs, "sleep", "100")
+	p.must("kill", "-s", "KILL", id)
+	if got := p.must("wait", id); got != "137" {
+		t.Fatalf("wait after kill -s KILL: %s, want 137", got)
+	}
+	p.must("rm", id)
+
+	id = p.must("run", "-d", "--rootfs", rootfs, "sleep", "100")
+	p.must("rm", "-f", "-t", "0", id)
+}
+
+// TestVMCrash: kill -9 of the monitor or of QEMU mid-run; podman sees the
+// container exit non-zero, and rm cleans up everything.
+func TestVMCrash(t *testing.T) {
+	guestRelease(t)
+	for _, victim := range []string{"vm-monitor", "qemu-system-x86_64"} {
+		t.Run(victim, func(t *testing.T) {
+			p := newPodman(t, 2, "")
+			noVMLeft(t)
+			rootfs := busyboxRootfs(t)
+			id := p.must("run", "-d", "--rootfs", rootfs, "sleep", "100")
+			killProc(t, victim, id)
+			// podman 4.3's `wait` can race conmon's exit file; poll.
+			var code string
+			eventually(t, 30*time.Second, "container exited", func() bool {
+				st := p.must("inspect", id, "--format", "{{.State.Status}} {{.State.ExitCode}}")
+				status, c, _ := strings.Cut(st, " ")
+				code = c
+				return status == "exited"
+			})
+			if code == "0" {
+				t.Fatalf("podman wait after SIGKILL of %s: %s, want non-zero", victim, code)
+			}
+			p.must("rm", id)
+		})
+	}
+}
+
+// TestVMBadInput: each bad VM setting fails create in one line naming the
+// fix, leaving nothing behind.
+func TestVMBadInput(t *testing.T) {
+	guestRelease(t)
+	for _, tc := range []struct {
+		name, config string
+		args         []string
+		msg          string
+	}{
+		{"missing kernel", "[vm.kernel]\nx86_64 = \"/nonexistent/vmlinuz\"\n", nil, "/nonexistent/vmlinuz"},
+		{"unknown annotation value", "", []string{"--annotation", "io.kiwi-shim.vm.memory=lots"}, "io.kiwi-shim.vm.memory"},
+		{"architecture without QEMU", "[vm.qemu]\naarch64 = \"qemu-system-nonexistent\"\n", []string{"--annotation", "io.kiwi-shim.vm.arch=aarch64"}, "qemu-system-nonexistent not found"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPodman(t, 2, tc.config)
+			noVMLeft(t)
+			rootfs := busyboxRootfs(t)
+			args := append(append([]string{"run", "--rm"}, tc.args...), "--rootfs", rootfs, "true")
+			r := p.run("", args...)
+			if r.code == 0 || !strings.Contains(r.stderr, tc.msg) {
+				t.Fatalf("exit %d, stderr %q; want failure mentioning %q", r.code, r.stderr, tc.msg)
+			}
+		})
+	}
+}
+
+// killProc sends SIGKILL to the process of the container id whose
+// executable is exe (or, for kiwi-shim helpers, whose command is exe).
+// Matching argv exactly matters: conmon's command line also names the id.
+func killProc(t *testing.T, exe, id string) {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), id) {
+			continue
+		}
+		argv := strings.Split(string(b), "\x00")
+		if filepath.Base(argv[0]) != exe && !slices.Contains(argv, exe) {
+			continue
+		}
+		if filepath.Base(argv[0]) == "conmon" {
+			continue
+		}
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+			return
+		}
+	}
+	t.Fatalf("no %s process of %s found", exe, id)
+}
