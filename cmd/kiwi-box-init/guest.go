@@ -194,9 +194,13 @@ func (g *guest) stdio(pr *proc, p vmproto.Process) ([]*os.File, error) {
 		if err != nil {
 			return nil, err
 		}
-		if p.Rows > 0 && p.Cols > 0 {
-			unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: p.Rows, Col: p.Cols})
+		// A 0x0 terminal confuses programs; the host sends the real size
+		// as soon as it knows it.
+		rows, cols := p.Rows, p.Cols
+		if rows == 0 || cols == 0 {
+			rows, cols = 24, 80
 		}
+		unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: rows, Col: cols})
 		pr.pty, pr.stdin = master, master
 		g.relay(pr, master, vmproto.TStdout)
 		g.w.Write(vmproto.TStderr, pr.stream, nil)

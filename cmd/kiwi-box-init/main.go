@@ -67,6 +67,11 @@ func run() error {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
 	}
+	if err := setupNetwork(cfg.Network); err != nil {
+		err = fmt.Errorf("network: %w", err)
+		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+		return err
+	}
 	if err := applyRlimits(cfg.Rlimits); err != nil {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err

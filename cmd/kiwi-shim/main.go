@@ -56,6 +56,7 @@ func main() {
 		featuresCommand,
 		specCommand,
 		loopCommand,
+		checkCommand,
 		setupCommand,
 		keeperCommand,
 		vmMonitorCommand,

@@ -155,7 +155,9 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err != nil {
 		return err
 	}
-	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share)
+	netPlan := vm.PlanNetwork(spec)
+	e.log.Info("vm network", "id", id, "mode", netPlan.Mode, "why", netPlan.Why)
+	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, netPlan)
 	if err != nil {
 		return err
 	}
@@ -182,7 +184,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		BootTimeout: 3 * time.Minute,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares,
+			Kernel: kern.Image, Initrd: initrd, Shares: shares, Network: netPlan.Mode,
 		},
 	}
 	mc.Paths(dir)

@@ -27,9 +27,10 @@ const RootTag = "rootfs"
 // parent would expose its siblings. The container's /dev is the guest's
 // devtmpfs, so that the build sees the box's own loop and partition
 // devices.
-func GuestConfig(spec *specs.Spec, rootfs, share string) (vmproto.Config, []Share, error) {
+func GuestConfig(spec *specs.Spec, rootfs, share string, netPlan NetworkPlan) (vmproto.Config, []Share, error) {
 	p := spec.Process
 	cfg := vmproto.Config{
+		Network:      netPlan.guestNetwork(),
 		Hostname:     spec.Hostname,
 		RootTag:      RootTag,
 		RootShare:    share,

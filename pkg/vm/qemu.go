@@ -40,6 +40,8 @@ type Machine struct {
 	ConsoleLog string
 	// Shares are served over QEMU's built-in virtio-9p.
 	Shares []Share
+	// Network is NetNone or NetUser.
+	Network string
 }
 
 // Args returns QEMU's argument vector (without the binary).
@@ -87,6 +89,9 @@ func (m Machine) Args() ([]string, error) {
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=ctl,path=" + m.ControlSocket,
 		"-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.kiwi-shim.ctl",
+	}
+	if m.Network == NetUser {
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,mac="+userMAC)
 	}
 	for i, s := range m.Shares {
 		if strings.ContainsAny(s.Path, ",\n") || strings.ContainsAny(s.Tag, ",=\n") {

@@ -157,6 +157,30 @@ type Config struct {
 	Process Process `json:"process"`
 	// Rlimits apply to every process of the container.
 	Rlimits []Rlimit `json:"rlimits,omitempty"`
+	// Network configures the guest's interfaces; nil leaves only lo.
+	Network *Network `json:"network,omitempty"`
+}
+
+// Network is the guest's network configuration.
+type Network struct {
+	// Interfaces are matched to the guest's NICs by MAC address.
+	Interfaces []Interface `json:"interfaces,omitempty"`
+	// Routes are added after the addresses.
+	Routes []Route `json:"routes,omitempty"`
+}
+
+// Interface is one NIC's configuration.
+type Interface struct {
+	MAC string `json:"mac"`
+	// Addresses in CIDR notation.
+	Addresses []string `json:"addresses,omitempty"`
+	MTU       int      `json:"mtu,omitempty"`
+}
+
+// Route is one route; an empty Destination is the default route.
+type Route struct {
+	Destination string `json:"destination,omitempty"`
+	Gateway     string `json:"gateway"`
 }
 
 // Mount is one mount inside the container.

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+)
+
+// checkResult is one line of `kiwi-shim check`.
+type checkResult struct {
+	Name   string `json:"name"`
+	Status string `json:"status"` // ok, warn, fail
+	Detail string `json:"detail"`
+	Fix    string `json:"fix,omitempty"`
+}
+
+var checkCommand = cli.Command{
+	Name:  "check",
+	Usage: "report what this host can do for kiwi-shim, and how to fix what is missing",
+	Flags: []cli.Flag{cli.StringFlag{Name: "format, f", Value: "text", Usage: "text or json"}},
+	Action: withEnv(func(ctx *cli.Context, e *env) error {
+		format := ctx.String("format")
+		if format != "text" && format != "json" {
+			return fmt.Errorf("--format %q: want text or json", format)
+		}
+		results := e.checks()
+		if format == "json" {
+			enc := json.NewEncoder(os.Stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(results)
+		}
+		failed := 0
+		for _, r := range results {
+			line := fmt.Sprintf("%-4s %-22s %s", r.Status, r.Name, r.Detail)
+			if r.Fix != "" {
+				line += " (fix: " + r.Fix + ")"
+			}
+			fmt.Println(line)
+			if r.Status == "fail" {
+				failed++
+			}
+		}
+		if failed > 0 {
+			return exitError{code: 1}
+		}
+		return nil
+	}),
+}
+
+func (e *env) checks() []checkResult {
+	var rs []checkResult
+	add := func(name, status, detail, fix string) {
+		rs = append(rs, checkResult{Name: name, Status: status, Detail: detail, Fix: fix})
+	}
+	host := vm.HostArch()
+	for _, arch := range []string{"x86_64", "aarch64"} {
+		qemu, err := e.findQEMU(arch)
+		if err != nil {
+			status := "warn"
+			if arch == host {
+				status = "fail"
+			}
+			add("qemu "+arch, status, "not found", strings.TrimPrefix(err.Error(), "qemu-system-"+arch+" not found: "))
+			continue
+		}
+		add("qemu "+arch, "ok", qemu, "")
+		if arch == host {
+			a, err := vm.ChooseAccel(e.cfg.VM.Accel, arch, qemu)
+			if err != nil {
+				add("accelerator", "fail", err.Error(), `set vm.accel = "auto"`)
+			} else {
+				add("accelerator", "ok", a.Name+": "+a.Reason, "")
+			}
+		}
+		k, err := vm.FindKernel(e.cfg.VM.Kernel[arch], e.cfg.CacheDir, arch)
+		switch {
+		case err != nil && arch == host:
+			add("kernel "+arch, "fail", "no guest kernel", "kiwi-shim setup")
+		case err != nil:
+			add("kernel "+arch, "warn", "no guest kernel", "kiwi-shim setup --arch "+arch)
+		case k.ModulesDir == "":
+			add("kernel "+arch, "warn", k.Image+" without modules (everything must be built in)", "")
+		default:
+			add("kernel "+arch, "ok", k.Release+" "+k.Image, "")
+		}
+	}
+	if _, err := initBinary(host); err != nil {
+		add("guest init", "fail", err.Error(), "make build")
+	} else {
+		n, _ := filepath.Glob(filepath.Join(e.cfg.CacheDir, "initramfs", "*.cpio"))
+		add("guest init", "ok", fmt.Sprintf("kiwi-box-init found; %d initramfs image(s) cached", len(n)), "")
+	}
+	if f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {
+		add("fuse", "warn", err.Error(), "modprobe fuse")
+	} else {
+		f.Close()
+		add("fuse", "ok", "/dev/fuse usable", "")
+	}
+	if a, err := e.allocator(); err != nil {
+		add("loop devices", "fail", err.Error(), "modprobe loop")
+	} else if st, err := a.Status(); err != nil {
+		add("loop devices", "fail", err.Error(), "run as root")
+	} else {
+		add("loop devices", "ok", fmt.Sprintf("capacity %d, %d leased, %d waiting", st.Capacity, len(st.Held), st.Waiting), "")
+	}
+	if p, err := containermode.FindRuntime(e.cfg.Container.Runtime); err != nil {
+		add("container mode", "warn", err.Error(), "apt-get install runc")
+	} else {
+		add("container mode", "ok", "low-level runtime "+p, "")
+	}
+	rs = append(rs, registered("podman", []string{"/etc/containers/containers.conf", "/etc/containers/containers.conf.d/*.conf"}, "kiwi-shim"))
+	return rs
+}
+
+// registered looks for the runtime in a tool's configuration files.
+func registered(tool string, globs []string, needle string) checkResult {
+	for _, g := range globs {
+		files, _ := filepath.Glob(g)
+		for _, f := range files {
+			if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), needle) {
+				return checkResult{Name: tool, Status: "ok", Detail: "kiwi-shim registered in " + f}
+			}
+		}
+	}
+	return checkResult{Name: tool, Status: "warn", Detail: "kiwi-shim not registered (use --runtime /path/to/kiwi-shim)", Fix: "make install"}
+}
