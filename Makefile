@@ -15,7 +15,7 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps kernel test test-unit test-integration lint bench install clean demo
+.PHONY: all build deps kernel test test-conformance test-unit test-integration lint bench install clean demo
 
 all: build
 
@@ -53,7 +53,11 @@ test-integration: build
 
 test: deps build kernel lint test-unit test-integration
 
-bench: deps build
+# The OCI runtime-tools validation suite against runc and container mode.
+test-conformance: deps build
+	./contrib/conformance/run $(BIN)/kiwi-shim
+
+bench: deps build kernel
 	./contrib/bench/run
 
 install: build

@@ -16,7 +16,7 @@ import (
 )
 
 // loopEnv isolates the allocator of one test in its own directory.
-func loopEnv(t *testing.T, capacity int) []string {
+func loopEnv(t testing.TB, capacity int) []string {
 	return []string{
 		"KIWI_SHIM_LOOP_DIR=" + filepath.Join(t.TempDir(), "loop"),
 		"KIWI_SHIM_LOOP_CAPACITY=" + strconv.Itoa(capacity),
@@ -33,7 +33,7 @@ type loopStatus struct {
 	Waiting int `json:"waiting"`
 }
 
-func status(t *testing.T, env []string) loopStatus {
+func status(t testing.TB, env []string) loopStatus {
 	t.Helper()
 	var st loopStatus
 	out := mustRun(t, env, shim(), "loop", "status", "--format", "json")
@@ -143,7 +143,7 @@ func countLines(path, substr string) int {
 // holder starts `kiwi-shim loop acquire` with a command that binds its
 // device to a fresh image (partitioned when parts) and then sleeps; it
 // returns once the device is bound.
-func holder(t *testing.T, env []string, dir string, parts bool) (*exec.Cmd, string) {
+func holder(t testing.TB, env []string, dir string, parts bool) (*exec.Cmd, string) {
 	t.Helper()
 	img := filepath.Join(dir, "disk.img")
 	mustRun(t, nil, "truncate", "-s", "16M", img)
@@ -182,7 +182,7 @@ func holder(t *testing.T, env []string, dir string, parts bool) (*exec.Cmd, stri
 	return cmd, dev
 }
 
-func childOf(t *testing.T, pid int) int {
+func childOf(t testing.TB, pid int) int {
 	t.Helper()
 	out, err := exec.Command("pgrep", "-P", strconv.Itoa(pid)).Output()
 	if err != nil {

@@ -59,7 +59,7 @@ type result struct {
 
 // run runs a command with extra environment and returns its output and
 // exit status; it fails the test only when the command cannot start.
-func run(t *testing.T, env []string, name string, args ...string) result {
+func run(t testing.TB, env []string, name string, args ...string) result {
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -81,7 +81,7 @@ func run(t *testing.T, env []string, name string, args ...string) result {
 }
 
 // mustRun is run that fails the test on a non-zero status.
-func mustRun(t *testing.T, env []string, name string, args ...string) string {
+func mustRun(t testing.TB, env []string, name string, args ...string) string {
 	t.Helper()
 	r := run(t, env, name, args...)
 	if r.code != 0 {
@@ -91,7 +91,7 @@ func mustRun(t *testing.T, env []string, name string, args ...string) string {
 }
 
 // eventually polls cond until it holds or the timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
@@ -126,7 +126,7 @@ func loopPartitions() []string {
 
 // leaveClean registers checks that the test left no loop device bound to
 // its files, no partition node and no kiwi-shim process behind.
-func leaveClean(t *testing.T, dir string) {
+func leaveClean(t testing.TB, dir string) {
 	t.Helper()
 	partsBefore := len(loopPartitions())
 	t.Cleanup(func() {

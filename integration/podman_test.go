@@ -16,14 +16,14 @@ import (
 // podman does not pass its environment to the runtime) and its own loop
 // allocator directory.
 type podman struct {
-	t        *testing.T
+	t        testing.TB
 	conf     string // CONTAINERS_CONF
 	shimConf string // kiwi-shim --config
 	loopEnv  []string
 	label    string // put on every container the test runs
 }
 
-func newPodman(t *testing.T, capacity int, extraConfig string) *podman {
+func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 	t.Helper()
 	if _, err := exec.LookPath("podman"); err != nil {
 		t.Fatal("podman not found: make deps installs it")

@@ -14,7 +14,7 @@ import (
 // busyboxRootfs makes a minimal root filesystem from Debian's
 // busybox-static, plus the named host binaries (with the shared libraries
 // they need), e.g. util-linux's losetup, which KIWI uses.
-func busyboxRootfs(t *testing.T, hostBins ...string) string {
+func busyboxRootfs(t testing.TB, hostBins ...string) string {
 	t.Helper()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
@@ -51,7 +51,7 @@ func busyboxRootfs(t *testing.T, hostBins ...string) string {
 // addHostBinary copies a host binary into root at the same path, with the
 // shared libraries ldd lists for it. The busybox applet of the same name,
 // if any, is shadowed because /usr/sbin comes first in PATH.
-func addHostBinary(t *testing.T, root, name string) {
+func addHostBinary(t testing.TB, root, name string) {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
@@ -85,7 +85,7 @@ func addHostBinary(t *testing.T, root, name string) {
 	}
 }
 
-func copyFile(t *testing.T, src, dst string) {
+func copyFile(t testing.TB, src, dst string) {
 	t.Helper()
 	in, err := os.Open(src)
 	if err != nil {

@@ -15,7 +15,7 @@ import (
 // guestRelease is the release of the guest kernel `make kernel` unpacked
 // into the cache; it differs from the host's, which is how the tests
 // prove a command ran inside the VM.
-func guestRelease(t *testing.T) string {
+func guestRelease(t testing.TB) string {
 	t.Helper()
 	ks, _ := filepath.Glob("/var/cache/kiwi-shim/kernels/x86_64/boot/vmlinuz-*")
 	if len(ks) == 0 {
@@ -38,7 +38,7 @@ func guestRelease(t *testing.T) string {
 }
 
 // noVMLeft registers a check that the test left no QEMU behind.
-func noVMLeft(t *testing.T) {
+func noVMLeft(t testing.TB) {
 	t.Helper()
 	count := func() int {
 		out, _ := exec.Command("pgrep", "-c", "-f", "qemu-system-").Output()
@@ -225,7 +225,7 @@ func TestVMBadInput(t *testing.T) {
 // killProc sends SIGKILL to the process of the container id whose
 // executable is exe (or, for kiwi-shim helpers, whose command is exe).
 // Matching argv exactly matters: conmon's command line also names the id.
-func killProc(t *testing.T, exe, id string) {
+func killProc(t testing.TB, exe, id string) {
 	t.Helper()
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {

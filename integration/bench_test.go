@@ -1,0 +1,173 @@
+package integration
+
+import (
+	"bufio"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
+)
+
+// Benchmarks that compare kiwi-shim with the real alternative, measured
+// interleaved in the same run. Run them with `make bench` (-benchtime 1x:
+// each does its own rounds and reports medians).
+
+func median(d []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// timeToFirstByte runs cmd and returns how long it took until its stdout
+// produced want, then waits for it to finish.
+func timeToFirstByte(b *testing.B, cmd *exec.Cmd, want string) time.Duration {
+	b.Helper()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	var first time.Duration
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if first == 0 && strings.Contains(sc.Text(), want) {
+			first = time.Since(start)
+		}
+	}
+	io.Copy(io.Discard, out)
+	if err := cmd.Wait(); err != nil {
+		b.Fatalf("%s: %v", strings.Join(cmd.Args, " "), err)
+	}
+	if first == 0 {
+		b.Fatalf("%s never printed %q", strings.Join(cmd.Args, " "), want)
+	}
+	return first
+}
+
+// BenchmarkContainerModeRun: `podman run --rm` of a trivial command through
+// kiwi-shim in container mode against runc directly, 20 rounds interleaved.
+func BenchmarkContainerModeRun(b *testing.B) {
+	const rounds = 20
+	p := benchPodman(b)
+	rootfs := benchRootfs(b)
+	var shimD, runcD []time.Duration
+	for range rounds {
+		for _, rt := range []string{"runc", "kiwi-shim"} {
+			args := []string{"run", "--rm", "--rootfs", rootfs, "true"}
+			var cmd *exec.Cmd
+			if rt == "runc" {
+				cmd = exec.Command("podman", append([]string{"--runtime", "runc"}, args...)...)
+				cmd.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)
+			} else {
+				cmd = p.cmd(append([]string{"run", "--annotation", containerMode}, args[1:]...)...)
+			}
+			start := time.Now()
+			if out, err := cmd.CombinedOutput(); err != nil {
+				b.Fatalf("%s: %v\n%s", rt, err, out)
+			}
+			if rt == "runc" {
+				runcD = append(runcD, time.Since(start))
+			} else {
+				shimD = append(shimD, time.Since(start))
+			}
+		}
+	}
+	ms, mr := median(shimD), median(runcD)
+	b.ReportMetric(float64(ms.Milliseconds()), "kiwi-shim-ms")
+	b.ReportMetric(float64(mr.Milliseconds()), "runc-ms")
+	b.ReportMetric(float64(ms)/float64(mr), "ratio")
+}
+
+// BenchmarkVMStart: time from `podman run` to the first byte of the
+// container's output in VM mode, against a raw QEMU boot of the same
+// kernel with a minimal init that prints one line (same accelerator,
+// memory and cpus), interleaved. It also reports the resident memory of
+// the host processes kiwi-shim adds besides QEMU (the monitor).
+func BenchmarkVMStart(b *testing.B) {
+	const rounds = 5
+	p := benchPodman(b)
+	rootfs := benchRootfs(b)
+	kernels, _ := filepath.Glob("/var/cache/kiwi-shim/kernels/x86_64/boot/vmlinuz-*")
+	if len(kernels) == 0 {
+		b.Fatal("no guest kernel: make kernel")
+	}
+	rawInit := filepath.Join(b.TempDir(), "rawinit")
+	build := exec.Command("go", "build", "-o", rawInit, "./testdata/rawinit")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("build rawinit: %v\n%s", err, out)
+	}
+	initBytes, _ := os.ReadFile(rawInit)
+	initrd, err := initramfs.Build(initramfs.Spec{Init: initBytes, Modules: []string{}}, b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	var shimD, rawD []time.Duration
+	var monitorRSS []int
+	for range rounds {
+		raw := exec.Command("qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+			"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048M", "-smp", "2",
+			"-kernel", kernels[len(kernels)-1], "-initrd", initrd,
+			"-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init", "-serial", "stdio")
+		rawD = append(rawD, timeToFirstByte(b, raw, "ready"))
+
+		cmd := p.cmd("run", "--rm", "--rootfs", rootfs, "sh", "-c", "echo ready; sleep 1")
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for i := 0; i < 200; i++ {
+				if rss := monitorRSSKiB(); rss > 0 {
+					monitorRSS = append(monitorRSS, rss)
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+		shimD = append(shimD, timeToFirstByte(b, cmd, "ready"))
+		<-done
+	}
+	ms, mr := median(shimD), median(rawD)
+	b.ReportMetric(float64(ms.Milliseconds()), "kiwi-shim-ms")
+	b.ReportMetric(float64(mr.Milliseconds()), "raw-qemu-ms")
+	b.ReportMetric(float64(ms)/float64(mr), "ratio")
+	if len(monitorRSS) > 0 {
+		sort.Ints(monitorRSS)
+		b.ReportMetric(float64(monitorRSS[len(monitorRSS)/2]), "monitor-rss-KiB")
+	}
+}
+
+// monitorRSSKiB returns the resident memory of a running VM monitor.
+func monitorRSSKiB() int {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, pc := range procs {
+		b, err := os.ReadFile(pc)
+		if err != nil || !strings.Contains(string(b), "vm-monitor") {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join(filepath.Dir(pc), "status"))
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(st), "\n") {
+			if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+				n, _ := strconv.Atoi(strings.Fields(v)[0])
+				return n
+			}
+		}
+	}
+	return 0
+}
+
+func benchPodman(b *testing.B) *podman { return newPodman(b, 2, "") }
+
+func benchRootfs(b *testing.B) string { return busyboxRootfs(b) }
