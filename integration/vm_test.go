@@ -151,6 +151,9 @@ func TestVMDetached(t *testing.T) {
 	if r := p.run("piped\n", "exec", "-i", id, "cat"); r.stdout != "piped\n" {
 		t.Fatalf("exec stdin: %q", r.stdout)
 	}
+	if r := p.run("", "exec", "-t", id, "sh", "-c", "tty; exit 4"); r.code != 4 || !strings.Contains(r.stdout, "/dev/pts/") {
+		t.Fatalf("exec -t: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
 	eventually(t, 10*time.Second, "log shows started", func() bool { return strings.Contains(p.must("logs", id), "started") })
 	p.must("stop", "-t", "20", id)
 	if got := p.must("inspect", id, "--format", "{{.State.Status}} {{.State.ExitCode}}"); got != "exited 3" {

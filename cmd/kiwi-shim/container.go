@@ -114,15 +114,7 @@ func keeperCmd(ctx *cli.Context) func(owner string, count int, timeout time.Dura
 		if err != nil {
 			self = "/proc/self/exe"
 		}
-		var args []string
-		for _, g := range []string{"config", "log", "log-format"} {
-			if v := ctx.GlobalString(g); v != "" {
-				args = append(args, "--"+g, v)
-			}
-		}
-		if ctx.GlobalBool("debug") {
-			args = append(args, "--debug")
-		}
+		args := globalArgs(ctx)
 		args = append(args, containermode.KeeperCommand, "--owner", owner, "--count", strconv.Itoa(count), "--timeout", timeout.String())
 		return exec.Command(self, args...)
 	}

@@ -30,8 +30,9 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 	if err != nil {
 		return err
 	}
-	if p.Terminal {
-		return errors.New("exec with a terminal is not supported for VM-mode containers yet")
+	console := ctx.String("console-socket")
+	if p.Terminal && console == "" {
+		return errors.New("exec --tty in a VM-mode container needs --console-socket (as conmon and containerd pass it)")
 	}
 	dir := e.store().Dir(rec.ID)
 	if !ctx.Bool("detach") {
@@ -40,11 +41,7 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 				return err
 			}
 		}
-		status, err := vm.Exec(dir, p, os.Stdin, os.Stdout, os.Stderr, nil)
-		if err != nil {
-			return err
-		}
-		return exitError{code: status}
+		return relayExec(dir, p, console)
 	}
 	b, err := json.Marshal(p)
 	if err != nil {
@@ -62,6 +59,17 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 	}
 	relay := exec.Command(self, append(globalArgs(ctx), "vm-exec", "--state-dir", dir, "--process", f.Name())...)
 	relay.Stdin, relay.Stdout, relay.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if p.Terminal {
+		// The caller reads the console socket as soon as we exit: hand
+		// the pty over now and give the relay its other end as stdio.
+		tty, err := vm.OpenConsole(console, p.Rows, p.Cols)
+		if err != nil {
+			os.Remove(f.Name())
+			return err
+		}
+		defer tty.Close()
+		relay.Stdin, relay.Stdout, relay.Stderr = tty, tty, tty
+	}
 	relay.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := fdutil.WithInheritedHidden(relay.Start); err != nil {
 		os.Remove(f.Name())
@@ -92,12 +100,36 @@ var vmExecCommand = cli.Command{
 		if err := json.Unmarshal(b, &p); err != nil {
 			return err
 		}
-		status, err := vm.Exec(ctx.String("state-dir"), p, os.Stdin, os.Stdout, os.Stderr, nil)
+		eio := vm.ExecIO{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+		if p.Terminal {
+			eio.TTY = os.Stdin // the pty slave exec handed us
+		}
+		status, err := vm.Exec(ctx.String("state-dir"), p, eio)
 		if err != nil {
 			return err
 		}
 		return exitError{code: status}
 	},
+}
+
+// relayExec runs p in the VM with this process's stdio, or with a pty
+// handed to the console socket when p has a terminal, and exits with the
+// process's status.
+func relayExec(dir string, p vmproto.Process, console string) error {
+	eio := vm.ExecIO{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+	if p.Terminal {
+		tty, err := vm.OpenConsole(console, p.Rows, p.Cols)
+		if err != nil {
+			return err
+		}
+		defer tty.Close()
+		eio = vm.ExecIO{Stdin: tty, Stdout: tty, Stderr: tty, TTY: tty}
+	}
+	status, err := vm.Exec(dir, p, eio)
+	if err != nil {
+		return err
+	}
+	return exitError{code: status}
 }
 
 // execProcess builds the process to exec: --process FILE as conmon and

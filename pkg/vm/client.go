@@ -78,10 +78,18 @@ func Signal(stateDir string, sig int, all bool) error {
 	return err
 }
 
+// ExecIO is where an exec'd process's stdio goes.
+type ExecIO struct {
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// TTY, for a process with a terminal, is the host side of its pty;
+	// its size changes are forwarded to the guest.
+	TTY *os.File
+}
+
 // Exec runs p in the running VM and relays its stdio; it returns the
-// process's shell-style exit status. started, if not nil, is called once
-// the guest reports the process running.
-func Exec(stateDir string, p vmproto.Process, stdin io.Reader, stdout, stderr io.Writer, started func()) (int, error) {
+// process's shell-style exit status.
+func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
 	c, w, err := dial(stateDir)
 	if err != nil {
 		return 0, err
@@ -90,11 +98,11 @@ func Exec(stateDir string, p vmproto.Process, stdin io.Reader, stdout, stderr io
 	if err := w.WriteJSON(vmproto.TExec, 0, p); err != nil {
 		return 0, err
 	}
-	if stdin != nil {
+	if eio.Stdin != nil {
 		go func() {
 			buf := make([]byte, 32<<10)
 			for {
-				n, err := stdin.Read(buf)
+				n, err := eio.Stdin.Read(buf)
 				if n > 0 && w.Write(vmproto.TStdin, 0, buf[:n]) != nil {
 					return
 				}
@@ -105,20 +113,19 @@ func Exec(stateDir string, p vmproto.Process, stdin io.Reader, stdout, stderr io
 			}
 		}()
 	}
+	if eio.TTY != nil {
+		go WatchWinsize(eio.TTY, func(r vmproto.Resize) error { return w.WriteJSON(vmproto.TResize, 0, r) })
+	}
 	for {
 		f, err := vmproto.ReadFrame(c)
 		if err != nil {
 			return 0, fmt.Errorf("exec: connection to the VM lost: %w", err)
 		}
 		switch f.Type {
-		case vmproto.TStarted:
-			if started != nil {
-				started()
-			}
 		case vmproto.TStdout:
-			stdout.Write(f.Payload)
+			eio.Stdout.Write(f.Payload)
 		case vmproto.TStderr:
-			stderr.Write(f.Payload)
+			eio.Stderr.Write(f.Payload)
 		case vmproto.TExit:
 			var e vmproto.Exit
 			if err := vmproto.Decode(f.Payload, &e); err != nil {

@@ -110,6 +110,8 @@ func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
 	if err != nil {
 		return Kernel{}, fmt.Errorf("kernel cache: %w", err)
 	}
+	// apt-get download drops privileges to _apt where it can.
+	os.Chmod(tmp, 0o755)
 	defer os.RemoveAll(tmp)
 	da := debArch(arch)
 	meta := "linux-image-" + da

@@ -17,7 +17,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
@@ -469,55 +468,18 @@ func (m *monitor) setupConsole() error {
 	if m.cfg.ConsoleSocket == "" {
 		return errors.New("process.terminal is true but no --console-socket was given")
 	}
-	master, slave, err := pty.Open()
+	p := m.cfg.Guest.Process
+	slave, err := OpenConsole(m.cfg.ConsoleSocket, p.Rows, p.Cols)
 	if err != nil {
-		return fmt.Errorf("open pty: %w", err)
-	}
-	defer master.Close()
-	// The guest's pty does the terminal processing; ours passes bytes.
-	if err := makeRaw(slave); err != nil {
-		slave.Close()
 		return err
-	}
-	if p := m.cfg.Guest.Process; p.Rows > 0 {
-		pty.Setsize(master, &pty.Winsize{Rows: p.Rows, Cols: p.Cols})
-	}
-	if err := fdutil.SendFd(m.cfg.ConsoleSocket, master); err != nil {
-		slave.Close()
-		return fmt.Errorf("send pty to console socket %s: %w", m.cfg.ConsoleSocket, err)
 	}
 	m.tty = slave
 	m.in, m.out, m.err = slave, slave, slave
 	return nil
 }
 
-func makeRaw(f *os.File) error {
-	t, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	if err != nil {
-		return fmt.Errorf("pty termios: %w", err)
-	}
-	t.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
-	t.Oflag &^= unix.OPOST
-	t.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
-	t.Cflag &^= unix.CSIZE | unix.PARENB
-	t.Cflag |= unix.CS8
-	t.Cc[unix.VMIN], t.Cc[unix.VTIME] = 1, 0
-	return unix.IoctlSetTermios(int(f.Fd()), unix.TCSETS, t)
-}
-
 // watchWinsize forwards size changes that the pty master's holder
 // (conmon) makes.
 func (m *monitor) watchWinsize() {
-	var last *unix.Winsize
-	for {
-		ws, err := unix.IoctlGetWinsize(int(m.tty.Fd()), unix.TIOCGWINSZ)
-		if err != nil {
-			return
-		}
-		if last == nil || *ws != *last {
-			m.guest.WriteJSON(vmproto.TResize, 0, vmproto.Resize{Rows: ws.Row, Cols: ws.Col})
-			last = ws
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
+	WatchWinsize(m.tty, func(r vmproto.Resize) error { return m.guest.WriteJSON(vmproto.TResize, 0, r) })
 }
