@@ -65,6 +65,22 @@ func (e *env) load(ctx *cli.Context, id string) (*state.Container, *containermod
 	return rec, m, nil
 }
 
+// containerAction adapts an action on one existing container, named by
+// the command's first argument.
+func containerAction(fn func(*cli.Context, *env, *state.Container, *containermode.Manager) error) func(*cli.Context) error {
+	return withEnv(func(ctx *cli.Context, e *env) error {
+		id, err := idArg(ctx)
+		if err != nil {
+			return err
+		}
+		rec, m, err := e.load(ctx, id)
+		if err != nil {
+			return err
+		}
+		return fn(ctx, e, rec, m)
+	})
+}
+
 // ociState answers `state` for a container in either mode.
 func (e *env) ociState(rec *state.Container, m *containermode.Manager) (*state.OCI, error) {
 	if m == nil {

@@ -2,6 +2,9 @@ package main
 
 import (
 	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var killCommand = cli.Command{
@@ -11,20 +14,12 @@ var killCommand = cli.Command{
 	Description: `The signal is a name (TERM, SIGTERM) or a number; the default is SIGTERM.
    With --all, every process of the container gets it.`,
 	Flags: []cli.Flag{cli.BoolFlag{Name: "all, a", Usage: "signal all processes of the container"}},
-	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		id, err := idArg(ctx)
-		if err != nil {
-			return err
-		}
+	Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
 		sig := "SIGTERM"
 		if ctx.NArg() > 1 {
 			sig = ctx.Args().Get(1)
 		}
 		signum, err := parseSignal(sig)
-		if err != nil {
-			return err
-		}
-		rec, m, err := e.load(ctx, id)
 		if err != nil {
 			return err
 		}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/urfave/cli"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
@@ -23,15 +24,7 @@ func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(
 		// As in runc: flags come before the id, and whatever follows the
 		// id (exec's command line) is never parsed as our flags.
 		SkipArgReorder: true,
-		Action: withEnv(func(ctx *cli.Context, e *env) error {
-			id, err := idArg(ctx)
-			if err != nil {
-				return err
-			}
-			rec, m, err := e.load(ctx, id)
-			if err != nil {
-				return err
-			}
+		Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
 			if m == nil {
 				if vmAction == nil {
 					return fmt.Errorf("%s is not supported for VM-mode containers", name)

@@ -2,21 +2,16 @@ package main
 
 import (
 	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var startCommand = cli.Command{
 	Name:      "start",
 	Usage:     "start the process of a created container",
 	ArgsUsage: "<container-id>",
-	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		id, err := idArg(ctx)
-		if err != nil {
-			return err
-		}
-		rec, m, err := e.load(ctx, id)
-		if err != nil {
-			return err
-		}
+	Action: containerAction(func(_ *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
 		return e.startContainer(rec, m)
 	}),
 }

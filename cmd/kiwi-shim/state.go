@@ -5,21 +5,16 @@ import (
 	"os"
 
 	"github.com/urfave/cli"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var stateCommand = cli.Command{
 	Name:      "state",
 	Usage:     "print the OCI state of a container as JSON",
 	ArgsUsage: "<container-id>",
-	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		id, err := idArg(ctx)
-		if err != nil {
-			return err
-		}
-		rec, m, err := e.load(ctx, id)
-		if err != nil {
-			return err
-		}
+	Action: containerAction(func(_ *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
 		st, err := e.ociState(rec, m)
 		if err != nil {
 			return err
