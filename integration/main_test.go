@@ -136,8 +136,33 @@ func leaveClean(t testing.TB, dir string) {
 		if p := loopPartitions(); len(p) > partsBefore {
 			t.Errorf("left loop partition nodes: %v", p)
 		}
-		if out, _ := exec.Command("pgrep", "-f", bin).Output(); len(out) > 0 {
-			t.Errorf("left processes of the binaries under test: %s", out)
+		// Helpers may still be on their way out (podman's cleanup runs
+		// delete asynchronously): give them a moment.
+		deadline := time.Now().Add(10 * time.Second)
+		for len(binaryProcesses()) > 0 && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
+		}
+		if left := binaryProcesses(); len(left) > 0 {
+			t.Errorf("left processes of the binaries under test: %s", strings.Join(left, "; "))
 		}
 	})
+}
+
+// binaryProcesses lists running processes whose executable is one of the
+// binaries under test (by argv[0], so that podman's cleanup command line,
+// which merely names the runtime, does not count).
+func binaryProcesses() []string {
+	var out []string
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		argv := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if strings.HasPrefix(argv[0], bin+"/") {
+			out = append(out, filepath.Base(filepath.Dir(p))+" "+strings.Join(argv, " "))
+		}
+	}
+	return out
 }

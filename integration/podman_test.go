@@ -207,6 +207,24 @@ ls /dev/loop-control 2>/dev/null && echo has-control || echo no-control
 	if !strings.Contains(r.stdout, "attached /dev/loop") || !strings.Contains(r.stdout, "nodes 2\n") || !strings.Contains(r.stdout, "no-control") {
 		t.Fatalf("unexpected output:\n%s", r.stdout)
 	}
+	// Partitions KIWI registers with partx appear in the container (and
+	// only those): node and device-cgroup rule made by the loop keeper.
+	rootfs = busyboxRootfs(t, "losetup", "sfdisk", "partx", "mke2fs")
+	partScript := `set -e
+dev=$(/usr/sbin/losetup -f --show /disk.img)
+printf 'label: dos\n,8M,L\n' | /usr/sbin/sfdisk -q "$dev"
+/usr/sbin/partx -a "$dev"
+i=0; while [ ! -b "${dev}p1" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+/usr/sbin/mke2fs -q -t ext2 "${dev}p1"
+echo "made ${dev}p1"
+/usr/sbin/partx -d "$dev"
+/usr/sbin/losetup -d "$dev"
+`
+	r = p.run("", "run", "--rm", "--annotation", containerMode, "--annotation", "io.kiwi-shim.loop.count=1",
+		"-v", img+":/disk.img", "--rootfs", rootfs, "sh", "-c", partScript)
+	if r.code != 0 || !strings.Contains(r.stdout, "made /dev/loop") {
+		t.Fatalf("partitions in container mode: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
 	// A device outside the lease cannot be opened even with a node made
 	// by hand: the device cgroup refuses it.
 	r = p.run("", "run", "--rm", "--annotation", containerMode, "--annotation", "io.kiwi-shim.loop.count=1",

@@ -82,7 +82,16 @@ func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeou
 		return nil
 	}
 	log.Debug("holding loop devices", "owner", req.Owner, "pid", pid, "devices", paths)
-	return waitExit(ctx, pid)
+	pctx, stopSync := context.WithCancel(ctx)
+	synced := make(chan struct{})
+	go func() {
+		defer close(synced)
+		newPartitionSync(pid, lease.Devices(), log).run(pctx)
+	}()
+	err = waitExit(ctx, pid)
+	stopSync()
+	<-synced
+	return err
 }
 
 // waitExit waits until process pid exits or ctx is done. pidfd_open works
