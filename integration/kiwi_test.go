@@ -1,0 +1,130 @@
+package integration
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// The default box, built by contrib/box/build (cached until its recipe
+// changes; the first build takes about two minutes).
+const box = "localhost/kiwi-box:bookworm"
+
+func ensureBox(t testing.TB) {
+	t.Helper()
+	cmd := exec.Command("../contrib/box/build")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("contrib/box/build: %v\n%s", err, out)
+	}
+}
+
+// renderDescription copies an example description and fills in this
+// machine's Debian mirror, as make demo does.
+func renderDescription(t testing.TB, name string, edit func(string) string) string {
+	t.Helper()
+	mirror, err := exec.Command("bash", "-c", ". ../contrib/lib/common.sh && debian_mirror").Output()
+	if err != nil {
+		t.Fatalf("debian_mirror: %v", err)
+	}
+	dir := filepath.Join(t.TempDir(), "description")
+	mustRun(t, nil, "cp", "-a", filepath.Join("../contrib/descriptions", name), dir)
+	p := filepath.Join(dir, "config.kiwi")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.ReplaceAll(string(b), "@MIRROR@", strings.TrimSpace(string(mirror)))
+	if edit != nil {
+		s = edit(s)
+	}
+	if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// kiwiBuild runs kiwi-ng in the box through podman and kiwi-shim, with its
+// working tree on a tmpfs and the results copied to out.
+func kiwiBuild(p *podman, mode, desc, out string) result {
+	script := `kiwi-ng --logfile /out/kiwi.log system build --description /description --target-dir /build; rc=$?
+cp --sparse=always /build/*.raw /build/*.packages /out/ 2>/dev/null
+exit $rc`
+	return p.run("", "run", "--rm", "--annotation", "io.kiwi-shim.mode="+mode,
+		"--tmpfs", "/build:rw,exec,dev,suid,size=3g,mode=0755",
+		"-v", desc+":/description:ro", "-v", out+":/out", box, "sh", "-c", script)
+}
+
+// checkImage proves the result is a disk with a partition table whose
+// first partition is ext4 and holds the described package.
+func checkImage(t *testing.T, out string) {
+	t.Helper()
+	images, _ := filepath.Glob(filepath.Join(out, "*.raw"))
+	if len(images) != 1 {
+		t.Fatalf("want one .raw image in %s, got %v", out, images)
+	}
+	var table struct {
+		PartitionTable struct {
+			Label      string `json:"label"`
+			Partitions []struct {
+				Start int64  `json:"start"`
+				Type  string `json:"type"`
+			} `json:"partitions"`
+		} `json:"partitiontable"`
+	}
+	if err := json.Unmarshal([]byte(mustRun(t, nil, "sfdisk", "--json", images[0])), &table); err != nil {
+		t.Fatal(err)
+	}
+	pt := table.PartitionTable
+	if pt.Label != "dos" || len(pt.Partitions) != 1 || pt.Partitions[0].Type != "83" {
+		t.Fatalf("partition table %+v, want one dos Linux partition", pt)
+	}
+	offset := strconv.FormatInt(pt.Partitions[0].Start*512, 10)
+	dev := strings.TrimSpace(mustRun(t, nil, "losetup", "--read-only", "--offset", offset, "--find", "--show", images[0]))
+	defer exec.Command("losetup", "-d", dev).Run()
+	if fs := strings.TrimSpace(mustRun(t, nil, "blkid", "-o", "value", "-s", "TYPE", dev)); fs != "ext4" {
+		t.Fatalf("root filesystem %q, want ext4", fs)
+	}
+	if out := mustRun(t, nil, "debugfs", "-R", "stat /usr/bin/hello", dev); !strings.Contains(out, "Type: regular") {
+		t.Fatalf("/usr/bin/hello (the described package) not in the image:\n%s", out)
+	}
+}
+
+// TestKiwiBuildContainerMode: a real KIWI oem build (Debian bookworm, ext4,
+// partition table) through podman and kiwi-shim in container mode, with
+// only leased loop devices and their partitions visible in the container.
+func TestKiwiBuildContainerMode(t *testing.T) {
+	ensureBox(t)
+	p := newPodman(t, 2, "")
+	out := t.TempDir()
+	r := kiwiBuild(p, "container", renderDescription(t, "bookworm-oem", nil), out)
+	if r.code != 0 {
+		log, _ := os.ReadFile(filepath.Join(out, "kiwi.log"))
+		t.Fatalf("kiwi-ng exit %d\n%s\n%s\nKIWI log tail:\n%s", r.code, tailLines(r.stdout, 20), r.stderr, tailLines(string(log), 20))
+	}
+	checkImage(t, out)
+}
+
+// TestKiwiBuildFailure: KIWI's own exit status and error come through.
+func TestKiwiBuildFailure(t *testing.T) {
+	ensureBox(t)
+	p := newPodman(t, 2, "")
+	desc := renderDescription(t, "bookworm-oem", func(s string) string {
+		return strings.Replace(s, `<package name="hello"/>`, `<package name="kiwi-shim-no-such-package"/>`, 1)
+	})
+	r := kiwiBuild(p, "container", desc, t.TempDir())
+	if r.code == 0 || !strings.Contains(r.stdout+r.stderr, "kiwi-shim-no-such-package") {
+		t.Fatalf("exit %d, want KIWI's failure naming the package:\n%s\n%s", r.code, tailLines(r.stdout, 20), r.stderr)
+	}
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
