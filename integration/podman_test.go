@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -165,6 +166,12 @@ func TestContainerModeDetached(t *testing.T) {
 	}
 	if out := p.must("exec", id, "sh", "-c", "echo in-exec"); out != "in-exec" {
 		t.Fatalf("exec output %q", out)
+	}
+	// exec'd processes get KIWI's capabilities like the build itself
+	// (CAP_SYS_ADMIN is bit 21).
+	capEff := p.must("exec", id, "sh", "-c", "grep CapEff /proc/self/status | cut -f2")
+	if c, err := strconv.ParseUint(capEff, 16, 64); err != nil || c&(1<<21) == 0 {
+		t.Fatalf("exec'd process lacks CAP_SYS_ADMIN: CapEff %q", capEff)
 	}
 	eventually(t, 5*time.Second, "log shows started", func() bool { return strings.Contains(p.must("logs", id), "started") })
 	p.must("stop", "-t", "10", id)

@@ -2,7 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"os"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/urfave/cli"
 
@@ -24,14 +29,23 @@ func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(
 		// As in runc: flags come before the id, and whatever follows the
 		// id (exec's command line) is never parsed as our flags.
 		SkipArgReorder: true,
-		Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
+		Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) (err error) {
 			if m == nil {
 				if vmAction == nil {
 					return fmt.Errorf("%s is not supported for VM-mode containers", name)
 				}
 				return vmAction(ctx, e, rec)
 			}
-			return m.Runtime.Run(context.Background(), append([]string{name}, rawArgs(name)...)...)
+			args := rawArgs(name)
+			if name == "exec" {
+				var cleanup func()
+				args, cleanup, err = withKiwiCapabilities(args, e.store().Dir(rec.ID))
+				if err != nil {
+					return err
+				}
+				defer cleanup()
+			}
+			return m.Runtime.Run(context.Background(), append([]string{name}, args...)...)
 		}),
 	}
 }
@@ -81,3 +95,48 @@ var updateCommand = passthrough("update", "update a container's resource limits"
 		cli.StringFlag{Name: "l3-cache-schema", Usage: "L3 cache schema"},
 		cli.StringFlag{Name: "mem-bw-schema", Usage: "memory bandwidth schema"},
 	}, nil)
+
+// withKiwiCapabilities rewrites exec's --process file (as conmon and
+// containerd pass it) into the state directory with KIWI's capabilities
+// added, and returns the arguments pointing at the copy.
+func withKiwiCapabilities(args []string, dir string) ([]string, func(), error) {
+	noop := func() {}
+	for i, a := range args {
+		var path string
+		switch {
+		case (a == "--process" || a == "-p" || a == "-process") && i+1 < len(args):
+			path = args[i+1]
+		case strings.HasPrefix(a, "--process="):
+			path = strings.TrimPrefix(a, "--process=")
+		default:
+			continue
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, noop, fmt.Errorf("exec --process: %w", err)
+		}
+		var p specs.Process
+		if err := json.Unmarshal(b, &p); err != nil {
+			return nil, noop, fmt.Errorf("exec --process %s: %w", path, err)
+		}
+		containermode.AddCapabilities(&p)
+		f, err := os.CreateTemp(dir, "exec-process-*.json")
+		if err != nil {
+			return nil, noop, err
+		}
+		if err := json.NewEncoder(f).Encode(&p); err != nil {
+			f.Close()
+			os.Remove(f.Name())
+			return nil, noop, err
+		}
+		f.Close()
+		out := append([]string(nil), args...)
+		if strings.HasPrefix(a, "--process=") {
+			out[i] = "--process=" + f.Name()
+		} else {
+			out[i+1] = f.Name()
+		}
+		return out, func() { os.Remove(f.Name()) }, nil
+	}
+	return args, noop, nil
+}

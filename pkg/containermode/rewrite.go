@@ -72,17 +72,24 @@ func Rewrite(s *specs.Spec, rootfs string, devs []Device) (*specs.Spec, error) {
 			Allow: true, Type: d.Type, Major: &major, Minor: &minor, Access: "rwm",
 		})
 	}
-	if p := out.Process; p != nil {
-		if p.Capabilities == nil {
-			p.Capabilities = &specs.LinuxCapabilities{}
-		}
-		c := p.Capabilities
-		c.Bounding = addAll(c.Bounding, kiwiCapabilities)
-		c.Effective = addAll(c.Effective, kiwiCapabilities)
-		c.Permitted = addAll(c.Permitted, kiwiCapabilities)
+	if out.Process != nil {
+		AddCapabilities(out.Process)
 	}
 	out.Linux.MaskedPaths = slices.DeleteFunc(out.Linux.MaskedPaths, func(p string) bool { return p == "/sys/dev/block" })
 	return &out, nil
+}
+
+// AddCapabilities gives a process the capabilities KIWI needs. Processes
+// that `exec` adds get them too, so that a shell exec'd into a build
+// container can run losetup and partx like the build itself.
+func AddCapabilities(p *specs.Process) {
+	if p.Capabilities == nil {
+		p.Capabilities = &specs.LinuxCapabilities{}
+	}
+	c := p.Capabilities
+	c.Bounding = addAll(c.Bounding, kiwiCapabilities)
+	c.Effective = addAll(c.Effective, kiwiCapabilities)
+	c.Permitted = addAll(c.Permitted, kiwiCapabilities)
 }
 
 func addAll(set, add []string) []string {
