@@ -230,22 +230,9 @@ func (g *guest) relay(pr *proc, r *os.File, t vmproto.Type) {
 	pr.relays.Add(1)
 	go func() {
 		defer pr.relays.Done()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 {
-				if g.w.Write(t, pr.stream, buf[:n]) != nil {
-					return
-				}
-			}
-			if err != nil {
-				// EIO is how a pty master says the slave side closed.
-				g.w.Write(t, pr.stream, nil)
-				if pr.pty == nil {
-					r.Close()
-				}
-				return
-			}
+		g.w.Pump(t, pr.stream, r)
+		if pr.pty == nil {
+			r.Close() // the pty master is closed by finish
 		}
 	}()
 }

@@ -99,19 +99,7 @@ func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
 		return 0, err
 	}
 	if eio.Stdin != nil {
-		go func() {
-			buf := make([]byte, 32<<10)
-			for {
-				n, err := eio.Stdin.Read(buf)
-				if n > 0 && w.Write(vmproto.TStdin, 0, buf[:n]) != nil {
-					return
-				}
-				if err != nil {
-					w.Write(vmproto.TStdin, 0, nil)
-					return
-				}
-			}
-		}()
+		go w.Pump(vmproto.TStdin, 0, eio.Stdin)
 	}
 	if eio.TTY != nil {
 		go WatchWinsize(eio.TTY, func(r vmproto.Resize) error { return w.WriteJSON(vmproto.TResize, 0, r) })

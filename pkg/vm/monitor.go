@@ -386,7 +386,7 @@ func (m *monitor) client(c net.Conn) {
 			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 			return
 		}
-		go m.relayStdin()
+		go m.guest.Pump(vmproto.TStdin, 0, m.in)
 		w.WriteJSON(vmproto.TStarted, 0, vmproto.Started{Pid: os.Getpid()})
 	case vmproto.TSignal:
 		var s vmproto.Signal
@@ -441,23 +441,6 @@ func (m *monitor) exec(c net.Conn, w *vmproto.Writer, payload []byte) {
 		switch f.Type {
 		case vmproto.TStdin, vmproto.TSignal, vmproto.TResize:
 			m.guest.Write(f.Type, id, f.Payload)
-		}
-	}
-}
-
-// relayStdin copies the container's stdin to the guest.
-func (m *monitor) relayStdin() {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := m.in.Read(buf)
-		if n > 0 {
-			if m.guest.Write(vmproto.TStdin, 0, buf[:n]) != nil {
-				return
-			}
-		}
-		if err != nil {
-			m.guest.Write(vmproto.TStdin, 0, nil)
-			return
 		}
 	}
 }

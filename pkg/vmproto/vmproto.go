@@ -124,6 +124,24 @@ func (w *Writer) WriteJSON(t Type, stream uint32, v any) error {
 	return w.Write(t, stream, b)
 }
 
+// Pump copies r to the peer as frames of type t on stream, in chunks of at
+// most 32 KiB, and ends with an empty frame (EOF) once r ends for any
+// reason (a pty master reports the slave's close as EIO). It returns early,
+// without the EOF frame, if the peer cannot be written to.
+func (w *Writer) Pump(t Type, stream uint32, r io.Reader) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 && w.Write(t, stream, buf[:n]) != nil {
+			return
+		}
+		if err != nil {
+			w.Write(t, stream, nil)
+			return
+		}
+	}
+}
+
 // Decode parses a control message payload strictly.
 func Decode(payload []byte, v any) error {
 	if len(payload) == 0 {
