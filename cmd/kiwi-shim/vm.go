@@ -20,6 +20,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+	"github.com/kiwi-shim/kiwi-shim/pkg/sysbin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
@@ -57,13 +58,8 @@ func (e *env) findQEMU(arch string) (string, error) {
 		}
 		return name, nil
 	}
-	if p, err := exec.LookPath(name); err == nil {
+	if p, err := sysbin.Find(name); err == nil {
 		return p, nil
-	}
-	for _, d := range []string{"/usr/bin", "/usr/local/bin"} {
-		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
-			return filepath.Join(d, name), nil
-		}
 	}
 	pkg := "qemu-system-x86"
 	if arch == "aarch64" {

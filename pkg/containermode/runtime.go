@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+	"github.com/kiwi-shim/kiwi-shim/pkg/sysbin"
 )
 
 // Runtime is the low-level OCI runtime container mode delegates to, with
@@ -30,10 +31,6 @@ type Runtime struct {
 	Debug bool
 }
 
-// searchDirs are tried after PATH: the PATH that podman's cleanup process
-// and conmon hand down often lacks the sbin directories runc lives in.
-var searchDirs = []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
-
 // FindRuntime resolves the configured runtime: a path, a name in PATH or
 // the usual system directories, or "" for runc, else crun.
 func FindRuntime(name string) (string, error) {
@@ -48,14 +45,8 @@ func FindRuntime(name string) (string, error) {
 		names = []string{"runc", "crun"}
 	}
 	for _, n := range names {
-		if p, err := exec.LookPath(n); err == nil {
+		if p, err := sysbin.Find(n); err == nil {
 			return p, nil
-		}
-		for _, d := range searchDirs {
-			p := filepath.Join(d, n)
-			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
-				return p, nil
-			}
 		}
 	}
 	if name != "" {
