@@ -15,14 +15,14 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps kernel test test-conformance test-unit test-integration lint bench install clean demo
+.PHONY: all build deps kernel box test test-e2e test-conformance test-unit test-integration lint bench install clean demo
 
 all: build
 
 # kiwi-box-init runs as the guest's PID 1: static, no cgo.
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/kiwi-shim
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/kiwi-shim ./cmd/kiwi-sharefs
 	CGO_ENABLED=0 $(GO) build -ldflags "-s -w" -o $(BIN)/kiwi-box-init ./cmd/kiwi-box-init
 
 # Installs only what is missing; apt-get update runs only then.
@@ -37,6 +37,11 @@ deps:
 # A guest kernel for VM mode, unpacked into the cache (not installed).
 kernel: build
 	$(BIN)/kiwi-shim setup
+
+# The default kiwi box (podman image + OCI archive), rebuilt only when its
+# recipe changed.
+box: deps
+	./contrib/box/build
 
 lint:
 	test -z "$$(gofmt -l . | tee /dev/stderr)"
@@ -53,6 +58,10 @@ test-integration: build
 
 test: deps build kernel lint test-unit test-integration
 
+# End to end: the bootable description built in VM mode, then booted.
+test-e2e: deps build kernel
+	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags e2e -count=1 -p 1 -timeout 80m -v -run 'TestE2E' ./integration/
+
 # The OCI runtime-tools validation suite against runc and container mode.
 test-conformance: deps build
 	./contrib/conformance/run $(BIN)/kiwi-shim
@@ -62,6 +71,7 @@ bench: deps build kernel
 
 install: build
 	install -D -m 0755 $(BIN)/kiwi-shim $(DESTDIR)$(PREFIX)/bin/kiwi-shim
+	install -D -m 0755 $(BIN)/kiwi-sharefs $(DESTDIR)$(PREFIX)/bin/kiwi-sharefs
 	install -D -m 0755 $(BIN)/kiwi-box-init $(DESTDIR)$(PREFIX)/libexec/kiwi-shim/kiwi-box-init
 	install -D -m 0644 contrib/podman/containers.conf $(DESTDIR)/etc/containers/containers.conf.d/50-kiwi-shim.conf
 

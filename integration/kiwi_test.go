@@ -60,7 +60,7 @@ exit $rc`
 
 // checkImage proves the result is a disk with a partition table whose
 // first partition is ext4 and holds the described package.
-func checkImage(t *testing.T, out string) {
+func checkImage(t testing.TB, out string) {
 	t.Helper()
 	images, _ := filepath.Glob(filepath.Join(out, "*.raw"))
 	if len(images) != 1 {

@@ -19,6 +19,10 @@ import (
 // bin is the directory holding the binaries under test.
 var bin string
 
+// posixsuite is the static POSIX behaviour checker (./posixsuite), built
+// for every run: the file-system tests run it on the host and in guests.
+var posixsuite string
+
 func TestMain(m *testing.M) {
 	os.Exit(runMain(m))
 }
@@ -44,6 +48,20 @@ func runMain(m *testing.M) int {
 			return 1
 		}
 		bin = dir
+	}
+	tools, err := os.MkdirTemp("", "kiwi-shim-tools-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(tools)
+	posixsuite = filepath.Join(tools, "posixsuite")
+	cmd := exec.Command("go", "build", "-o", posixsuite, "./posixsuite")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build posixsuite:", err)
+		return 1
 	}
 	return m.Run()
 }

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -172,11 +173,11 @@ func TestVMDetached(t *testing.T) {
 	p.must("rm", "-f", "-t", "0", id)
 }
 
-// TestVMCrash: kill -9 of the monitor or of QEMU mid-run; podman sees the
-// container exit non-zero, and rm cleans up everything.
+// TestVMCrash: kill -9 of the monitor, of QEMU or of kiwi-sharefs mid-run;
+// podman sees the container exit non-zero, and rm cleans up everything.
 func TestVMCrash(t *testing.T) {
 	guestRelease(t)
-	for _, victim := range []string{"vm-monitor", "qemu-system-x86_64"} {
+	for _, victim := range []string{"vm-monitor", "qemu-system-x86_64", "kiwi-sharefs"} {
 		t.Run(victim, func(t *testing.T) {
 			p := newPodman(t, 2, "")
 			noVMLeft(t)
@@ -193,6 +194,12 @@ func TestVMCrash(t *testing.T) {
 			})
 			if code == "0" {
 				t.Fatalf("podman wait after SIGKILL of %s: %s, want non-zero", victim, code)
+			}
+			if victim == "kiwi-sharefs" {
+				// The monitor says why the box stopped.
+				if logs := p.run("", "logs", id); !strings.Contains(logs.stdout+logs.stderr, "kiwi-sharefs, the box's file server, died") {
+					t.Errorf("container log does not explain the end: %q %q", logs.stdout, logs.stderr)
+				}
 			}
 			p.must("rm", id)
 		})
@@ -249,4 +256,43 @@ func killProc(t testing.TB, exe, id string) {
 		}
 	}
 	t.Fatalf("no %s process of %s found", exe, id)
+}
+
+// TestVMScratch: io.kiwi-shim.vm.scratch gives the box a guest-local ext4
+// disk at the chosen path, backed by a sparse file that delete removes,
+// also when the container is killed.
+func TestVMScratch(t *testing.T) {
+	guestRelease(t)
+	scratchDir := t.TempDir()
+	p := newPodman(t, 2, fmt.Sprintf("[vm]\nscratch_dir = %q\n", scratchDir))
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	script := `set -e
+grep " /build " /proc/mounts | cut -d" " -f3
+dd if=/dev/zero of=/build/blob bs=1M count=64 2>/dev/null
+sync; ls -l /build/blob | tr -s " " | cut -d" " -f5`
+	r := p.run("", "run", "--rm", "--annotation", "io.kiwi-shim.vm.scratch=2G:/build", "--rootfs", rootfs, "sh", "-c", script)
+	if r.code != 0 || r.stdout != "ext4\n67108864\n" {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want an ext4 file system holding the 64 MiB written", r.code, r.stdout, r.stderr)
+	}
+	if left, _ := os.ReadDir(scratchDir); len(left) != 0 {
+		t.Fatalf("scratch images left after podman run --rm: %v", left)
+	}
+
+	// Killed while running: delete still removes the image.
+	name := "scratch-" + strconv.Itoa(os.Getpid())
+	r = p.run("", "run", "-d", "--name", name, "--annotation", "io.kiwi-shim.vm.scratch=1G", "--rootfs", rootfs, "sh", "-c", "touch /scratch/x; sleep 600")
+	if r.code != 0 {
+		t.Fatalf("run -d: exit %d, stderr %q", r.code, r.stderr)
+	}
+	imgs, _ := filepath.Glob(filepath.Join(scratchDir, "*.img"))
+	if len(imgs) != 1 {
+		t.Fatalf("scratch images while running: %v, want 1", imgs)
+	}
+	if r := p.run("", "rm", "-f", "-t", "0", name); r.code != 0 {
+		t.Fatalf("rm -f: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if left, _ := os.ReadDir(scratchDir); len(left) != 0 {
+		t.Fatalf("scratch images left after podman rm -f: %v", left)
+	}
 }

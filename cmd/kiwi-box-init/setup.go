@@ -164,6 +164,15 @@ func mountOne(i int, m vmproto.Mount, share string) error {
 			return unix.Mount("", dst, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, "")
 		}
 		return nil
+	case "disk":
+		dev, err := findDisk(m.Source, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return err
+		}
+		return unix.Mount(dev, dst, "ext4", flags, "")
 	case "cgroup", "cgroup2":
 		// The VM's own cgroups are not the container's business; best
 		// effort only.
@@ -179,6 +188,25 @@ func mountOne(i int, m vmproto.Mount, share string) error {
 			src = m.Type
 		}
 		return unix.Mount(src, dst, m.Type, flags, data)
+	}
+}
+
+// findDisk returns the device node of the virtio-blk disk with the given
+// serial number, waiting for the driver to probe it.
+func findDisk(serial string, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		ents, _ := os.ReadDir("/sys/block")
+		for _, e := range ents {
+			b, err := os.ReadFile(filepath.Join("/sys/block", e.Name(), "serial"))
+			if err == nil && strings.TrimSpace(string(b)) == serial {
+				return filepath.Join("/dev", e.Name()), nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no disk with serial %q (is virtio_blk loaded?)", serial)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -119,6 +119,11 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		return fmt.Errorf("cannot delete container %s that is running: stop it first or use --force", rec.ID)
 	}
 	vm.Stop(dir, rec.Pid, 10*time.Second)
+	if rec.Scratch != "" {
+		if err := os.Remove(rec.Scratch); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("remove scratch disk: %w", err)
+		}
+	}
 	return e.store().Remove(rec.ID)
 }
 

@@ -62,6 +62,9 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if mode == config.ModeVM {
 		return createVM(ctx, e, id, bundle, spec, settings)
 	}
+	if settings.ScratchSize > 0 {
+		e.log.Info("container mode has no scratch disk: the container writes to its own file systems", "id", id, "annotation", oci.AnnotationVMScratch)
+	}
 	if ctx.Int("preserve-fds") < 0 {
 		return fmt.Errorf("--preserve-fds %d: must not be negative", ctx.Int("preserve-fds"))
 	}

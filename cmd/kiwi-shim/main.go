@@ -58,6 +58,7 @@ func main() {
 		loopCommand,
 		checkCommand,
 		setupCommand,
+		boxbuildCommand,
 		keeperCommand,
 		vmMonitorCommand,
 		vmExecCommand,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,9 +20,11 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+	"github.com/kiwi-shim/kiwi-shim/pkg/sharefs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/sysbin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
 
 // vmMonitorCommand is the hidden command create starts as a VM's monitor.
@@ -87,6 +90,30 @@ func initBinary(arch string) ([]byte, error) {
 	return nil, fmt.Errorf("kiwi-box-init for %s not found (looked in %s): build it with make", arch, strings.Join(cands, ", "))
 }
 
+// findShareFS finds kiwi-sharefs: vm.sharefs, next to kiwi-shim (as make
+// builds and installs them), then PATH.
+func (e *env) findShareFS() (string, error) {
+	if p := e.cfg.VM.ShareFS; p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("vm.sharefs: %w", err)
+		}
+		return p, nil
+	}
+	self, _ := os.Executable()
+	if p := filepath.Join(filepath.Dir(self), "kiwi-sharefs"); fileExists(p) {
+		return p, nil
+	}
+	if p, err := sysbin.Find("kiwi-sharefs"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("kiwi-sharefs not found next to kiwi-shim or in PATH (make install puts it there); or use io.kiwi-shim.share=9p")
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
 // vmSize returns guest memory (MiB) and cpus: annotations, then the
 // spec's resource limits, then the config.
 func (e *env) vmSize(spec *specs.Spec, s oci.Settings) (int64, int, error) {
@@ -125,10 +152,13 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	}
 	share := s.Share
 	if share == "" {
-		share = "9p"
+		share = e.cfg.VM.Share
 	}
-	if share != "9p" {
-		return fmt.Errorf("annotation %s=%s: only 9p sharing is available in this build", oci.AnnotationShare, share)
+	var shareFSBin string
+	if share == "virtiofs" {
+		if shareFSBin, err = e.findShareFS(); err != nil {
+			return err
+		}
 	}
 	kern, err := vm.FindKernel(e.cfg.VM.Kernel[arch], e.cfg.CacheDir, arch)
 	if err != nil {
@@ -153,7 +183,11 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	}
 	netPlan := vm.PlanNetwork(spec)
 	e.log.Info("vm network", "id", id, "mode", netPlan.Mode, "why", netPlan.Why)
-	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, netPlan)
+	var scratchPath string
+	if s.ScratchSize > 0 {
+		scratchPath = s.ScratchPath
+	}
+	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, scratchPath, netPlan)
 	if err != nil {
 		return err
 	}
@@ -172,15 +206,47 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 				monitor.Wait()
 			}
 			vm.Stop(dir, 0, 5*time.Second)
+			if rec.Scratch != "" {
+				os.Remove(rec.Scratch)
+			}
 			store.Remove(id)
 		}
 	}()
+	var disks []vm.Disk
+	if s.ScratchSize > 0 {
+		// Recorded before anything else can fail, so that delete finds it.
+		if rec.Scratch, err = vm.CreateScratch(context.Background(), e.cfg.VM.ScratchDir, id, s.ScratchSize); err != nil {
+			return err
+		}
+		if err := store.Save(rec); err != nil {
+			return err
+		}
+		disks = append(disks, vm.Disk{Path: rec.Scratch, Serial: vm.ScratchSerial})
+	}
+	var shareFS *vm.ShareFS
+	var virtiofs []vm.VirtioFS
+	if share == "virtiofs" {
+		shareFS = &vm.ShareFS{Binary: shareFSBin, Debug: ctx.GlobalBool("debug")}
+		for i, sh := range shares {
+			cache := sharefs.CacheAuto
+			if sh.Tag == vm.RootTag {
+				// The container's root is its own while it runs.
+				cache = sharefs.CacheAlways
+			}
+			shareFS.Exports = append(shareFS.Exports, vmshare.Export{
+				Tag: sh.Tag, Source: sh.Path, Socket: filepath.Join(dir, fmt.Sprintf("v%d.sock", i)),
+				Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: os.Geteuid() != 0},
+			})
+			virtiofs = append(virtiofs, vm.VirtioFS{Tag: sh.Tag, Socket: shareFS.Exports[i].Socket})
+		}
+		shares = nil
+	}
 	mc := vm.MonitorConfig{
 		ID: id, QEMU: qemu, Guest: guest, ConsoleSocket: ctx.String("console-socket"),
-		BootTimeout: 3 * time.Minute,
+		BootTimeout: 3 * time.Minute, ShareFS: shareFS,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares, Network: netPlan.Mode,
+			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
 		},
 	}
 	mc.Paths(dir)

@@ -36,8 +36,11 @@ type Config struct {
 	// DefaultMode is the mode of containers without an io.kiwi-shim.mode
 	// annotation: "vm" or "container".
 	DefaultMode string `toml:"default_mode"`
-	// CacheDir holds guest kernels and initramfs images.
+	// CacheDir holds guest kernels, initramfs images and boxes.
 	CacheDir string `toml:"cache_dir"`
+	// WorkDir holds boxbuild's unpacked boxes while they run; like the
+	// scratch disks it must be on a disk.
+	WorkDir string `toml:"work_dir"`
 	// Loop configures the host loop-device allocator.
 	Loop Loop `toml:"loop"`
 	// Container configures container mode.
@@ -79,6 +82,16 @@ type VM struct {
 	Kernel map[string]string `toml:"kernel"`
 	// QEMU maps a guest architecture to its qemu-system binary.
 	QEMU map[string]string `toml:"qemu"`
+	// Share is how host directories reach the guest: "virtiofs"
+	// (kiwi-sharefs, the default) or "9p" (QEMU's built-in server).
+	Share string `toml:"share"`
+	// ShareFS is the kiwi-sharefs binary (default: next to kiwi-shim,
+	// then PATH).
+	ShareFS string `toml:"sharefs"`
+	// ScratchDir holds the sparse images of scratch disks
+	// (io.kiwi-shim.vm.scratch). It must be on a disk, not a tmpfs: the
+	// guest's writes land there.
+	ScratchDir string `toml:"scratch_dir"`
 }
 
 // Default returns the configuration used when no file exists.
@@ -86,8 +99,9 @@ func Default() Config {
 	return Config{
 		DefaultMode: ModeVM,
 		CacheDir:    "/var/cache/kiwi-shim",
+		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, Share: "virtiofs", ScratchDir: "/var/tmp/kiwi-shim/scratch"},
 	}
 }
 
@@ -181,6 +195,9 @@ func (c *Config) Validate() error {
 	}
 	if c.VM.CPUs < 1 {
 		return fmt.Errorf("vm.cpus %d: must be at least 1", c.VM.CPUs)
+	}
+	if c.VM.Share != "virtiofs" && c.VM.Share != "9p" {
+		return fmt.Errorf("vm.share %q: want \"virtiofs\" or \"9p\"", c.VM.Share)
 	}
 	if _, err := ParseSize(c.VM.Memory); err != nil {
 		return fmt.Errorf("vm.memory: %w", err)

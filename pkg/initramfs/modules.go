@@ -17,13 +17,16 @@ import (
 // does. Modules the kernel has built in, or does not have at all, are
 // skipped: whether a share type works is checked when it is mounted.
 var Modules = []string{
+	// first: libcrc32c (ext4, xfs, btrfs) asks the crypto API for crc32c
+	// when it loads, a soft dependency that modinfo's depends= omits
+	"crc32c_generic",
 	// devices QEMU gives the box
 	"virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng",
 	// shares
 	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay",
 	// what KIWI builds images with
 	"loop", "dm_mod", "ext4", "xfs", "btrfs", "squashfs", "vfat", "isofs",
-	"nls_cp437", "nls_iso8859_1", "nls_utf8", "crc32c_generic", "af_packet",
+	"nls_cp437", "nls_iso8859_1", "nls_utf8", "af_packet",
 }
 
 // modIndex maps module names to their files below a modules directory.

@@ -2,6 +2,7 @@ package oci
 
 import (
 	"fmt"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -43,10 +44,18 @@ type Settings struct {
 	LoopTimeout time.Duration
 	// LoopControl gives the container /dev/loop-control.
 	LoopControl bool
-	// VMMemory, VMCPUs, VMArch, VMScratch and Share configure VM mode.
-	VMMemory, VMArch, VMScratch, Share string
-	VMCPUs                             int
+	// VMMemory, VMCPUs, VMArch and Share configure VM mode.
+	VMMemory, VMArch, Share string
+	VMCPUs                  int
+	// ScratchSize is the size of the guest-local scratch disk (0: none),
+	// mounted at ScratchPath in the container.
+	ScratchSize int64
+	ScratchPath string
 }
+
+// DefaultScratchPath is where the scratch disk is mounted when the
+// annotation names only a size.
+const DefaultScratchPath = "/scratch"
 
 // ParseAnnotations extracts and checks the io.kiwi-shim.* annotations.
 func ParseAnnotations(a map[string]string) (Settings, error) {
@@ -107,10 +116,15 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 			}
 			s.VMArch = v
 		case AnnotationVMScratch:
-			if _, err := config.ParseSize(v); err != nil {
-				return s, bad(`a size such as "20G"`)
+			size, path, _ := strings.Cut(v, ":")
+			n, err := config.ParseSize(size)
+			if path == "" {
+				path = DefaultScratchPath
 			}
-			s.VMScratch = v
+			if err != nil || n < 16<<20 || !filepath.IsAbs(path) || filepath.Clean(path) == "/" {
+				return s, bad(`a size of at least 16M, optionally with an absolute mount point: "20G" or "20G:/build"`)
+			}
+			s.ScratchSize, s.ScratchPath = n, filepath.Clean(path)
 		case AnnotationShare:
 			if v != "virtiofs" && v != "9p" {
 				return s, bad(`"virtiofs" or "9p"`)

@@ -86,8 +86,14 @@ func TestParseAnnotations(t *testing.T) {
 			}},
 		{"vm", map[string]string{AnnotationVMMemory: "4G", AnnotationVMCPUs: "2", AnnotationVMArch: "aarch64", AnnotationShare: "9p", AnnotationVMScratch: "20G"}, "",
 			func(s Settings) bool {
-				return s.VMMemory == "4G" && s.VMCPUs == 2 && s.VMArch == "aarch64" && s.Share == "9p"
+				return s.VMMemory == "4G" && s.VMCPUs == 2 && s.VMArch == "aarch64" && s.Share == "9p" &&
+					s.ScratchSize == 20<<30 && s.ScratchPath == DefaultScratchPath
 			}},
+		{"scratch path", map[string]string{AnnotationVMScratch: "512M:/build/"}, "",
+			func(s Settings) bool { return s.ScratchSize == 512<<20 && s.ScratchPath == "/build" }},
+		{"scratch relative", map[string]string{AnnotationVMScratch: "1G:build"}, "vm.scratch", nil},
+		{"scratch root", map[string]string{AnnotationVMScratch: "1G:/"}, "vm.scratch", nil},
+		{"scratch tiny", map[string]string{AnnotationVMScratch: "1M"}, "vm.scratch", nil},
 		{"bad mode", map[string]string{AnnotationMode: "VM"}, "io.kiwi-shim.mode", nil},
 		{"bad count", map[string]string{AnnotationLoopCount: "0"}, "loop.count", nil},
 		{"bad timeout", map[string]string{AnnotationLoopTimeout: "soon"}, "loop.timeout", nil},

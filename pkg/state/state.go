@@ -41,6 +41,8 @@ type Container struct {
 	KeeperPID int `json:"keeperPid,omitempty"`
 	// Devices are the loop devices leased for the container.
 	Devices []string `json:"devices,omitempty"`
+	// Scratch is the image of the VM's scratch disk, removed on delete.
+	Scratch string `json:"scratch,omitempty"`
 }
 
 // OCI is a container's state as `kiwi-shim state` prints it: the OCI

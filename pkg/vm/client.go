@@ -136,9 +136,16 @@ func Stop(stateDir string, monitorPid int, timeout time.Duration) {
 	if monitorPid > 0 && cmdlineHas(monitorPid, stateDir) {
 		signalAndWait(monitorPid, unix.SIGTERM, timeout)
 	}
-	if b, err := os.ReadFile(filepath.Join(stateDir, qemuPidFile)); err == nil {
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && cmdlineHas(pid, filepath.Join(stateDir, guestSocket)) {
-			signalAndWait(pid, unix.SIGKILL, timeout)
+	// QEMU and kiwi-sharefs die with the monitor (PDEATHSIG); these are
+	// for a monitor that was killed before it could arrange that.
+	for _, c := range []struct{ pidFile, mark string }{
+		{qemuPidFile, guestSocket},
+		{shareFSPidFile, shareFSExports},
+	} {
+		if b, err := os.ReadFile(filepath.Join(stateDir, c.pidFile)); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && cmdlineHas(pid, filepath.Join(stateDir, c.mark)) {
+				signalAndWait(pid, unix.SIGKILL, timeout)
+			}
 		}
 	}
 }

@@ -27,7 +27,9 @@ const RootTag = "rootfs"
 // parent would expose its siblings. The container's /dev is the guest's
 // devtmpfs, so that the build sees the box's own loop and partition
 // devices.
-func GuestConfig(spec *specs.Spec, rootfs, share string, netPlan NetworkPlan) (vmproto.Config, []Share, error) {
+//
+// A scratch disk, when scratchPath is set, is mounted there last.
+func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan NetworkPlan) (vmproto.Config, []Share, error) {
 	p := spec.Process
 	cfg := vmproto.Config{
 		Network:      netPlan.guestNetwork(),
@@ -70,6 +72,9 @@ func GuestConfig(spec *specs.Spec, rootfs, share string, netPlan NetworkPlan) (v
 		default:
 			return cfg, nil, fmt.Errorf("bind mount %s: %s is neither a directory nor a regular file; a VM cannot share host devices (use container mode)", m.Destination, m.Source)
 		}
+	}
+	if scratchPath != "" {
+		cfg.Mounts = append(cfg.Mounts, vmproto.Mount{Destination: scratchPath, Type: "disk", Source: ScratchSerial})
 	}
 	return cfg, shares, nil
 }

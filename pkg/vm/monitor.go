@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
 
 // The monitor is the host process of one VM. create starts it; its pid
@@ -54,6 +56,18 @@ type MonitorConfig struct {
 	ConsoleSocket string `json:"consoleSocket,omitempty"`
 	// BootTimeout bounds the wait for the guest's hello.
 	BootTimeout time.Duration `json:"bootTimeout"`
+	// ShareFS runs the virtio-fs back end of Machine.VirtioFS.
+	ShareFS *ShareFS `json:"sharefs,omitempty"`
+}
+
+// ShareFS is the kiwi-sharefs daemon serving a VM's virtio-fs exports.
+type ShareFS struct {
+	// Binary is kiwi-sharefs.
+	Binary string `json:"binary"`
+	// Exports are served by the one daemon of the VM.
+	Exports []vmshare.Export `json:"exports"`
+	// Debug makes it log every FUSE request and vhost-user message.
+	Debug bool `json:"debug,omitempty"`
 }
 
 // Paths fills the machine's socket and log paths for a state directory.
@@ -116,6 +130,15 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 	}
 	defer ml.Close()
 
+	// PR_SET_PDEATHSIG of the children fires when the thread that
+	// forked them exits: pin this goroutine (the main one) to its thread
+	// for the monitor's lifetime.
+	runtime.LockOSThread()
+	sfs, sfsDone, err := m.startShareFS()
+	if err != nil {
+		return fail(err)
+	}
+	defer m.stopShareFS(sfs, sfsDone)
 	qemu, qemuDone, err := m.startQEMU()
 	if err != nil {
 		return fail(err)
@@ -139,6 +162,25 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 	}
 	select {
 	case <-qemuDone:
+	case <-sfsDone:
+		// kiwi-sharefs exits 0 when QEMU closed its connections, at the
+		// guest's poweroff, maybe a moment before QEMU itself exits.
+		// Otherwise it died, and without its file server the guest's
+		// file system hangs: end the box, loudly.
+		if sfs.ProcessState.Success() {
+			select {
+			case <-qemuDone:
+			case <-time.After(10 * time.Second):
+				qemu.Process.Kill()
+				<-qemuDone
+			}
+			break
+		}
+		msg := fmt.Sprintf("kiwi-sharefs, the box's file server, died (%s); stopping the box (log: %s)", sfs.ProcessState, filepath.Join(m.dir, shareFSLog))
+		log.Error(msg, "id", m.cfg.ID)
+		fmt.Fprintf(m.err, "kiwi-shim: %s\n", msg)
+		qemu.Process.Kill()
+		<-qemuDone
 	case s := <-sigs:
 		log.Debug("monitor stopping", "id", m.cfg.ID, "signal", s)
 		m.setExit(128+int(s.(syscall.Signal)), false)
@@ -181,9 +223,6 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 		return nil, nil, err
 	}
 	defer logf.Close()
-	// PR_SET_PDEATHSIG fires when the thread that forked exits: pin this
-	// goroutine (the main one) to its thread for the monitor's lifetime.
-	runtime.LockOSThread()
 	cmd := exec.Command(m.cfg.QEMU, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -465,4 +504,88 @@ func (m *monitor) setupConsole() error {
 // (conmon) makes.
 func (m *monitor) watchWinsize() {
 	WatchWinsize(m.tty, func(r vmproto.Resize) error { return m.guest.WriteJSON(vmproto.TResize, 0, r) })
+}
+
+const (
+	shareFSLog     = "sharefs.log"
+	shareFSExports = "sharefs.json"
+	shareFSPidFile = "sharefs.pid"
+)
+
+// startShareFS starts kiwi-sharefs for the VM's virtio-fs exports, as a
+// child that dies with the monitor, and waits until its sockets listen.
+// Without exports it returns a nil command and a channel that never
+// closes.
+func (m *monitor) startShareFS() (*exec.Cmd, <-chan struct{}, error) {
+	sf := m.cfg.ShareFS
+	if sf == nil || len(sf.Exports) == 0 {
+		return nil, nil, nil
+	}
+	b, err := json.Marshal(sf.Exports)
+	if err != nil {
+		return nil, nil, err
+	}
+	exports := filepath.Join(m.dir, shareFSExports)
+	if err := os.WriteFile(exports, b, 0o600); err != nil {
+		return nil, nil, err
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer readyR.Close()
+	logPath := filepath.Join(m.dir, shareFSLog)
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer logf.Close()
+	args := []string{"--log", logPath}
+	if sf.Debug {
+		args = append(args, "--trace")
+	}
+	args = append(args, "serve", "--exports", exports, "--ready-fd", "3")
+	cmd := exec.Command(sf.Binary, args...)
+	// Its last words (an error exit) go to the log as well.
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{readyW}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = fdutil.WithInheritedHidden(cmd.Start)
+	readyW.Close()
+	if err != nil {
+		return nil, nil, fmt.Errorf("start %s: %w", sf.Binary, err)
+	}
+	os.WriteFile(filepath.Join(m.dir, shareFSPidFile), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(readyR).ReadString('\n')
+		line <- s
+	}()
+	select {
+	case s := <-line:
+		if s == "ready\n" {
+			return cmd, done, nil
+		}
+	case <-time.After(30 * time.Second):
+	}
+	cmd.Process.Kill()
+	<-done
+	return nil, nil, fmt.Errorf("kiwi-sharefs did not start: %s", tail(logPath))
+}
+
+// stopShareFS waits for kiwi-sharefs, which exits once QEMU closed its
+// connections, and kills it if it does not.
+func (m *monitor) stopShareFS(cmd *exec.Cmd, done <-chan struct{}) {
+	if cmd == nil {
+		return
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		m.log.Warn("kiwi-sharefs still running after QEMU ended: killing it", "id", m.cfg.ID)
+		cmd.Process.Kill()
+		<-done
+	}
 }

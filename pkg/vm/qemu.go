@@ -40,9 +40,31 @@ type Machine struct {
 	ConsoleLog string
 	// Shares are served over QEMU's built-in virtio-9p.
 	Shares []Share
+	// VirtioFS are vhost-user-fs devices whose back end (kiwi-sharefs)
+	// listens on Socket. They need the guest's RAM in a shared memfd.
+	VirtioFS []VirtioFS
 	// Network is NetNone or NetUser.
 	Network string
+	// Disks are raw images attached as virtio-blk devices.
+	Disks []Disk
 }
+
+// VirtioFS is one vhost-user-fs device.
+type VirtioFS struct {
+	Tag, Socket string
+}
+
+// Disk is a raw image the guest finds by its serial number.
+type Disk struct {
+	// Path of the image on the host.
+	Path string
+	// Serial is what the guest reads in /sys/block/vdX/serial (at most
+	// 20 bytes, virtio-blk's limit).
+	Serial string
+}
+
+// vhostQueueSize is the virtio-fs ring size (vmshare.QueueSize).
+const vhostQueueSize = 1024
 
 // Args returns QEMU's argument vector (without the binary).
 //
@@ -74,6 +96,10 @@ func (m Machine) Args() ([]string, error) {
 		return nil, fmt.Errorf("guest architecture %q is not supported (x86_64, aarch64)", m.Arch)
 	}
 	cmdline := strings.TrimSpace("console=" + console + " panic=-1 quiet loglevel=3 rdinit=/init " + m.Cmdline)
+	if len(m.VirtioFS) > 0 {
+		// The vhost-user back end maps the guest's memory.
+		machine += ",memory-backend=mem"
+	}
 	args := []string{
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-machine", machine,
@@ -92,6 +118,28 @@ func (m Machine) Args() ([]string, error) {
 	}
 	if m.Network == NetUser {
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,mac="+userMAC)
+	}
+	if len(m.VirtioFS) > 0 {
+		args = append(args, "-object", "memory-backend-memfd,id=mem,share=on,size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
+	}
+	for i, v := range m.VirtioFS {
+		if strings.ContainsAny(v.Socket, ",\n") || strings.ContainsAny(v.Tag, ",=\n") || len(v.Tag) > 36 {
+			return nil, fmt.Errorf("virtio-fs %q (socket %q): tag or path cannot be passed to QEMU", v.Tag, v.Socket)
+		}
+		id := "vfs" + strconv.Itoa(i)
+		args = append(args, "-chardev", "socket,id="+id+",path="+v.Socket,
+			"-device", "vhost-user-fs-pci,queue-size="+strconv.Itoa(vhostQueueSize)+",chardev="+id+",tag="+v.Tag)
+	}
+	for i, d := range m.Disks {
+		if strings.ContainsAny(d.Path, ",\n") || strings.ContainsAny(d.Serial, ",=\n") || len(d.Serial) > 20 {
+			return nil, fmt.Errorf("disk %q (serial %q): path or serial cannot be passed to QEMU", d.Path, d.Serial)
+		}
+		id := "disk" + strconv.Itoa(i)
+		// cache=unsafe: a scratch disk's content is thrown away with the
+		// box, so the guest's flushes need not reach the host's disk.
+		args = append(args,
+			"-drive", "file="+d.Path+",format=raw,if=none,id="+id+",cache=unsafe,aio=threads,discard=unmap",
+			"-device", "virtio-blk-pci,drive="+id+",serial="+d.Serial)
 	}
 	for i, s := range m.Shares {
 		if strings.ContainsAny(s.Path, ",\n") || strings.ContainsAny(s.Tag, ",=\n") {

@@ -59,7 +59,7 @@ func TestGuestConfig(t *testing.T) {
 		},
 		Linux: &specs.Linux{},
 	}
-	cfg, shares, err := GuestConfig(spec, "/rootfs", "9p", NetworkPlan{Mode: NetNone})
+	cfg, shares, err := GuestConfig(spec, "/rootfs", "9p", "/scratch", NetworkPlan{Mode: NetNone})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,8 +81,11 @@ func TestGuestConfig(t *testing.T) {
 	if cfg.Network != nil {
 		t.Fatal("network configured for a loopback-only container")
 	}
+	if m := cfg.Mounts[len(cfg.Mounts)-1]; m.Type != "disk" || m.Destination != "/scratch" || m.Source != ScratchSerial {
+		t.Fatalf("scratch mount %+v, want the scratch disk last", m)
+	}
 	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/dev/null2", Type: "bind", Source: "/dev/null"})
-	if _, _, err := GuestConfig(spec, "/rootfs", "9p", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "container mode") {
+	if _, _, err := GuestConfig(spec, "/rootfs", "9p", "", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "container mode") {
 		t.Fatalf("device bind: %v", err)
 	}
 }

@@ -206,8 +206,9 @@ type Mount struct {
 	// Destination inside the container.
 	Destination string `json:"destination"`
 	// Type is a filesystem type (proc, tmpfs, ...), "share" for a host
-	// directory served under Tag, or "file" for a host file whose content
-	// travels in Content.
+	// directory served under Tag, "file" for a host file whose content
+	// travels in Content, or "disk" for the ext4 file system on the
+	// virtio-blk disk whose serial is Source.
 	Type string `json:"type"`
 	// Source for filesystem mounts.
 	Source string `json:"source,omitempty"`

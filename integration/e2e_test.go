@@ -1,0 +1,50 @@
+//go:build e2e
+
+package integration
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// bootMarker is what the bootable description's first-boot unit prints.
+const bootMarker = "KIWI_BOOT_MARKER_OK"
+
+// TestE2EBootable: the bootable description (grub2 BIOS, dracut, systemd)
+// built with `kiwi-shim boxbuild` in VM mode, then booted with plain QEMU
+// until its first-boot unit prints the marker and powers off.
+func TestE2EBootable(t *testing.T) {
+	ensureBox(t)
+	guestRelease(t)
+	out := filepath.Join(t.TempDir(), "target")
+	r := boxbuild(t, "--box-memory", "4G", "--", "--description", renderDescription(t, "bookworm-bootable", nil), "--target-dir", out)
+	if r.code != 0 {
+		log, _ := os.ReadFile(filepath.Join(out, "build", "image-root.log"))
+		t.Fatalf("boxbuild exit %d\n%s\n%s\nKIWI log tail:\n%s", r.code, tailLines(r.stdout, 20), tailLines(r.stderr, 20), tailLines(string(log), 30))
+	}
+	images, _ := filepath.Glob(filepath.Join(out, "*.raw"))
+	if len(images) != 1 {
+		t.Fatalf("want one .raw image, got %v", images)
+	}
+	noVMLeft(t)
+	console := filepath.Join(t.TempDir(), "console.log")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-nographic",
+		"-nodefaults", "-no-reboot", "-snapshot", "-serial", "file:"+console,
+		"-drive", "file="+images[0]+",format=raw,if=virtio")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("qemu: %v\n%s", err, out)
+	}
+	log, _ := os.ReadFile(console)
+	if !bytes.Contains(log, []byte(bootMarker)) {
+		t.Fatalf("the image booted without printing %s; console tail:\n%s", bootMarker, tailLines(string(log), 40))
+	}
+	t.Logf("booted to the marker and powered off in %s", time.Since(start).Round(time.Second))
+}

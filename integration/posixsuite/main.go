@@ -1,0 +1,598 @@
+// Command posixsuite checks POSIX file-system behaviour in a directory.
+// The integration tests run the same static binary against a native
+// directory, a `kiwi-sharefs mount` and a virtio-fs share inside a VM, and
+// compare: every difference from native is a failure unless documented.
+//
+// usage: posixsuite [-skip NAME,...] DIR
+//
+// It prints one line per check ("ok NAME" or "FAIL NAME: why") and exits
+// 1 when a check failed. It only touches DIR/posixsuite.*, which it
+// removes at the end.
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+type check struct {
+	name string
+	fn   func(dir string) error
+}
+
+var checks = []check{
+	{"create-read-write", createReadWrite},
+	{"truncate", truncate},
+	{"append", appendWrite},
+	{"rename-file", renameFile},
+	{"rename-over-existing", renameOver},
+	{"rename-dir-across", renameDirAcross},
+	{"rename-noreplace", renameNoReplace},
+	{"hardlink", hardlink},
+	{"symlink-readlink", symlink},
+	{"chmod", chmod},
+	{"chown", chown},
+	{"utimes", utimes},
+	{"mkdir-rmdir", mkdirRmdir},
+	{"mknod-fifo", fifo},
+	{"sparse-4g", sparse},
+	{"xattr", xattr},
+	{"readdir-10k", readdir10k},
+	{"fsync", fsync},
+	{"o-direct-read", odirect},
+	{"unlink-open-file", unlinkOpen},
+	{"statfs", statfs},
+}
+
+func main() {
+	skip := flag.String("skip", "", "comma-separated checks not to run")
+	flag.Parse()
+	if flag.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: posixsuite [-skip NAME,...] DIR")
+		os.Exit(2)
+	}
+	base, err := os.MkdirTemp(flag.Arg(0), "posixsuite.")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	defer os.RemoveAll(base)
+	skipped := strings.Split(*skip, ",")
+	failed := 0
+	for _, c := range checks {
+		if slices.Contains(skipped, c.name) {
+			fmt.Printf("skip %s\n", c.name)
+			continue
+		}
+		dir := filepath.Join(base, c.name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			fmt.Printf("FAIL %s: %v\n", c.name, err)
+			failed++
+			continue
+		}
+		if err := c.fn(dir); err != nil {
+			fmt.Printf("FAIL %s: %v\n", c.name, err)
+			failed++
+		} else {
+			fmt.Printf("ok %s\n", c.name)
+		}
+	}
+	if failed > 0 {
+		os.RemoveAll(base)
+		os.Exit(1)
+	}
+}
+
+func expect(got, want any, what string) error {
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		return fmt.Errorf("%s: got %v, want %v", what, got, want)
+	}
+	return nil
+}
+
+func createReadWrite(dir string) error {
+	p := filepath.Join(dir, "f")
+	if err := os.WriteFile(p, []byte("hello world"), 0o640); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("HELLO"), 0); err != nil {
+		return err
+	}
+	buf := make([]byte, 64)
+	n, err := f.ReadAt(buf, 6)
+	if err != nil && !errors.Is(err, os.ErrClosed) && n == 0 {
+		return fmt.Errorf("read at 6: %v", err)
+	}
+	if err := expect(string(buf[:n]), "world", "read at 6"); err != nil {
+		return err
+	}
+	b, _ := os.ReadFile(p)
+	if err := expect(string(b), "HELLO world", "content"); err != nil {
+		return err
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	if err := expect(fi.Mode().Perm(), os.FileMode(0o640), "mode"); err != nil {
+		return err
+	}
+	if _, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("O_EXCL on an existing file: %v, want EEXIST", err)
+	}
+	if _, err := os.Open(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open missing: %v, want ENOENT", err)
+	}
+	return nil
+}
+
+func truncate(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, []byte("0123456789"), 0o644)
+	if err := os.Truncate(p, 4); err != nil {
+		return err
+	}
+	if b, _ := os.ReadFile(p); string(b) != "0123" {
+		return fmt.Errorf("after truncate to 4: %q", b)
+	}
+	if err := os.Truncate(p, 8); err != nil {
+		return err
+	}
+	if b, _ := os.ReadFile(p); !bytes.Equal(b, []byte("0123\x00\x00\x00\x00")) {
+		return fmt.Errorf("after extending to 8: %q", b)
+	}
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	fi, _ := os.Stat(p)
+	return expect(fi.Size(), 0, "size after O_TRUNC")
+}
+
+func appendWrite(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, []byte("a"), 0o644)
+	for _, s := range []string{"b", "c"} {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return err
+		}
+		f.WriteAt([]byte("ignored"), 0) // Go refuses WriteAt on O_APPEND
+		if _, err := f.Write([]byte(s)); err != nil {
+			return err
+		}
+		f.Close()
+	}
+	b, _ := os.ReadFile(p)
+	return expect(string(b), "abc", "content")
+}
+
+func renameFile(dir string) error {
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte("x"), 0o644)
+	if err := os.Rename(a, b); err != nil {
+		return err
+	}
+	if _, err := os.Stat(a); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("old name still there: %v", err)
+	}
+	c, _ := os.ReadFile(b)
+	return expect(string(c), "x", "renamed content")
+}
+
+func renameOver(dir string) error {
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte("new"), 0o644)
+	os.WriteFile(b, []byte("old"), 0o644)
+	if err := os.Rename(a, b); err != nil {
+		return err
+	}
+	c, _ := os.ReadFile(b)
+	if err := expect(string(c), "new", "content"); err != nil {
+		return err
+	}
+	// A directory over a non-empty directory fails.
+	os.MkdirAll(filepath.Join(dir, "d1"), 0o755)
+	os.MkdirAll(filepath.Join(dir, "d2", "x"), 0o755)
+	if err := os.Rename(filepath.Join(dir, "d1"), filepath.Join(dir, "d2")); !errors.Is(err, unix.ENOTEMPTY) && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("dir over non-empty dir: %v, want ENOTEMPTY", err)
+	}
+	return nil
+}
+
+func renameDirAcross(dir string) error {
+	src := filepath.Join(dir, "from", "tree")
+	os.MkdirAll(filepath.Join(src, "sub"), 0o755)
+	os.WriteFile(filepath.Join(src, "sub", "f"), []byte("deep"), 0o644)
+	os.Mkdir(filepath.Join(dir, "to"), 0o755)
+	dst := filepath.Join(dir, "to", "tree")
+	if err := os.Rename(src, dst); err != nil {
+		return err
+	}
+	c, err := os.ReadFile(filepath.Join(dst, "sub", "f"))
+	if err != nil {
+		return err
+	}
+	if err := expect(string(c), "deep", "content after moving its directory"); err != nil {
+		return err
+	}
+	// A directory cannot move below itself.
+	if err := os.Rename(dst, filepath.Join(dst, "sub", "x")); !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("rename into own subtree: %v, want EINVAL", err)
+	}
+	return nil
+}
+
+func renameNoReplace(dir string) error {
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte("a"), 0o644)
+	os.WriteFile(b, []byte("b"), 0o644)
+	if err := unix.Renameat2(unix.AT_FDCWD, a, unix.AT_FDCWD, b, unix.RENAME_NOREPLACE); !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("RENAME_NOREPLACE over existing: %v, want EEXIST", err)
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, a, unix.AT_FDCWD, b, unix.RENAME_EXCHANGE); err != nil {
+		return fmt.Errorf("RENAME_EXCHANGE: %v", err)
+	}
+	c, _ := os.ReadFile(a)
+	return expect(string(c), "b", "a after exchange")
+}
+
+func hardlink(dir string) error {
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte("one"), 0o644)
+	if err := os.Link(a, b); err != nil {
+		return err
+	}
+	os.WriteFile(b, []byte("two"), 0o644)
+	c, _ := os.ReadFile(a)
+	if err := expect(string(c), "two", "content through the other link"); err != nil {
+		return err
+	}
+	var sa, sb unix.Stat_t
+	unix.Stat(a, &sa)
+	unix.Stat(b, &sb)
+	if sa.Ino != sb.Ino || sa.Nlink != 2 {
+		return fmt.Errorf("links: inodes %d/%d, nlink %d", sa.Ino, sb.Ino, sa.Nlink)
+	}
+	os.Remove(a)
+	unix.Stat(b, &sb)
+	return expect(sb.Nlink, 1, "nlink after removing one link")
+}
+
+func symlink(dir string) error {
+	os.WriteFile(filepath.Join(dir, "target"), []byte("t"), 0o644)
+	l := filepath.Join(dir, "link")
+	if err := os.Symlink("target", l); err != nil {
+		return err
+	}
+	if t, err := os.Readlink(l); err != nil || t != "target" {
+		return fmt.Errorf("readlink: %q %v", t, err)
+	}
+	c, err := os.ReadFile(l)
+	if err != nil || string(c) != "t" {
+		return fmt.Errorf("read through link: %q %v", c, err)
+	}
+	fi, _ := os.Lstat(l)
+	if fi.Mode()&os.ModeSymlink == 0 {
+		return fmt.Errorf("lstat mode %v", fi.Mode())
+	}
+	dangling := filepath.Join(dir, "dangling")
+	os.Symlink("nowhere", dangling)
+	if _, err := os.Stat(dangling); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("stat dangling link: %v, want ENOENT", err)
+	}
+	long := strings.Repeat("x/", 1000)
+	if err := os.Symlink(long, filepath.Join(dir, "long")); err != nil {
+		return fmt.Errorf("2000-byte target: %v", err)
+	}
+	t, _ := os.Readlink(filepath.Join(dir, "long"))
+	return expect(len(t), len(long), "long target length")
+}
+
+func chmod(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, nil, 0o644)
+	for _, m := range []os.FileMode{0o600, 0o755, 0o4755, 0o1777 | os.ModeSticky} {
+		if err := os.Chmod(p, m); err != nil {
+			return err
+		}
+	}
+	if err := unix.Chmod(p, 0o2751); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	unix.Stat(p, &st)
+	return expect(fmt.Sprintf("%o", st.Mode&07777), "2751", "mode")
+}
+
+func chown(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, nil, 0o644)
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	if err := os.Lchown(p, 1234, 5678); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	unix.Stat(p, &st)
+	if err := expect(fmt.Sprint(st.Uid, ":", st.Gid), "1234:5678", "owner"); err != nil {
+		return err
+	}
+	l := filepath.Join(dir, "l")
+	os.Symlink("f", l)
+	if err := os.Lchown(l, 42, 43); err != nil {
+		return fmt.Errorf("lchown symlink: %v", err)
+	}
+	unix.Lstat(l, &st)
+	return expect(fmt.Sprint(st.Uid, ":", st.Gid), "42:43", "symlink owner")
+}
+
+func utimes(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, nil, 0o644)
+	at := time.Date(2001, 2, 3, 4, 5, 6, 7000, time.UTC)
+	mt := time.Date(2011, 12, 13, 14, 15, 16, 17000, time.UTC)
+	if err := os.Chtimes(p, at, mt); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	unix.Stat(p, &st)
+	if err := expect(time.Unix(st.Mtim.Unix()).UTC(), mt, "mtime"); err != nil {
+		return err
+	}
+	if err := expect(time.Unix(st.Atim.Unix()).UTC(), at, "atime"); err != nil {
+		return err
+	}
+	before := time.Now().Add(-2 * time.Second)
+	if err := unix.UtimesNano(p, []unix.Timespec{{Nsec: unix.UTIME_NOW}, {Nsec: unix.UTIME_OMIT}}); err != nil {
+		return err
+	}
+	unix.Stat(p, &st)
+	if time.Unix(st.Atim.Unix()).Before(before) {
+		return fmt.Errorf("UTIME_NOW atime %v", time.Unix(st.Atim.Unix()))
+	}
+	return expect(time.Unix(st.Mtim.Unix()).UTC(), mt, "mtime after UTIME_OMIT")
+}
+
+func mkdirRmdir(dir string) error {
+	d := filepath.Join(dir, "d")
+	if err := os.Mkdir(d, 0o750); err != nil {
+		return err
+	}
+	if err := os.Mkdir(d, 0o750); !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("mkdir existing: %v, want EEXIST", err)
+	}
+	os.WriteFile(filepath.Join(d, "f"), nil, 0o644)
+	if err := unix.Rmdir(d); !errors.Is(err, unix.ENOTEMPTY) {
+		return fmt.Errorf("rmdir non-empty: %v, want ENOTEMPTY", err)
+	}
+	if err := unix.Rmdir(filepath.Join(d, "f")); !errors.Is(err, unix.ENOTDIR) {
+		return fmt.Errorf("rmdir file: %v, want ENOTDIR", err)
+	}
+	os.Remove(filepath.Join(d, "f"))
+	if err := unix.Rmdir(d); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	unix.Stat(dir, &st)
+	return expect(st.Nlink, 2, "parent nlink after rmdir")
+}
+
+func fifo(dir string) error {
+	p := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(p, 0o600); err != nil {
+		return err
+	}
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeNamedPipe == 0 {
+		return fmt.Errorf("mode %v, want a named pipe", fi.Mode())
+	}
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(p, os.O_WRONLY, 0)
+		if err == nil {
+			_, err = f.Write([]byte("through the pipe"))
+			f.Close()
+		}
+		done <- err
+	}()
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	b := make([]byte, 64)
+	n, _ := f.Read(b)
+	f.Close()
+	if err := <-done; err != nil {
+		return err
+	}
+	return expect(string(b[:n]), "through the pipe", "fifo data")
+}
+
+func sparse(dir string) error {
+	p := filepath.Join(dir, "sparse")
+	f, err := os.Create(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	off := int64(5) << 30
+	if _, err := f.WriteAt([]byte("far"), off); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	b := make([]byte, 3)
+	if _, err := f.ReadAt(b, off); err != nil || string(b) != "far" {
+		return fmt.Errorf("read at 5 GiB: %q %v", b, err)
+	}
+	fi, _ := f.Stat()
+	if err := expect(fi.Size(), off+3, "size"); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	unix.Stat(p, &st)
+	if st.Blocks*512 > 1<<20 {
+		return fmt.Errorf("%d bytes allocated for a 5 GiB sparse file", st.Blocks*512)
+	}
+	hole, err := unix.Seek(int(f.Fd()), 0, unix.SEEK_DATA)
+	if err != nil {
+		return fmt.Errorf("SEEK_DATA: %v", err)
+	}
+	if hole < off-(1<<20) {
+		return fmt.Errorf("SEEK_DATA found data at %d, before the written block", hole)
+	}
+	return nil
+}
+
+func xattr(dir string) error {
+	p := filepath.Join(dir, "f")
+	os.WriteFile(p, nil, 0o644)
+	if err := unix.Setxattr(p, "user.kiwi", []byte("box"), 0); err != nil {
+		return err
+	}
+	b := make([]byte, 64)
+	n, err := unix.Getxattr(p, "user.kiwi", b)
+	if err != nil || string(b[:n]) != "box" {
+		return fmt.Errorf("getxattr: %q %v", b[:n], err)
+	}
+	n, err = unix.Listxattr(p, b)
+	if err != nil || !slices.Contains(strings.Split(string(b[:n]), "\x00"), "user.kiwi") {
+		return fmt.Errorf("listxattr: %q %v", b[:n], err)
+	}
+	if err := unix.Setxattr(p, "user.kiwi", []byte("x"), unix.XATTR_CREATE); !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("XATTR_CREATE on existing: %v, want EEXIST", err)
+	}
+	if err := unix.Removexattr(p, "user.kiwi"); err != nil {
+		return err
+	}
+	if _, err := unix.Getxattr(p, "user.kiwi", b); !errors.Is(err, unix.ENODATA) {
+		return fmt.Errorf("get removed: %v, want ENODATA", err)
+	}
+	return nil
+}
+
+func readdir10k(dir string) error {
+	const n = 10000
+	for i := 0; i < n; i++ {
+		f, err := os.OpenFile(filepath.Join(dir, "entry-"+strconv.Itoa(i)), os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	if err := expect(len(ents), n, "entries"); err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for _, e := range ents {
+		if seen[e.Name()] {
+			return fmt.Errorf("entry %s listed twice", e.Name())
+		}
+		seen[e.Name()] = true
+	}
+	return nil
+}
+
+func fsync(dir string) error {
+	f, err := os.Create(filepath.Join(dir, "f"))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	f.Write([]byte("durable"))
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func odirect(dir string) error {
+	p := filepath.Join(dir, "f")
+	data := bytes.Repeat([]byte("0123456789abcdef"), 4096) // 64 KiB
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		return err
+	}
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return fmt.Errorf("open O_DIRECT: %v", err)
+	}
+	defer unix.Close(fd)
+	// O_DIRECT wants aligned buffers: take an aligned slice of a mapping.
+	buf, err := unix.Mmap(-1, 0, len(data), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(buf)
+	n, err := unix.Pread(fd, buf, 0)
+	if err != nil {
+		return fmt.Errorf("O_DIRECT read: %v", err)
+	}
+	if n != len(data) || !bytes.Equal(buf[:n], data) {
+		return fmt.Errorf("O_DIRECT read %d bytes, content equal %v", n, bytes.Equal(buf[:n], data))
+	}
+	return nil
+}
+
+func unlinkOpen(dir string) error {
+	p := filepath.Join(dir, "f")
+	f, err := os.Create(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	f.Write([]byte("still here"))
+	if err := os.Remove(p); err != nil {
+		return err
+	}
+	b := make([]byte, 32)
+	n, err := f.ReadAt(b, 0)
+	if n == 0 {
+		return fmt.Errorf("read after unlink: %v", err)
+	}
+	return expect(string(b[:n]), "still here", "content after unlink")
+}
+
+func statfs(dir string) error {
+	var s unix.Statfs_t
+	if err := unix.Statfs(dir, &s); err != nil {
+		return err
+	}
+	if s.Blocks == 0 || s.Bsize == 0 {
+		return fmt.Errorf("statfs blocks %d bsize %d", s.Blocks, s.Bsize)
+	}
+	return nil
+}

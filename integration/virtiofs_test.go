@@ -1,0 +1,89 @@
+package integration
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestVirtioFSPosix: the POSIX suite inside a VM, on a virtio-fs share
+// served by kiwi-sharefs, gives the same verdicts as on a native
+// directory.
+func TestVirtioFSPosix(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	native := runSuite(t, t.TempDir())
+	rootfs := busyboxRootfs(t)
+	copyFile(t, posixsuite, filepath.Join(rootfs, "posixsuite"))
+	os.Chmod(filepath.Join(rootfs, "posixsuite"), 0o755)
+	share := t.TempDir()
+	start := time.Now()
+	r := p.run("", "run", "--rm", "--annotation", "io.kiwi-shim.share=virtiofs", "-v", share+":/share", "--rootfs", rootfs, "/posixsuite", "/share")
+	t.Logf("suite in the guest: %s", time.Since(start).Round(time.Millisecond))
+	if got := strings.TrimSpace(r.stdout); got != strings.Join(native, "\n") {
+		t.Fatalf("verdicts differ (exit %d, stderr %q)\nnative:\n%s\nvirtio-fs:\n%s", r.code, r.stderr, strings.Join(native, "\n"), got)
+	}
+	if left, _ := os.ReadDir(share); len(left) != 0 {
+		t.Fatalf("the suite left %d entries in the share", len(left))
+	}
+}
+
+// TestVirtioFSEscape: from inside the guest, no route reaches a canary
+// next to the shared directory: "..", relative and absolute symlinks,
+// and a directory the host keeps swapping with a symlink out of the share
+// for several seconds while the guest reads through it.
+func TestVirtioFSEscape(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	base := t.TempDir()
+	share, canary := filepath.Join(base, "share"), filepath.Join(base, "canary")
+	os.MkdirAll(filepath.Join(share, "d"), 0o755)
+	os.MkdirAll(canary, 0o755)
+	os.WriteFile(filepath.Join(share, "d", "secret"), []byte("inside\n"), 0o644)
+	os.WriteFile(filepath.Join(canary, "secret"), []byte("CANARY\n"), 0o644)
+	os.Symlink("../canary", filepath.Join(share, "rel"))
+	os.Symlink(canary, filepath.Join(share, "abs"))
+	os.Symlink("../canary", filepath.Join(share, "swap"))
+
+	stop := make(chan struct{})
+	swaps := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				swaps <- n
+				return
+			default:
+			}
+			if unix.Renameat2(unix.AT_FDCWD, filepath.Join(share, "d"), unix.AT_FDCWD, filepath.Join(share, "swap"), unix.RENAME_EXCHANGE) == nil {
+				n++
+			}
+		}
+	}()
+	script := `
+cat /share/rel/secret /share/abs/secret /share/../canary/secret /share/d/../../canary/secret 2>/dev/null
+end=$(($(date +%s) + 5)); reads=0
+while [ $(date +%s) -lt $end ]; do
+	cat /share/d/secret /share/swap/secret 2>/dev/null
+	reads=$((reads + 1))
+done
+echo "reads $reads" >&2`
+	rootfs := busyboxRootfs(t)
+	r := p.run("", "run", "--rm", "--annotation", "io.kiwi-shim.share=virtiofs", "-v", share+":/share", "--rootfs", rootfs, "sh", "-c", script)
+	close(stop)
+	n := <-swaps
+	t.Logf("%s, %d swaps on the host", strings.TrimSpace(r.stderr), n)
+	if strings.Contains(r.stdout, "CANARY") {
+		t.Fatalf("the guest read the canary outside the share:\n%s", r.stdout)
+	}
+	if !strings.Contains(r.stdout, "inside") || n < 10 {
+		t.Fatalf("the race did not run: %d swaps, guest read %q", n, r.stdout)
+	}
+}

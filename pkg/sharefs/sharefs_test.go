@@ -1,0 +1,229 @@
+package sharefs
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// jail is an export next to a canary directory that no request may reach.
+type jail struct {
+	export, canary string
+	raw            fuse.RawFileSystem
+	root           fs.InodeEmbedder
+}
+
+func newJail(t *testing.T, o Options) *jail {
+	t.Helper()
+	base := t.TempDir()
+	j := &jail{export: filepath.Join(base, "export"), canary: filepath.Join(base, "canary")}
+	for _, d := range []string{j.export, j.canary} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(j.canary, "secret"), []byte("canary"), 0o644)
+	os.WriteFile(filepath.Join(j.export, "file"), []byte("inside"), 0o644)
+	os.Mkdir(filepath.Join(j.export, "dir"), 0o755)
+	os.Symlink("../canary", filepath.Join(j.export, "rel"))
+	os.Symlink(j.canary, filepath.Join(j.export, "abs"))
+	var err error
+	if j.root, err = Root(j.export, o); err != nil {
+		t.Fatal(err)
+	}
+	opts, _ := FSOptions(o)
+	j.raw = fs.NewNodeFS(j.root, opts)
+	return j
+}
+
+func hdr(node uint64) *fuse.InHeader {
+	return &fuse.InHeader{NodeId: node, Caller: fuse.Caller{Owner: fuse.Owner{Uid: 0, Gid: 0}}}
+}
+
+func (j *jail) lookup(t *testing.T, parent uint64, name string) (uint64, fuse.Status) {
+	t.Helper()
+	var out fuse.EntryOut
+	st := j.raw.Lookup(nil, hdr(parent), name, &out)
+	return out.NodeId, st
+}
+
+// TestNamesConfined: names that are not one directory entry never reach
+// the host, whatever the operation.
+func TestNamesConfined(t *testing.T) {
+	j := newJail(t, Options{})
+	bad := []string{"..", "../canary", "../canary/secret", "dir/../../canary", "/etc", "a/b", "x\x00y", strings.Repeat("n", 256)}
+	for _, name := range bad {
+		if _, st := j.lookup(t, 1, name); st == fuse.OK {
+			t.Errorf("lookup %q succeeded", name)
+		}
+		var eo fuse.EntryOut
+		if st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0o755}, name, &eo); st == fuse.OK {
+			t.Errorf("mkdir %q succeeded", name)
+		}
+		var co fuse.CreateOut
+		if st := j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0o644}, name, &co); st == fuse.OK {
+			t.Errorf("create %q succeeded", name)
+		}
+		if st := j.raw.Symlink(nil, hdr(1), "x", name, &eo); st == fuse.OK {
+			t.Errorf("symlink %q succeeded", name)
+		}
+		if st := j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, "file", name); st == fuse.OK {
+			t.Errorf("rename to %q succeeded", name)
+		}
+		if st := j.raw.Unlink(nil, hdr(1), name); st == fuse.OK {
+			t.Errorf("unlink %q succeeded", name)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(j.canary, "secret")); err != nil {
+		t.Fatalf("canary damaged: %v", err)
+	}
+	ents, _ := os.ReadDir(filepath.Dir(j.export))
+	if len(ents) != 2 {
+		t.Fatalf("something was created next to the export: %v", ents)
+	}
+}
+
+// TestSymlinksNotFollowed: symlinks are returned, never followed: a
+// lookup below one fails, opening one fails.
+func TestSymlinksNotFollowed(t *testing.T) {
+	j := newJail(t, Options{})
+	for _, l := range []string{"rel", "abs"} {
+		id, st := j.lookup(t, 1, l)
+		if st != fuse.OK {
+			t.Fatalf("lookup %s: %v", l, st)
+		}
+		if _, st := j.lookup(t, id, "secret"); st == fuse.OK {
+			t.Errorf("lookup %s/secret went through the symlink", l)
+		}
+		var oo fuse.OpenOut
+		if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDONLY)}, &oo); st == fuse.OK {
+			t.Errorf("open %s succeeded", l)
+		}
+		var eo fuse.EntryOut
+		if st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(id), Mode: 0o755}, "x", &eo); st == fuse.OK {
+			t.Errorf("mkdir below symlink %s succeeded", l)
+		}
+		target, st := j.raw.Readlink(nil, hdr(id))
+		if st != fuse.OK || !strings.Contains(string(target), "canary") {
+			t.Errorf("readlink %s: %q %v", l, target, st)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(j.canary, "x")); err == nil {
+		t.Fatal("created inside the canary directory")
+	}
+}
+
+// TestReadOnly: every change is EROFS.
+func TestReadOnly(t *testing.T) {
+	j := newJail(t, Options{ReadOnly: true, Xattr: true})
+	id, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	erofs := fuse.Status(syscall.EROFS)
+	var eo fuse.EntryOut
+	var co fuse.CreateOut
+	var oo fuse.OpenOut
+	var ao fuse.AttrOut
+	checks := map[string]fuse.Status{
+		"mkdir":    j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0o755}, "new", &eo),
+		"create":   j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0o644}, "new", &co),
+		"open rw":  j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDWR)}, &oo),
+		"truncate": j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDONLY | os.O_TRUNC)}, &oo),
+		"unlink":   j.raw.Unlink(nil, hdr(1), "file"),
+		"rmdir":    j.raw.Rmdir(nil, hdr(1), "dir"),
+		"rename":   j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, "file", "moved"),
+		"symlink":  j.raw.Symlink(nil, hdr(1), "x", "new", &eo),
+		"chmod":    j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0o600}}, &ao),
+		"setxattr": j.raw.SetXAttr(nil, &fuse.SetXAttrIn{InHeader: *hdr(id)}, "user.x", []byte("y")),
+		"link":     j.raw.Link(nil, &fuse.LinkIn{InHeader: *hdr(1), Oldnodeid: id}, "hard", &eo),
+	}
+	for name, st := range checks {
+		if st != erofs {
+			t.Errorf("%s: %v, want EROFS", name, st)
+		}
+	}
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDONLY)}, &oo); st != fuse.OK {
+		t.Errorf("read-only open: %v", st)
+	}
+}
+
+// TestNoDevices: device nodes are neither created nor opened.
+func TestNoDevices(t *testing.T) {
+	j := newJail(t, Options{})
+	var eo fuse.EntryOut
+	for _, mode := range []uint32{unix.S_IFBLK | 0o666, unix.S_IFCHR | 0o666} {
+		if st := j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: mode, Rdev: uint32(unix.Mkdev(7, 0))}, "dev", &eo); st != fuse.EPERM {
+			t.Errorf("mknod %o: %v, want EPERM", mode, st)
+		}
+	}
+	if os.Geteuid() != 0 {
+		t.Log("not root: existing device nodes not checked")
+		return
+	}
+	if err := unix.Mknod(filepath.Join(j.export, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err != nil {
+		t.Fatal(err)
+	}
+	id, st := j.lookup(t, 1, "null")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	var oo fuse.OpenOut
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDWR)}, &oo); st == fuse.OK {
+		t.Fatal("opened a device node")
+	}
+}
+
+// TestRenamedBehindBack: a non-directory renamed on the host is ESTALE,
+// never a different inode.
+func TestRenamedBehindBack(t *testing.T) {
+	j := newJail(t, Options{})
+	id, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	os.Rename(filepath.Join(j.export, "file"), filepath.Join(j.export, "elsewhere"))
+	os.WriteFile(filepath.Join(j.export, "file"), []byte("impostor"), 0o644)
+	var ao fuse.AttrOut
+	if st := j.raw.GetAttr(nil, &fuse.GetAttrIn{InHeader: *hdr(id)}, &ao); st != fuse.Status(syscall.ESTALE) {
+		t.Fatalf("getattr after replacement: %v, want ESTALE", st)
+	}
+}
+
+func TestOwnership(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create files for other users")
+	}
+	for _, tc := range []struct {
+		name     string
+		o        Options
+		wantUID  uint32
+		wantSeen uint32
+	}{
+		{"identity", Options{}, 1000, 1000},
+		{"mapped", Options{UIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}, GIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}}, 101000, 1000},
+		{"squash", Options{Squash: true}, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			j := newJail(t, tc.o)
+			var co fuse.CreateOut
+			in := &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0o644}
+			in.Uid, in.Gid = 1000, 1000
+			if st := j.raw.Create(nil, in, "owned", &co); st != fuse.OK {
+				t.Fatal(st)
+			}
+			j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(co.NodeId), Fh: co.Fh})
+			var st unix.Stat_t
+			unix.Stat(filepath.Join(j.export, "owned"), &st)
+			if st.Uid != tc.wantUID || co.Attr.Uid != tc.wantSeen {
+				t.Fatalf("host uid %d (want %d), client sees %d (want %d)", st.Uid, tc.wantUID, co.Attr.Uid, tc.wantSeen)
+			}
+		})
+	}
+}

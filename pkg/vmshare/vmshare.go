@@ -1,0 +1,131 @@
+// Package vmshare is the vhost-user-fs back end kiwi-sharefs runs for a
+// VM: it serves one export (a sharefs tree) to QEMU's vhost-user-fs-pci
+// device, decoding the guest's virtio-fs requests from the virtqueues
+// (package vhostuser) and answering them through go-fuse's
+// transport-neutral ProtocolServer.
+package vmshare
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/sharefs"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vhostuser"
+)
+
+// Queues of a virtio-fs device: the high-priority queue (FORGET) and one
+// request queue. Linux (6.1 and later) sends every request on the first
+// request queue, so more would sit idle; requests of that queue are
+// still served in parallel (vhostuser.Config.MaxInflight).
+const Queues = 2
+
+// QueueSize is the ring size QEMU should use (queue-size=...): the
+// largest QEMU allows, so that a 1 MiB write fits in one request.
+const QueueSize = vhostuser.MaxQueueSize
+
+// Export is one directory served to a guest.
+type Export struct {
+	// Tag is the virtio-fs tag the guest mounts.
+	Tag string `json:"tag"`
+	// Source is the host directory.
+	Source string `json:"source"`
+	// Socket is the vhost-user socket QEMU connects to.
+	Socket string `json:"socket"`
+	// Options confine and configure the tree.
+	Options sharefs.Options `json:"options"`
+}
+
+// device adapts a ProtocolServer to the virtqueues.
+type device struct {
+	ps  *fuse.ProtocolServer
+	log *slog.Logger
+}
+
+// Handle serves one FUSE request. Requests without a reply (FORGET) are
+// completed with length 0; a request the server cannot parse gets no
+// reply bytes either, which the guest reports as an I/O error.
+func (d *device) Handle(q int, c *vhostuser.Chain) int {
+	n, st := d.ps.HandleRequest(c.Readable, c.Writable)
+	if n == 0 && st != fuse.OK {
+		d.log.Debug("request without reply", "queue", q, "status", st)
+	}
+	return n
+}
+
+// NewProtocolServer builds the FUSE protocol server for an export.
+func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error) {
+	root, err := sharefs.Root(e.Source, e.Options)
+	if err != nil {
+		return nil, err
+	}
+	opts, err := sharefs.FSOptions(e.Options)
+	if err != nil {
+		return nil, err
+	}
+	opts.Logger = slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	// The guest is not trusted, and go-fuse (v2.12) panics while holding
+	// an inode's lock when a FORGET drops more lookups than the inode
+	// has, which wedges every later request on it. So FORGET is ignored
+	// and the guest's inodes stay known for the export's lifetime: only
+	// directories hold a descriptor, so this costs a little memory per
+	// inode and a descriptor per directory the guest visited.
+	opts.RememberInodes = true
+	// A handler that panics on guest input answers EIO; the daemon lives.
+	opts.PanicHandler = func(p any) fuse.Status {
+		log.Error("FUSE handler panicked", "panic", fmt.Sprint(p))
+		return fuse.EIO
+	}
+	return fuse.NewProtocolServer(fs.NewNodeFS(root, opts), &opts.MountOptions), nil
+}
+
+// Listen creates the export's socket; QEMU connects to it once started.
+func Listen(e Export) (*net.UnixListener, error) {
+	os.Remove(e.Socket)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: e.Socket, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("export %s: %w", e.Tag, err)
+	}
+	if err := os.Chmod(e.Socket, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// Serve accepts QEMU's connection on l and serves the export until QEMU
+// closes it (the guest powered off, or QEMU exited), or ctx ends. The
+// listener is closed on return.
+func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger, trace bool) error {
+	defer l.Close()
+	ps, err := NewProtocolServer(e, log)
+	if err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	conn, err := l.AcceptUnix()
+	stop()
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("export %s: accept: %w", e.Tag, err)
+	}
+	defer conn.Close()
+	// One front end per export: nobody else may connect later.
+	l.Close()
+	log.Info("front end connected", "tag", e.Tag, "source", e.Source)
+	b := vhostuser.NewBackend(conn, &device{ps: ps, log: log}, vhostuser.Config{Queues: Queues, Log: log, Trace: trace})
+	err = b.Serve(ctx)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("export %s: %w", e.Tag, err)
+	}
+	log.Info("front end gone", "tag", e.Tag)
+	return err
+}
