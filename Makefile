@@ -12,7 +12,7 @@ STATICCHECK_VERSION := v0.8.2
 
 # Debian packages the tests drive for real.
 DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins \
-	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 \
+	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 netavark aardvark-dns \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
 .PHONY: all build deps kernel box test test-e2e test-conformance test-unit test-integration lint bench install clean demo

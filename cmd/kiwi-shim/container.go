@@ -18,6 +18,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmnet"
 )
 
 func (e *env) store() state.Store { return state.NewStore(e.root) }
@@ -119,6 +120,13 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		return fmt.Errorf("cannot delete container %s that is running: stop it first or use --force", rec.ID)
 	}
 	vm.Stop(dir, rec.Pid, 10*time.Second)
+	// QEMU is gone, and with it the taps; the redirects and the
+	// interfaces' addresses are restored in the namespace, if it lives.
+	if st, err := vmnet.Load(dir); err != nil {
+		e.log.Warn("container network state", "id", rec.ID, "err", err)
+	} else if err := vmnet.Teardown(st); err != nil {
+		e.log.Warn("container network teardown", "id", rec.ID, "err", err)
+	}
 	if rec.Scratch != "" {
 		if err := os.Remove(rec.Scratch); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("remove scratch disk: %w", err)

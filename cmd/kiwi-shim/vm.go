@@ -24,6 +24,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/sysbin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmnet"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
 
@@ -88,6 +89,27 @@ func initBinary(arch string) ([]byte, error) {
 		}
 	}
 	return nil, fmt.Errorf("kiwi-box-init for %s not found (looked in %s): build it with make", arch, strings.Join(cands, ", "))
+}
+
+// virtiofsExports turns the VM's shares into kiwi-sharefs exports, each
+// with its socket in the state directory dir.
+func virtiofsExports(dir string, shares []vm.Share, bin string, debug bool) (*vm.ShareFS, []vm.VirtioFS) {
+	sf := &vm.ShareFS{Binary: bin, Debug: debug}
+	var devs []vm.VirtioFS
+	for i, sh := range shares {
+		cache := sharefs.CacheAuto
+		if sh.Tag == vm.RootTag {
+			// The container's root is its own while it runs.
+			cache = sharefs.CacheAlways
+		}
+		e := vmshare.Export{
+			Tag: sh.Tag, Source: sh.Path, Socket: filepath.Join(dir, fmt.Sprintf("v%d.sock", i)),
+			Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: os.Geteuid() != 0},
+		}
+		sf.Exports = append(sf.Exports, e)
+		devs = append(devs, vm.VirtioFS{Tag: sh.Tag, Socket: e.Socket})
+	}
+	return sf, devs
 }
 
 // findShareFS finds kiwi-sharefs: vm.sharefs, next to kiwi-shim (as make
@@ -209,6 +231,9 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 			if rec.Scratch != "" {
 				os.Remove(rec.Scratch)
 			}
+			if st, _ := vmnet.Load(dir); st != nil {
+				vmnet.Teardown(st)
+			}
 			store.Remove(id)
 		}
 	}()
@@ -226,27 +251,37 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	var shareFS *vm.ShareFS
 	var virtiofs []vm.VirtioFS
 	if share == "virtiofs" {
-		shareFS = &vm.ShareFS{Binary: shareFSBin, Debug: ctx.GlobalBool("debug")}
-		for i, sh := range shares {
-			cache := sharefs.CacheAuto
-			if sh.Tag == vm.RootTag {
-				// The container's root is its own while it runs.
-				cache = sharefs.CacheAlways
-			}
-			shareFS.Exports = append(shareFS.Exports, vmshare.Export{
-				Tag: sh.Tag, Source: sh.Path, Socket: filepath.Join(dir, fmt.Sprintf("v%d.sock", i)),
-				Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: os.Geteuid() != 0},
-			})
-			virtiofs = append(virtiofs, vm.VirtioFS{Tag: sh.Tag, Socket: shareFS.Exports[i].Socket})
-		}
+		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, ctx.GlobalBool("debug"))
 		shares = nil
+	}
+	var taps []*os.File
+	var tapMACs []string
+	if netPlan.Mode == vm.NetTap {
+		var st *vmnet.State
+		st, taps, err = vmnet.Setup(netPlan.NetNS)
+		if err != nil {
+			return fmt.Errorf("container network: %w", err)
+		}
+		defer func() {
+			for _, t := range taps {
+				t.Close() // the monitor and QEMU hold their own
+			}
+		}()
+		if err := vmnet.Save(dir, st); err != nil {
+			vmnet.Teardown(st)
+			return err
+		}
+		guest.Network = st.Guest()
+		for _, ifc := range st.Interfaces {
+			tapMACs = append(tapMACs, ifc.MAC)
+		}
 	}
 	mc := vm.MonitorConfig{
 		ID: id, QEMU: qemu, Guest: guest, ConsoleSocket: ctx.String("console-socket"),
 		BootTimeout: 3 * time.Minute, ShareFS: shareFS,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
+			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, TapMACs: tapMACs, Disks: disks,
 		},
 	}
 	mc.Paths(dir)
@@ -270,7 +305,8 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	monitor = exec.Command(self, append(globalArgs(ctx), "vm-monitor", "--state-dir", dir)...)
 	// The monitor's stdio is the container's: conmon's pipes.
 	monitor.Stdin, monitor.Stdout, monitor.Stderr = os.Stdin, os.Stdout, os.Stderr
-	monitor.ExtraFiles = []*os.File{readyW}
+	// fd 3: the ready pipe; fds vm.TapFD...: the taps.
+	monitor.ExtraFiles = append([]*os.File{readyW}, taps...)
 	monitor.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = fdutil.WithInheritedHidden(monitor.Start)
 	readyW.Close()

@@ -42,6 +42,10 @@ const (
 	qemuPidFile       = "qemu.pid"
 )
 
+// TapFD is the first descriptor at which the monitor inherits the tap
+// devices of NetTap (after the ready pipe at 3).
+const TapFD = 4
+
 // MonitorConfig is what create hands the monitor.
 type MonitorConfig struct {
 	// ID is the container id.
@@ -226,6 +230,11 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 	cmd := exec.Command(m.cfg.QEMU, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// The taps create handed the monitor (fds 4, 5, ...) become QEMU's
+	// fds 3, 4, ... (Machine.Args).
+	for i := range m.cfg.Machine.TapMACs {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, os.NewFile(uintptr(TapFD+i), "tap"))
+	}
 	err = fdutil.WithInheritedHidden(cmd.Start)
 	if err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", m.cfg.QEMU, err)

@@ -19,6 +19,9 @@ const (
 	// NetUser is QEMU's user-mode (slirp) network: outbound connections
 	// from the guest leave through QEMU's own sockets, as the host's.
 	NetUser = "user"
+	// NetTap hands the container's own interfaces to the guest through
+	// taps and tc mirred redirects (package vmnet).
+	NetTap = "tap"
 )
 
 // userMAC is the MAC of the user-mode NIC; slirp's guest address and
@@ -31,6 +34,8 @@ type NetworkPlan struct {
 	Mode string
 	// Why explains the choice for the log.
 	Why string
+	// NetNS is the namespace whose interfaces NetTap hands over.
+	NetNS string
 }
 
 // PlanNetwork decides the VM's network from the spec's network namespace:
@@ -47,18 +52,18 @@ func PlanNetwork(spec *specs.Spec) NetworkPlan {
 	}
 	switch {
 	case ns == nil:
-		return NetworkPlan{NetUser, "the container shares the host's network, which a VM cannot: using QEMU user-mode networking"}
+		return NetworkPlan{Mode: NetUser, Why: "the container shares the host's network, which a VM cannot: using QEMU user-mode networking"}
 	case ns.Path == "":
-		return NetworkPlan{NetNone, "new empty network namespace: loopback only"}
+		return NetworkPlan{Mode: NetNone, Why: "new empty network namespace: loopback only"}
 	}
 	ifs, err := interfacesIn(ns.Path)
 	if err != nil {
-		return NetworkPlan{NetUser, fmt.Sprintf("cannot inspect %s (%v): using QEMU user-mode networking", ns.Path, err)}
+		return NetworkPlan{Mode: NetUser, Why: fmt.Sprintf("cannot inspect %s (%v): using QEMU user-mode networking", ns.Path, err)}
 	}
 	if len(ifs) <= 1 {
-		return NetworkPlan{NetNone, "network namespace has loopback only"}
+		return NetworkPlan{Mode: NetNone, Why: "network namespace has loopback only"}
 	}
-	return NetworkPlan{NetUser, "using QEMU user-mode networking for the container's network"}
+	return NetworkPlan{Mode: NetTap, Why: "the container's interfaces move into the guest (tap + tc mirred)", NetNS: ns.Path}
 }
 
 // interfacesIn lists the interfaces of the network namespace at path.

@@ -5,6 +5,7 @@ package vm
 
 import (
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 )
@@ -43,8 +44,11 @@ type Machine struct {
 	// VirtioFS are vhost-user-fs devices whose back end (kiwi-sharefs)
 	// listens on Socket. They need the guest's RAM in a shared memfd.
 	VirtioFS []VirtioFS
-	// Network is NetNone or NetUser.
+	// Network is NetNone, NetUser or NetTap.
 	Network string
+	// TapMACs are the guest NICs of NetTap: QEMU inherits their tap
+	// descriptors as fds 3, 4, ... in this order.
+	TapMACs []string
 	// Disks are raw images attached as virtio-blk devices.
 	Disks []Disk
 }
@@ -118,6 +122,13 @@ func (m Machine) Args() ([]string, error) {
 	}
 	if m.Network == NetUser {
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,mac="+userMAC)
+	}
+	for i, mac := range m.TapMACs {
+		if _, err := net.ParseMAC(mac); err != nil {
+			return nil, fmt.Errorf("tap NIC %d: %w", i, err)
+		}
+		id := "tap" + strconv.Itoa(i)
+		args = append(args, "-netdev", "tap,id="+id+",fd="+strconv.Itoa(3+i), "-device", "virtio-net-pci,netdev="+id+",mac="+mac)
 	}
 	if len(m.VirtioFS) > 0 {
 		args = append(args, "-object", "memory-backend-memfd,id=mem,share=on,size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
