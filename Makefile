@@ -72,6 +72,7 @@ bench: deps build kernel
 install: build
 	install -D -m 0755 $(BIN)/kiwi-shim $(DESTDIR)$(PREFIX)/bin/kiwi-shim
 	install -D -m 0755 $(BIN)/kiwi-sharefs $(DESTDIR)$(PREFIX)/bin/kiwi-sharefs
+	ln -sf kiwi-shim $(DESTDIR)$(PREFIX)/bin/containerd-shim-kiwi-v2
 	install -D -m 0755 $(BIN)/kiwi-box-init $(DESTDIR)$(PREFIX)/libexec/kiwi-shim/kiwi-box-init
 	install -D -m 0644 contrib/podman/containers.conf $(DESTDIR)/etc/containers/containers.conf.d/50-kiwi-shim.conf
 

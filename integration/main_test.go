@@ -81,6 +81,17 @@ func run(t testing.TB, env []string, name string, args ...string) result {
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), env...)
+	return runCmd(t, cmd, "")
+}
+
+// runCmd runs cmd with stdin and returns its output and shell-style exit
+// status (128+N for signal N); it fails the test only when cmd cannot
+// start.
+func runCmd(t testing.TB, cmd *exec.Cmd, stdin string) result {
+	t.Helper()
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -88,7 +99,7 @@ func run(t testing.TB, env []string, name string, args ...string) result {
 	if err != nil {
 		ee, ok := err.(*exec.ExitError)
 		if !ok {
-			t.Fatalf("%s %s: %v", name, strings.Join(args, " "), err)
+			t.Fatalf("%s: %v", strings.Join(cmd.Args, " "), err)
 		}
 		r.code = ee.ExitCode()
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -93,20 +92,7 @@ func (p *podman) cmd(args ...string) *exec.Cmd {
 // run runs podman and returns its output and status.
 func (p *podman) run(stdin string, args ...string) result {
 	p.t.Helper()
-	cmd := p.cmd(args...)
-	if stdin != "" {
-		cmd.Stdin = strings.NewReader(stdin)
-	}
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	r := result{stdout: out.String(), stderr: errb.String()}
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-	} else if err != nil {
-		p.t.Fatalf("podman %s: %v", strings.Join(args, " "), err)
-	}
-	return r
+	return runCmd(p.t, p.cmd(args...), stdin)
 }
 
 func (p *podman) must(args ...string) string {

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -25,6 +26,14 @@ var version = "dev"
 const specVersion = "1.2.0"
 
 func main() {
+	// containerd runs the shim as containerd-shim-kiwi-v2; the shim then
+	// starts its long-lived self through os.Executable (kiwi-shim) with
+	// "-namespace NS -id ID -address ..." (containerd's runc shim
+	// manager), which no kiwi-shim command line starts with.
+	if filepath.Base(os.Args[0]) == ShimName || (len(os.Args) > 1 && os.Args[1] == "-namespace") {
+		runShimV2()
+		return
+	}
 	app := cli.NewApp()
 	app.Name = "kiwi-shim"
 	app.Usage = "OCI runtime that runs KIWI image builds in QEMU micro-VMs or as containers"

@@ -110,13 +110,20 @@ func FSOptions(o Options) (*fs.Options, error) {
 	return opts, nil
 }
 
-// openFlags are the FOPEN_* flags the cache mode gives open files.
-func (ex *export) fopenFlags() uint32 {
-	switch ex.opts.Cache {
-	case CacheAlways:
-		return fuse.FOPEN_KEEP_CACHE
-	case CacheNever:
+// fopenFlags are the FOPEN_* flags an open file gets. Files opened
+// write-only bypass the client's page cache (direct I/O, as 9p's
+// cache=mmap does): images and copies of gigabytes are written once, and
+// pushing them through the guest's page cache costs more than the
+// transfer (measured under TCG: 256 MiB in 1.08 s direct, 4.1 s through
+// the page cache). Only write-only files: they cannot be mapped at all,
+// while a Linux 6.1 client refuses MAP_SHARED mappings (apt's caches,
+// for one) of any direct-I/O file.
+func (ex *export) fopenFlags(flags int) uint32 {
+	switch {
+	case ex.opts.Cache == CacheNever || flags&unix.O_ACCMODE == unix.O_WRONLY:
 		return fuse.FOPEN_DIRECT_IO
+	case ex.opts.Cache == CacheAlways:
+		return fuse.FOPEN_KEEP_CACHE
 	}
 	return 0
 }
@@ -535,7 +542,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if e != 0 {
 		return nil, 0, e
 	}
-	return newFile(fd), n.ex.fopenFlags(), 0
+	return newFile(fd), n.ex.fopenFlags(f), 0
 }
 
 // OpendirHandle opens a directory for reading.
@@ -582,7 +589,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
-	return in, newFile(fd), n.ex.fopenFlags(), 0
+	return in, newFile(fd), n.ex.fopenFlags(f), 0
 }
 
 // Mkdir makes a directory.

@@ -1,0 +1,255 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// containerdVersion is the containerd the shim is tested against, built
+// from the module proxy (it is kiwi-shim's own dependency).
+const containerdVersion = "v2.4.2"
+
+// containerd is a private containerd with its own socket, root and state.
+type containerd struct {
+	t     testing.TB
+	dir   string
+	sock  string
+	ctr   string
+	ns    string
+	image string
+}
+
+// buildContainerd builds containerd, ctr and containerd-shim-runc-v2 of
+// containerdVersion into dir (Go's build cache makes repeats quick).
+func buildContainerd(t testing.TB, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("go", "build", "-o", dir+"/",
+		"github.com/containerd/containerd/v2/cmd/containerd",
+		"github.com/containerd/containerd/v2/cmd/ctr",
+		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build containerd %s: %v\n%s", containerdVersion, err, out)
+	}
+}
+
+// startContainerd starts the private containerd, imports a busybox image
+// into it, and stops it (checking that no shim is left) when the test
+// ends.
+func startContainerd(t testing.TB) *containerd {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kiwi-ctrd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tools := filepath.Join(dir, "bin")
+	buildContainerd(t, tools)
+	// containerd finds containerd-shim-kiwi-v2 in its PATH: the kiwi-shim
+	// binary under that name, as make install links it.
+	if err := os.Symlink(shim(), filepath.Join(tools, "containerd-shim-kiwi-v2")); err != nil {
+		t.Fatal(err)
+	}
+	c := &containerd{t: t, dir: dir, sock: filepath.Join(dir, "c.sock"), ctr: filepath.Join(tools, "ctr"), ns: "kiwitest"}
+	conf := fmt.Sprintf(`version = 3
+root = %[1]q
+state = %[2]q
+[grpc]
+  address = %[3]q
+[ttrpc]
+  address = %[4]q
+[plugins.'io.containerd.shim.v1.manager']
+  socket_dir = %[5]q
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+[plugins.'io.containerd.cri.v1.runtime'.containerd]
+  default_runtime_name = "kiwi"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiwi]
+  runtime_type = "io.containerd.kiwi.v2"
+  pod_annotations = ["io.kiwi-shim.*"]
+  container_annotations = ["io.kiwi-shim.*"]
+[plugins.'io.containerd.grpc.v1.cri']
+  disable_tcp_service = true
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc", filepath.Join(dir, "s"))
+	confPath := filepath.Join(dir, "config.toml")
+	os.WriteFile(confPath, []byte(conf), 0o644)
+	logf, _ := os.Create(filepath.Join(dir, "containerd.log"))
+	cmd := exec.Command(filepath.Join(tools, "containerd"), "--config", confPath)
+	cmd.Env = append(os.Environ(), "PATH="+tools+":"+bin+":"+os.Getenv("PATH"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Tasks and containers first, then containerd itself.
+		for _, id := range strings.Fields(c.run("", "containers", "ls", "-q").stdout) {
+			c.run("", "task", "kill", "-s", "SIGKILL", id)
+			time.Sleep(500 * time.Millisecond)
+			c.run("", "task", "delete", "-f", id)
+			c.run("", "containers", "rm", id)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
+			t.Logf("containerd log tail:\n%s", tailLines(string(b), 400))
+		}
+		exec.Command("umount", "-R", filepath.Join(dir, "root")).Run()
+		os.RemoveAll(dir)
+	})
+	eventually(t, 30*time.Second, "containerd listening", func() bool {
+		return c.run("", "version").code == 0
+	})
+	c.importImage()
+	return c
+}
+
+// run runs ctr against the private containerd.
+func (c *containerd) run(stdin string, args ...string) result {
+	c.t.Helper()
+	return runCmd(c.t, exec.Command(c.ctr, append([]string{"--address", c.sock, "--namespace", c.ns}, args...)...), stdin)
+}
+
+func (c *containerd) must(args ...string) string {
+	c.t.Helper()
+	r := c.run("", args...)
+	if r.code != 0 {
+		c.t.Fatalf("ctr %s: exit %d\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	}
+	return r.stdout
+}
+
+// importImage makes a busybox image the way a user would: podman import
+// of a rootfs, podman save as an OCI archive, ctr images import.
+func (c *containerd) importImage() {
+	t := c.t
+	t.Helper()
+	rootfs := busyboxRootfs(t)
+	name := fmt.Sprintf("localhost/kiwi-test-busybox:%d", os.Getpid())
+	archive := filepath.Join(c.dir, "busybox.oci.tar")
+	script := fmt.Sprintf("tar -C %q -c . | podman import -q --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' - %s >/dev/null && podman save -q --format oci-archive -o %q %s && podman rmi -f %s >/dev/null",
+		rootfs, name, archive, name, name)
+	mustRun(t, nil, "bash", "-c", script)
+	c.must("images", "import", archive)
+	c.image = name
+}
+
+// TestContainerdRun: ctr run with io.containerd.kiwi.v2 runs the command
+// in the VM (the guest's kernel) and passes its exit status; the same in
+// container mode.
+func TestContainerdRun(t *testing.T) {
+	rel := guestRelease(t)
+	noVMLeft(t)
+	leaveClean(t, "")
+	c := startContainerd(t)
+	r := c.run("", "run", "--rm", "--runtime", "io.containerd.kiwi.v2", c.image, "vm1", "sh", "-c", "uname -r; exit 3")
+	if r.code != 3 || strings.TrimSpace(r.stdout) != rel {
+		t.Fatalf("VM mode: exit %d, stdout %q, stderr %q; want 3 and %s", r.code, r.stdout, r.stderr, rel)
+	}
+	var uts syscall.Utsname
+	syscall.Uname(&uts)
+	r = c.run("", "run", "--rm", "--runtime", "io.containerd.kiwi.v2", "--annotation", "io.kiwi-shim.mode=container",
+		c.image, "ct1", "sh", "-c", "uname -r; exit 3")
+	if r.code != 3 || strings.TrimSpace(r.stdout) == rel || r.stdout == "" {
+		t.Fatalf("container mode: exit %d, stdout %q, stderr %q; want 3 and the host's release", r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestContainerdTask: a detached VM task through exec, ps, metrics,
+// kill and delete.
+func TestContainerdTask(t *testing.T) {
+	guestRelease(t)
+	noVMLeft(t)
+	leaveClean(t, "")
+	c := startContainerd(t)
+	c.must("run", "-d", "--runtime", "io.containerd.kiwi.v2", c.image, "vm2", "sleep", "600")
+	if out := c.must("task", "exec", "--exec-id", "e1", "vm2", "sh", "-c", "echo from exec; exit 0"); out != "from exec\n" {
+		t.Fatalf("exec printed %q", out)
+	}
+	if r := c.run("", "task", "exec", "--exec-id", "e2", "vm2", "sh", "-c", "exit 5"); r.code != 5 {
+		t.Fatalf("exec exit status %d, want 5 (%s)", r.code, r.stderr)
+	}
+	if out := c.must("task", "ps", "vm2"); !strings.Contains(out, "PID") || len(strings.Split(strings.TrimSpace(out), "\n")) < 2 {
+		t.Fatalf("task ps:\n%s", out)
+	}
+	if out := c.must("task", "metrics", "vm2"); !strings.Contains(out, "memory") {
+		t.Fatalf("task metrics:\n%s", out)
+	}
+	c.must("task", "kill", "vm2")
+	eventually(t, 60*time.Second, "task stopped", func() bool {
+		return strings.Contains(c.must("task", "ls"), "STOPPED")
+	})
+	c.must("task", "delete", "vm2")
+	c.must("containers", "rm", "vm2")
+	if out := c.must("task", "ls"); strings.Contains(out, "vm2") {
+		t.Fatalf("task left: %s", out)
+	}
+}
+
+// TestContainerdShimKilled: kill -9 of the shim mid-run: containerd
+// reports the task gone, delete cleans up, and no VM is left.
+func TestContainerdShimKilled(t *testing.T) {
+	guestRelease(t)
+	noVMLeft(t)
+	leaveClean(t, "")
+	c := startContainerd(t)
+	c.must("run", "-d", "--runtime", "io.containerd.kiwi.v2", c.image, "vm3", "sleep", "600")
+	// The long-lived shim is kiwi-shim started as "-namespace NS -id ID".
+	killProc(t, "-namespace", "vm3")
+	eventually(t, 60*time.Second, "task reported stopped or gone", func() bool {
+		out := c.must("task", "ls")
+		return !strings.Contains(out, "RUNNING")
+	})
+	c.run("", "task", "delete", "-f", "vm3")
+	c.must("containers", "rm", "vm3")
+	// containerd cleans up after a dead shim by running the shim's
+	// `delete`, which runs `kiwi-shim delete --force`: the VM and the
+	// state go, asynchronously.
+	eventually(t, 30*time.Second, "kiwi-shim state removed", func() bool {
+		states, _ := filepath.Glob("/run/kiwi-shim/containerd/kiwitest/containers/*")
+		return len(states) == 0
+	})
+}
+
+// BenchmarkContainerdRun: `ctr run --rm` of a trivial command with
+// io.containerd.kiwi.v2 (VM mode) against io.containerd.runc.v2, five
+// rounds interleaved, medians.
+func BenchmarkContainerdRun(b *testing.B) {
+	guestRelease(b)
+	noVMLeft(b)
+	c := startContainerd(b)
+	const rounds = 5
+	var kiwi, runcD []time.Duration
+	for i := range rounds {
+		for _, rt := range []string{"io.containerd.kiwi.v2", "io.containerd.runc.v2"} {
+			start := time.Now()
+			c.must("run", "--rm", "--runtime", rt, c.image, fmt.Sprintf("bench%d%s", i, rt[14:18]), "true")
+			if rt == "io.containerd.kiwi.v2" {
+				kiwi = append(kiwi, time.Since(start))
+			} else {
+				runcD = append(runcD, time.Since(start))
+			}
+		}
+	}
+	mk, mr := median(kiwi), median(runcD)
+	b.ReportMetric(float64(mk.Milliseconds()), "kiwi-ms")
+	b.ReportMetric(float64(mr.Milliseconds()), "runc-ms")
+	b.ReportMetric(float64(mk)/float64(mr), "ratio")
+}
