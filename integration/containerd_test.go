@@ -113,6 +113,15 @@ state = %[2]q
 		}
 		exec.Command("umount", "-R", filepath.Join(dir, "root")).Run()
 		os.RemoveAll(dir)
+		// kiwi-shim's per-namespace root below the shim's state root: its
+		// container directories are gone (checked by the tests), the
+		// empty directories go too.
+		ns := filepath.Join("/run/kiwi-shim/containerd", c.ns)
+		for _, d := range []string{filepath.Join(ns, "containers"), filepath.Join(ns, "runc"), ns} {
+			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+				t.Errorf("kiwi-shim state left: %v", err)
+			}
+		}
 	})
 	eventually(t, 30*time.Second, "containerd listening", func() bool {
 		return c.run("", "version").code == 0
