@@ -12,21 +12,32 @@ STATICCHECK_VERSION := v0.8.2
 
 # Debian packages the tests drive for real.
 DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins \
-	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-utils fuse3 netavark aardvark-dns \
+	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-system-arm qemu-utils fuse3 netavark aardvark-dns \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
 .PHONY: all build deps kernel box test test-e2e test-conformance test-unit test-integration lint bench install clean demo
 
 all: build
 
-# kiwi-box-init runs as the guest's PID 1: static, no cgo.
+# kiwi-box-init runs as the guest's PID 1: static, no cgo, one per guest
+# architecture (kernel name:GOARCH), embedded in kiwi-shim.
+GUEST_ARCHES := x86_64:amd64 aarch64:arm64
+INITBIN      := cmd/kiwi-shim/initbin
+
 build:
 	@mkdir -p $(BIN)
+	@for a in $(GUEST_ARCHES); do \
+		echo "kiwi-box-init $${a%%:*}"; \
+		CGO_ENABLED=0 GOARCH=$${a##*:} $(GO) build -ldflags "-s -w" -o $(INITBIN)/kiwi-box-init-$${a%%:*} ./cmd/kiwi-box-init || exit 1; \
+	done
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/kiwi-shim ./cmd/kiwi-sharefs
-	CGO_ENABLED=0 $(GO) build -ldflags "-s -w" -o $(BIN)/kiwi-box-init ./cmd/kiwi-box-init
 
 # Installs only what is missing; apt-get update runs only then.
 deps:
+	@if ! dpkg --print-foreign-architectures | grep -qx arm64; then \
+		echo "adding the dpkg architecture arm64 (aarch64 guest kernel and test root file system are downloaded, never installed)"; \
+		dpkg --add-architecture arm64 && apt-get update -qq; \
+	fi
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
@@ -37,6 +48,7 @@ deps:
 # A guest kernel for VM mode, unpacked into the cache (not installed).
 kernel: build
 	$(BIN)/kiwi-shim setup
+	$(BIN)/kiwi-shim setup --arch aarch64
 
 # The default kiwi box (podman image + OCI archive), rebuilt only when its
 # recipe changed.
@@ -73,11 +85,10 @@ install: build
 	install -D -m 0755 $(BIN)/kiwi-shim $(DESTDIR)$(PREFIX)/bin/kiwi-shim
 	install -D -m 0755 $(BIN)/kiwi-sharefs $(DESTDIR)$(PREFIX)/bin/kiwi-sharefs
 	ln -sf kiwi-shim $(DESTDIR)$(PREFIX)/bin/containerd-shim-kiwi-v2
-	install -D -m 0755 $(BIN)/kiwi-box-init $(DESTDIR)$(PREFIX)/libexec/kiwi-shim/kiwi-box-init
 	install -D -m 0644 contrib/podman/containers.conf $(DESTDIR)/etc/containers/containers.conf.d/50-kiwi-shim.conf
 
 demo: deps build
 	./contrib/demo/run
 
 clean:
-	rm -rf $(BIN) integration.log
+	rm -rf $(BIN) integration.log $(INITBIN)/kiwi-box-init-*

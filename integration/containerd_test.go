@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,47 +16,56 @@ import (
 // from the module proxy (it is kiwi-shim's own dependency).
 const containerdVersion = "v2.4.2"
 
+// crictlVersion is the CRI client the CRI tests drive.
+const crictlVersion = "v1.37.0"
+
+// Names the private containerd's CRI plugin uses: the pinned sandbox
+// (pause) image and the CNI bridge its pods attach to, on a documentation
+// prefix that neither the host nor the podman tests use.
+const (
+	pauseImage   = "localhost/kiwi-test-pause:latest"
+	criBridge    = "kiwicri0"
+	criSubnet    = "203.0.113.0/24"
+	criNS        = "k8s.io"
+	criNetName   = "kiwi-cri-test"
+	cniPluginDir = "/usr/lib/cni"
+)
+
 // containerd is a private containerd with its own socket, root and state.
 type containerd struct {
-	t     testing.TB
-	dir   string
-	sock  string
-	ctr   string
-	ns    string
-	image string
+	t       testing.TB
+	dir     string
+	sock    string
+	ctr     string
+	ns      string
+	image   string
+	archive string
 }
 
-// buildContainerd builds containerd, ctr and containerd-shim-runc-v2 of
-// containerdVersion into dir (Go's build cache makes repeats quick).
-func buildContainerd(t testing.TB, dir string) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("go", "build", "-o", dir+"/",
-		"github.com/containerd/containerd/v2/cmd/containerd",
-		"github.com/containerd/containerd/v2/cmd/ctr",
-		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build containerd %s: %v\n%s", containerdVersion, err, out)
-	}
+// containerdTools builds containerd, ctr and containerd-shim-runc-v2 of
+// containerdVersion once per test binary, next to a
+// containerd-shim-kiwi-v2 link to kiwi-shim as make install makes it.
+func containerdTools(t testing.TB) string {
+	return buildTool(t, "containerd-"+containerdVersion, func(dir string) error {
+		if err := goBuild(dir,
+			"github.com/containerd/containerd/v2/cmd/containerd",
+			"github.com/containerd/containerd/v2/cmd/ctr",
+			"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"); err != nil {
+			return err
+		}
+		return os.Symlink(shim(), filepath.Join(dir, "containerd-shim-kiwi-v2"))
+	})
 }
 
-// startContainerd starts the private containerd, imports a busybox image
-// into it, and stops it (checking that no shim is left) when the test
-// ends.
+// startContainerd starts the private containerd (its CRI plugin uses the
+// kiwi runtime handler, a pinned local pause image and a private CNI
+// configuration), imports a busybox image into it, and stops it (checking
+// that nothing is left) when the test ends.
 func startContainerd(t testing.TB) *containerd {
 	t.Helper()
+	tools := containerdTools(t)
 	dir, err := os.MkdirTemp("", "kiwi-ctrd-")
 	if err != nil {
-		t.Fatal(err)
-	}
-	tools := filepath.Join(dir, "bin")
-	buildContainerd(t, tools)
-	// containerd finds containerd-shim-kiwi-v2 in its PATH: the kiwi-shim
-	// binary under that name, as make install links it.
-	if err := os.Symlink(shim(), filepath.Join(tools, "containerd-shim-kiwi-v2")); err != nil {
 		t.Fatal(err)
 	}
 	c := &containerd{t: t, dir: dir, sock: filepath.Join(dir, "c.sock"), ctr: filepath.Join(tools, "ctr"), ns: "kiwitest"}
@@ -70,6 +80,15 @@ state = %[2]q
   socket_dir = %[5]q
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "overlayfs"
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = %[6]q
+[plugins.'io.containerd.cri.v1.runtime']
+  # These hosts deny a negative oom_score_adj (no CAP_SYS_RESOURCE), which
+  # CRI gives pod sandboxes (-998): keep it at containerd's own.
+  restrict_oom_score_adj = true
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = [%[7]q]
+  conf_dir = %[8]q
 [plugins.'io.containerd.cri.v1.runtime'.containerd]
   default_runtime_name = "kiwi"
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiwi]
@@ -78,9 +97,22 @@ state = %[2]q
   container_annotations = ["io.kiwi-shim.*"]
 [plugins.'io.containerd.grpc.v1.cri']
   disable_tcp_service = true
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc", filepath.Join(dir, "s"))
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc", filepath.Join(dir, "s"),
+		pauseImage, cniPluginDir, filepath.Join(dir, "cni"))
 	confPath := filepath.Join(dir, "config.toml")
-	os.WriteFile(confPath, []byte(conf), 0o644)
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A bridge without gateway or masquerading: the bridge plugin then
+	// changes no host sysctl (ip_forward) and adds no iptables rule.
+	cni := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": %q, "plugins": [{"type": "bridge", "bridge": %q,
+  "isGateway": false, "ipMasq": false, "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}]}`,
+		criNetName, criBridge, criSubnet, filepath.Join(dir, "ipam"))
+	os.MkdirAll(filepath.Join(dir, "cni"), 0o755)
+	if err := os.WriteFile(filepath.Join(dir, "cni", "10-kiwi.conflist"), []byte(cni), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	netnsBefore := netnsList()
 	logf, _ := os.Create(filepath.Join(dir, "containerd.log"))
 	cmd := exec.Command(filepath.Join(tools, "containerd"), "--config", confPath)
 	cmd.Env = append(os.Environ(), "PATH="+tools+":"+bin+":"+os.Getenv("PATH"))
@@ -91,11 +123,13 @@ state = %[2]q
 	}
 	t.Cleanup(func() {
 		// Tasks and containers first, then containerd itself.
-		for _, id := range strings.Fields(c.run("", "containers", "ls", "-q").stdout) {
-			c.run("", "task", "kill", "-s", "SIGKILL", id)
-			time.Sleep(500 * time.Millisecond)
-			c.run("", "task", "delete", "-f", id)
-			c.run("", "containers", "rm", id)
+		for _, ns := range []string{c.ns, criNS} {
+			for _, id := range strings.Fields(c.runNS(ns, "", "containers", "ls", "-q").stdout) {
+				c.runNS(ns, "", "task", "kill", "-s", "SIGKILL", id)
+				time.Sleep(500 * time.Millisecond)
+				c.runNS(ns, "", "task", "delete", "-f", id)
+				c.runNS(ns, "", "containers", "rm", id)
+			}
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})
@@ -112,14 +146,34 @@ state = %[2]q
 			t.Logf("containerd log tail:\n%s", tailLines(string(b), 400))
 		}
 		exec.Command("umount", "-R", filepath.Join(dir, "root")).Run()
+		exec.Command("umount", "-R", filepath.Join(dir, "state")).Run()
 		os.RemoveAll(dir)
-		// kiwi-shim's per-namespace root below the shim's state root: its
-		// container directories are gone (checked by the tests), the
-		// empty directories go too.
-		ns := filepath.Join("/run/kiwi-shim/containerd", c.ns)
-		for _, d := range []string{filepath.Join(ns, "containers"), filepath.Join(ns, "runc"), ns} {
-			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
-				t.Errorf("kiwi-shim state left: %v", err)
+		// The CNI bridge outlives the pods (the bridge plugin never
+		// removes it).
+		exec.Command("ip", "link", "del", criBridge).Run()
+		if left := slices.DeleteFunc(netnsList(), func(n string) bool { return slices.Contains(netnsBefore, n) }); len(left) > 0 {
+			t.Errorf("network namespaces left: %v", left)
+		}
+		for _, ns := range []string{c.ns, criNS} {
+			// kiwi-shim's per-namespace root below the shim's state
+			// root: its container directories are gone (checked by the
+			// tests), the empty directories go too.
+			root := filepath.Join("/run/kiwi-shim/containerd", ns)
+			for _, d := range []string{filepath.Join(root, "containers"), filepath.Join(root, "runc"), root} {
+				if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+					t.Errorf("kiwi-shim state left: %v", err)
+				}
+			}
+			// runc's cgroups of the namespace's containers are gone;
+			// their empty parent goes too.
+			parents, _ := filepath.Glob("/sys/fs/cgroup/*/" + ns)
+			if _, err := os.Stat("/sys/fs/cgroup/" + ns); err == nil {
+				parents = append(parents, "/sys/fs/cgroup/"+ns) // v2
+			}
+			for _, p := range parents {
+				if err := os.Remove(p); err != nil {
+					t.Errorf("cgroup left: %v", err)
+				}
 			}
 		}
 	})
@@ -130,10 +184,26 @@ state = %[2]q
 	return c
 }
 
-// run runs ctr against the private containerd.
+// netnsList lists the named network namespaces (ip netns).
+func netnsList() []string {
+	entries, _ := os.ReadDir("/run/netns")
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// run runs ctr against the private containerd in the test namespace.
 func (c *containerd) run(stdin string, args ...string) result {
 	c.t.Helper()
-	return runCmd(c.t, exec.Command(c.ctr, append([]string{"--address", c.sock, "--namespace", c.ns}, args...)...), stdin)
+	return c.runNS(c.ns, stdin, args...)
+}
+
+// runNS runs ctr against the private containerd in namespace ns.
+func (c *containerd) runNS(ns, stdin string, args ...string) result {
+	c.t.Helper()
+	return runCmd(c.t, exec.Command(c.ctr, append([]string{"--address", c.sock, "--namespace", ns}, args...)...), stdin)
 }
 
 func (c *containerd) must(args ...string) string {
@@ -157,7 +227,7 @@ func (c *containerd) importImage() {
 		rootfs, name, archive, name, name)
 	mustRun(t, nil, "bash", "-c", script)
 	c.must("images", "import", archive)
-	c.image = name
+	c.image, c.archive = name, archive
 }
 
 // TestContainerdRun: ctr run with io.containerd.kiwi.v2 runs the command

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +23,54 @@ var bin string
 // posixsuite is the static POSIX behaviour checker (./posixsuite), built
 // for every run: the file-system tests run it on the host and in guests.
 var posixsuite string
+
+// toolsDir holds helper programs built for this run; removed at its end.
+var toolsDir string
+
+// built remembers the helper programs built so far (see buildTool).
+var built = struct {
+	sync.Mutex
+	dirs map[string]string
+}{dirs: map[string]string{}}
+
+// buildTool runs build once per test binary into its own directory below
+// toolsDir and returns that directory; tests that need the same tools
+// (containerd, crictl) share one build.
+func buildTool(t testing.TB, name string, build func(dir string) error) string {
+	t.Helper()
+	built.Lock()
+	defer built.Unlock()
+	if dir, ok := built.dirs[name]; ok {
+		return dir
+	}
+	dir := filepath.Join(toolsDir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := build(dir); err != nil {
+		os.RemoveAll(dir)
+		t.Fatalf("build %s: %v", name, err)
+	}
+	t.Logf("built %s in %s", name, time.Since(start).Round(time.Second))
+	built.dirs[name] = dir
+	return dir
+}
+
+// goBuild builds Go packages (static) into dir; with a version, as
+// `go install pkg@version` outside this module.
+func goBuild(dir string, pkgs ...string) error {
+	args := append([]string{"build", "-o", dir + "/"}, pkgs...)
+	if strings.Contains(pkgs[0], "@") {
+		args = append([]string{"install"}, pkgs...)
+	}
+	cmd := exec.Command("go", args...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOBIN="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
 
 func TestMain(m *testing.M) {
 	os.Exit(runMain(m))
@@ -55,6 +104,7 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(tools)
+	toolsDir = tools
 	posixsuite = filepath.Join(tools, "posixsuite")
 	cmd := exec.Command("go", "build", "-o", posixsuite, "./posixsuite")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -20,6 +20,38 @@ func busyboxRootfs(t testing.TB, hostBins ...string) string {
 	if err != nil {
 		t.Fatal("busybox not found: apt-get install busybox-static (make deps does)")
 	}
+	return busyboxRootfsFrom(t, bb, bb, hostBins...)
+}
+
+// busyboxRootfsArch makes the same root file system for a foreign
+// architecture (Debian's name, e.g. arm64) from that architecture's
+// busybox-static package, downloaded and unpacked, not installed. The
+// applet links come from the host's busybox of the same package.
+func busyboxRootfsArch(t testing.TB, debArch string) string {
+	t.Helper()
+	dl := t.TempDir()
+	os.Chmod(dl, 0o755) // apt-get download runs as _apt where it can
+	cmd := exec.Command("apt-get", "download", "-q", "busybox-static:"+debArch)
+	cmd.Dir = dl
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("apt-get download busybox-static:%s: %v\n%s(make deps adds the dpkg architecture %s)", debArch, err, out, debArch)
+	}
+	debs, _ := filepath.Glob(filepath.Join(dl, "*.deb"))
+	if len(debs) != 1 {
+		t.Fatalf("busybox-static:%s: downloaded %v", debArch, debs)
+	}
+	mustRun(t, nil, "dpkg-deb", "-x", debs[0], filepath.Join(dl, "x"))
+	host, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Fatal("busybox not found: apt-get install busybox-static (make deps does)")
+	}
+	return busyboxRootfsFrom(t, filepath.Join(dl, "x", "bin", "busybox"), host)
+}
+
+// busyboxRootfsFrom makes the root file system around the busybox binary
+// bb, with the applet links that lister (a runnable busybox) lists.
+func busyboxRootfsFrom(t testing.TB, bb, lister string, hostBins ...string) string {
+	t.Helper()
 	root := filepath.Join(t.TempDir(), "rootfs")
 	for _, d := range []string{"bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "var/tmp", "mnt"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
@@ -28,7 +60,7 @@ func busyboxRootfs(t testing.TB, hostBins ...string) string {
 	}
 	os.Chmod(filepath.Join(root, "tmp"), 0o1777)
 	copyFile(t, bb, filepath.Join(root, "bin/busybox"))
-	out, err := exec.Command(bb, "--list").Output()
+	out, err := exec.Command(lister, "--list").Output()
 	if err != nil {
 		t.Fatalf("busybox --list: %v", err)
 	}

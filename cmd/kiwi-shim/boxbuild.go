@@ -22,6 +22,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/boxbuild"
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/ociarchive"
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
 var boxbuildCommand = cli.Command{
@@ -97,19 +98,86 @@ func boxOptions(ctx *cli.Context) (boxbuild.Options, error) {
 	return o, nil
 }
 
-// boxArchive resolves --box.
-func boxArchive(cacheDir, box string) (string, error) {
-	p := box
-	if !strings.ContainsRune(box, '/') {
-		p = filepath.Join(cacheDir, "boxes", "kiwi-box-"+box+".oci.tar")
+// boxArchive resolves --box: a path, or a NAME in the first of the cache
+// directories that has it.
+func boxArchive(box string, cacheDirs ...string) (string, error) {
+	if strings.ContainsRune(box, '/') {
+		if _, err := os.Stat(box); err != nil {
+			return "", fmt.Errorf("box %s: %w", box, err)
+		}
+		return box, nil
 	}
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("box %s: %w (the default box is built by `make box`, i.e. contrib/box/build)", box, err)
+	var err error
+	for _, dir := range cacheDirs {
+		p := filepath.Join(dir, "boxes", "kiwi-box-"+box+".oci.tar")
+		if _, err = os.Stat(p); err == nil {
+			return p, nil
+		}
 	}
-	return p, nil
+	return "", fmt.Errorf("box %s: %w (the default box is built by `make box`, i.e. contrib/box/build)", box, err)
+}
+
+// inUserNamespace re-runs this boxbuild as root of a new user namespace
+// that maps only the calling user, and returns its exit status. An
+// ordinary user's boxbuild needs it to unpack the box (the box's files
+// become the user's; device nodes are skipped) and to run the box in VM
+// mode; no newuidmap or subordinate ids are needed.
+func inUserNamespace() (int, error) {
+	cmd := exec.Command("/proc/self/exe", os.Args[1:]...)
+	cmd.Args[0] = os.Args[0]
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  unix.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
+		// Needed to write a gid map without CAP_SETGID in the parent.
+		GidMappingsEnableSetgroups: false,
+		// Signals reach it once, through runForwardingSignals.
+		Setpgid: true,
+	}
+	code, err := runForwardingSignals(cmd)
+	if err != nil {
+		return 0, fmt.Errorf("%w (an ordinary user's boxbuild runs in a user namespace of its own: are unprivileged user namespaces disabled, e.g. sysctl kernel.unprivileged_userns_clone=0?)", err)
+	}
+	return code, nil
+}
+
+// runForwardingSignals runs cmd, passing on the signals a terminal or a
+// service manager sends, and returns its shell-style exit status.
+func runForwardingSignals(cmd *exec.Cmd) (int, error) {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
+	defer signal.Stop(sigs)
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start %s: %w", cmd.Args[0], err)
+	}
+	go func() {
+		for s := range sigs {
+			cmd.Process.Signal(s)
+		}
+	}()
+	err := cmd.Wait()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, nil
+	case errors.As(err, &ee):
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal()), nil
+		}
+		return ee.ExitCode(), nil
+	default:
+		return 0, fmt.Errorf("%s: %w", cmd.Args[0], err)
+	}
 }
 
 func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
+	if os.Geteuid() != 0 {
+		if ctx.Bool("container") {
+			return 0, errors.New("--container needs real root (it hands the host's loop devices to runc); without root boxbuild runs the box as a VM")
+		}
+		return inUserNamespace()
+	}
 	cwd, err := os.Getwd()
 	if err != nil {
 		return 0, err
@@ -122,7 +190,11 @@ func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	archivePath, err := boxArchive(e.cfg.CacheDir, ctx.String("box"))
+	caches := []string{e.cfg.CacheDir}
+	if sys := config.Default().CacheDir; e.rootless && sys != e.cfg.CacheDir {
+		caches = append(caches, sys) // root's `make box`
+	}
+	archivePath, err := boxArchive(ctx.String("box"), caches...)
 	if err != nil {
 		return 0, err
 	}
@@ -157,7 +229,7 @@ func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
 		return 0, err
 	}
 	rootfs := filepath.Join(bundle, "rootfs")
-	img, err := a.Unpack(context.Background(), rootfs)
+	img, err := a.Unpack(context.Background(), rootfs, ociarchive.UnpackOptions{NoSameOwner: !rootless.CanChown()})
 	a.Close()
 	if err != nil {
 		return 0, fmt.Errorf("unpack box %s: %w", archivePath, err)
@@ -203,28 +275,5 @@ func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
 	// Its own process group: a Ctrl-C reaches the build once, through us.
 	// No PDEATHSIG: if boxbuild dies, run still deletes the container.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
-	defer signal.Stop(sigs)
-	if err := cmd.Start(); err != nil {
-		return 0, fmt.Errorf("start box: %w", err)
-	}
-	go func() {
-		for s := range sigs {
-			cmd.Process.Signal(s)
-		}
-	}()
-	err = cmd.Wait()
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-		return 0, nil
-	case errors.As(err, &ee):
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return 128 + int(ws.Signal()), nil
-		}
-		return ee.ExitCode(), nil
-	default:
-		return 0, fmt.Errorf("box: %w", err)
-	}
+	return runForwardingSignals(cmd)
 }

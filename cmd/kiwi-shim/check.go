@@ -4,7 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/urfave/cli"
@@ -79,7 +82,7 @@ func (e *env) checks() []checkResult {
 				add("accelerator", "ok", a.Name+": "+a.Reason, "")
 			}
 		}
-		k, err := vm.FindKernel(e.cfg.VM.Kernel[arch], e.cfg.CacheDir, arch)
+		k, err := e.findKernel(arch)
 		switch {
 		case err != nil && arch == host:
 			add("kernel "+arch, "fail", "no guest kernel", "kiwi-shim setup")
@@ -102,6 +105,11 @@ func (e *env) checks() []checkResult {
 	} else {
 		f.Close()
 		add("fuse", "ok", "/dev/fuse usable", "")
+	}
+	if e.rootless {
+		rs = append(rs, e.rootlessChecks()...)
+		add("container mode", "warn", "needs real root (host loop devices); VM mode only", "")
+		return rs
 	}
 	if a, err := e.allocator(); err != nil {
 		add("loop devices", "fail", err.Error(), "modprobe loop")
@@ -130,4 +138,61 @@ func registered(tool string, globs []string, needle string) checkResult {
 		}
 	}
 	return checkResult{Name: tool, Status: "warn", Detail: "kiwi-shim not registered (use --runtime /path/to/kiwi-shim)", Fix: "make install"}
+}
+
+// rootlessChecks are what an unprivileged user needs for VM mode under
+// rootless podman: the XDG directories, subordinate id ranges and
+// newuidmap, and (optionally) /dev/kvm.
+func (e *env) rootlessChecks() []checkResult {
+	var rs []checkResult
+	add := func(name, status, detail, fix string) {
+		rs = append(rs, checkResult{Name: name, Status: status, Detail: detail, Fix: fix})
+	}
+	name := strconv.Itoa(os.Getuid())
+	if u, err := user.Current(); err == nil {
+		name = u.Username
+	}
+	if e.rootlessErr != nil {
+		add("rootless", "fail", e.rootlessErr.Error(), "export XDG_RUNTIME_DIR=/run/user/$(id -u) (and create it, mode 0700)")
+	} else {
+		add("rootless", "ok", fmt.Sprintf("uid %d: state in %s, caches in %s", os.Getuid(), e.root, e.cfg.CacheDir), "")
+	}
+	for _, f := range []string{"/etc/subuid", "/etc/subgid"} {
+		if hasSubIDs(f, name, os.Getuid()) {
+			add(filepath.Base(f), "ok", "range for "+name, "")
+		} else {
+			add(filepath.Base(f), "fail", "no range for "+name+" (rootless podman needs one)",
+				"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "+name)
+		}
+	}
+	if p, err := exec.LookPath("newuidmap"); err != nil {
+		add("newuidmap", "fail", "not found", "apt-get install uidmap")
+	} else {
+		add("newuidmap", "ok", p, "")
+	}
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
+		add("kvm", "warn", fmt.Sprintf("%v: guests run under TCG (slow)", err), "usermod -aG kvm "+name+" (then log in again)")
+	} else {
+		f.Close()
+		add("kvm", "ok", "/dev/kvm usable", "")
+	}
+	return rs
+}
+
+// hasSubIDs reports whether a subuid/subgid file has a range for the
+// user, by name or id.
+func hasSubIDs(file, name string, id int) bool {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Split(strings.TrimSpace(l), ":")
+		if len(f) == 3 && (f[0] == name || f[0] == strconv.Itoa(id)) {
+			if n, err := strconv.Atoi(f[2]); err == nil && n > 0 {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
@@ -101,7 +103,13 @@ func (e *env) startContainer(rec *state.Container, m *containermode.Manager) err
 // signalContainer delivers sig to the container's process (or all).
 func (e *env) signalContainer(rec *state.Container, m *containermode.Manager, sig unix.Signal, all bool) error {
 	if m == nil {
-		return vm.Signal(e.store().Dir(rec.ID), int(sig), all)
+		err := vm.Signal(e.store().Dir(rec.ID), int(sig), all)
+		if errors.Is(err, vm.ErrMonitorGone) {
+			// runc's words: containerd's shim takes them for "already
+			// finished", which is what a VM that is gone is.
+			return fmt.Errorf("container not running: %w", err)
+		}
+		return err
 	}
 	args := []string{"kill"}
 	if all {
@@ -130,6 +138,14 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 	if rec.Scratch != "" {
 		if err := os.Remove(rec.Scratch); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("remove scratch disk: %w", err)
+		}
+	}
+	if rec.Cgroup != "" {
+		// QEMU and kiwi-sharefs were killed above; they may still be
+		// on their way out. A cgroup that stays is logged, not worth
+		// keeping a container that cannot be deleted.
+		if err := hostcgroup.Remove(rec.Cgroup, 10*time.Second); err != nil {
+			e.log.Warn("remove the VM's cgroup", "id", rec.ID, "err", err)
 		}
 	}
 	return e.store().Remove(rec.ID)

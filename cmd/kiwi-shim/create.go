@@ -28,7 +28,9 @@ var createCommand = cli.Command{
 	Description: `Creates the container described by the bundle's config.json. The mode
    comes from the io.kiwi-shim.mode annotation, else default_mode in the
    config file, else "vm". In container mode the loop devices are leased
-   here: create waits for them, first come first served.`,
+   here: create waits for them, first come first served. A Kubernetes pod
+   sandbox (pause container) always runs in container mode without loop
+   devices.`,
 	Flags:  createFlags,
 	Action: withEnv(create),
 }
@@ -59,8 +61,27 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if mode == "" {
 		mode = e.cfg.DefaultMode
 	}
+	count := settings.LoopCount
+	if count == 0 {
+		count = e.cfg.Loop.DefaultCount
+	}
+	sandbox := oci.IsPodSandbox(spec.Annotations)
+	if sandbox {
+		// A pod's pause container runs nothing but holds the namespaces
+		// the pod's containers join: no VM, no loop devices.
+		if mode != config.ModeContainer {
+			e.log.Info("pod sandbox runs in container mode", "id", id)
+		}
+		mode = config.ModeContainer
+	}
+	if e.rootless && e.rootlessErr != nil {
+		return e.rootlessErr
+	}
 	if mode == config.ModeVM {
 		return createVM(ctx, e, id, bundle, spec, settings)
+	}
+	if e.rootless && !sandbox {
+		return fmt.Errorf("container mode needs real root: it leases the host's loop devices and hands them to runc; without root use VM mode (annotation %s=vm, the default), where the build gets the guest's own loop devices", oci.AnnotationMode)
 	}
 	if settings.ScratchSize > 0 {
 		e.log.Info("container mode has no scratch disk: the container writes to its own file systems", "id", id, "annotation", oci.AnnotationVMScratch)
@@ -68,19 +89,15 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if ctx.Int("preserve-fds") < 0 {
 		return fmt.Errorf("--preserve-fds %d: must not be negative", ctx.Int("preserve-fds"))
 	}
-	count := settings.LoopCount
-	if count == 0 {
-		count = e.cfg.Loop.DefaultCount
-	}
 	m, err := e.manager(ctx)
 	if err != nil {
 		return err
 	}
-	if count > m.Alloc.Capacity() {
+	if !sandbox && count > m.Alloc.Capacity() {
 		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, count, m.Alloc.Capacity())
 	}
 	return m.Create(context.Background(), containermode.CreateOptions{
-		ID: id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count,
+		ID: id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
 		PidFile: ctx.String("pid-file"), ConsoleSocket: ctx.String("console-socket"),
 		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
 		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),

@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -203,17 +204,45 @@ type env struct {
 	cfg  config.Config
 	log  *slog.Logger
 	root string
+	// rootless is set without real root (see package rootless);
+	// rootlessErr says what such a user's environment lacks.
+	rootless    bool
+	rootlessErr error
 	// closeLog closes the --log file.
 	closeLog func()
 }
 
 func newEnv(ctx *cli.Context) (*env, error) {
 	path, explicit := config.Path(ctx.GlobalString("config"))
-	cfg, err := config.Load(path, explicit)
+	base, rootDir := config.Default(), ctx.GlobalString("root")
+	rl := rootless.Detect()
+	var rlErr error
+	if rl {
+		// An unprivileged user's state and caches are the user's own;
+		// the host's configuration file is for root.
+		dirs, err := rootless.UserDirs(os.LookupEnv, rootless.HomeDir())
+		if err != nil {
+			rlErr = err
+		} else {
+			base = config.DefaultRootless(dirs.Cache)
+			if !ctx.GlobalIsSet("root") {
+				rootDir = dirs.Runtime
+			}
+			if !explicit {
+				path = dirs.Config
+			}
+		}
+	}
+	cfg, err := config.Load(path, explicit, base)
 	if err != nil {
 		return nil, err
 	}
-	e := &env{cfg: cfg, root: ctx.GlobalString("root"), closeLog: func() {}}
+	// Absolute: the VM monitor works in its state directory.
+	root, err := filepath.Abs(rootDir)
+	if err != nil {
+		return nil, fmt.Errorf("--root: %w", err)
+	}
+	e := &env{cfg: cfg, root: root, rootless: rl, rootlessErr: rlErr, closeLog: func() {}}
 	var w io.Writer = os.Stderr
 	if p := ctx.GlobalString("log"); p != "" {
 		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)

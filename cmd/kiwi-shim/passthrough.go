@@ -12,6 +12,7 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
@@ -37,7 +38,7 @@ func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(
 				return vmAction(ctx, e, rec)
 			}
 			args := rawArgs(name)
-			if name == "exec" {
+			if name == "exec" && !oci.IsPodSandbox(rec.Annotations) {
 				var cleanup func()
 				args, cleanup, err = withKiwiCapabilities(args, e.store().Dir(rec.ID))
 				if err != nil {

@@ -3,9 +3,11 @@ package main
 import (
 	"bufio"
 	"context"
+	"embed"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,8 +20,11 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
+	"github.com/kiwi-shim/kiwi-shim/pkg/guestarch"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 	"github.com/kiwi-shim/kiwi-shim/pkg/sharefs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/sysbin"
@@ -39,15 +44,36 @@ var vmMonitorCommand = cli.Command{
 	}),
 }
 
-// guestArch normalises io.kiwi-shim.vm.arch.
-func guestArch(s oci.Settings) string {
-	switch s.VMArch {
-	case "amd64", "x86_64":
-		return "x86_64"
-	case "arm64", "aarch64":
-		return "aarch64"
+// guestArch is the guest's architecture: io.kiwi-shim.vm.arch, else the
+// machine of the entrypoint's binary in the root file system, else the
+// host's.
+func guestArch(s oci.Settings, spec *specs.Spec, rootfs string, log *slog.Logger) string {
+	if a := guestarch.Normalize(s.VMArch); a != "" {
+		return a
+	}
+	if p := spec.Process; p != nil && len(p.Args) > 0 {
+		a, err := guestarch.FromRootfs(rootfs, p.Args[0], p.Cwd, p.Env)
+		switch {
+		case err != nil:
+			log.Debug("guest architecture not taken from the entrypoint", "err", err)
+		case !vm.SupportedArch(a):
+			log.Info("the entrypoint is for an architecture VM mode does not run; using the host's", "arch", a)
+		default:
+			return a
+		}
 	}
 	return vm.HostArch()
+}
+
+// findKernel returns the guest kernel for arch: configured, in the cache,
+// or the host's own; a rootless user also finds the one root's `kiwi-shim
+// setup` put into the system's cache.
+func (e *env) findKernel(arch string) (vm.Kernel, error) {
+	caches := []string{e.cfg.CacheDir}
+	if sys := config.Default().CacheDir; e.rootless && sys != e.cfg.CacheDir {
+		caches = append(caches, sys)
+	}
+	return vm.FindKernel(e.cfg.VM.Kernel[arch], arch, caches...)
 }
 
 // findQEMU returns the qemu-system binary for arch.
@@ -72,23 +98,28 @@ func (e *env) findQEMU(arch string) (string, error) {
 	return "", fmt.Errorf("%s not found: install it (apt-get install %s) or set vm.qemu.%s", name, pkg, arch)
 }
 
-// initBinary finds kiwi-box-init for the guest architecture: next to
-// kiwi-shim (as built by make), or where make install puts it.
+// initBins holds the kiwi-box-init binaries make build embeds, one per
+// guest architecture (see initbin/README.md).
+//
+//go:embed initbin
+var initBins embed.FS
+
+// initBinary returns kiwi-box-init for the guest architecture: the one
+// embedded in this binary, else one next to kiwi-shim or where an
+// installation put it.
 func initBinary(arch string) ([]byte, error) {
-	self, _ := os.Executable()
-	var cands []string
-	for _, n := range []string{"kiwi-box-init-" + arch, "kiwi-box-init"} {
-		if n == "kiwi-box-init" && arch != vm.HostArch() {
-			continue
-		}
-		cands = append(cands, filepath.Join(filepath.Dir(self), n), filepath.Join("/usr/local/libexec/kiwi-shim", n), filepath.Join("/usr/libexec/kiwi-shim", n))
+	name := "kiwi-box-init-" + arch
+	if b, err := initBins.ReadFile("initbin/" + name); err == nil {
+		return b, nil
 	}
+	self, _ := os.Executable()
+	cands := []string{filepath.Join(filepath.Dir(self), name), filepath.Join("/usr/local/libexec/kiwi-shim", name), filepath.Join("/usr/libexec/kiwi-shim", name)}
 	for _, c := range cands {
 		if b, err := os.ReadFile(c); err == nil {
 			return b, nil
 		}
 	}
-	return nil, fmt.Errorf("kiwi-box-init for %s not found (looked in %s): build it with make", arch, strings.Join(cands, ", "))
+	return nil, fmt.Errorf("kiwi-box-init for %s is not embedded and not found (looked in %s): build kiwi-shim with make", arch, strings.Join(cands, ", "))
 }
 
 // virtiofsExports turns the VM's shares into kiwi-sharefs exports, each
@@ -103,8 +134,8 @@ func virtiofsExports(dir string, shares []vm.Share, bin string, debug bool) (*vm
 			cache = sharefs.CacheAlways
 		}
 		e := vmshare.Export{
-			Tag: sh.Tag, Source: sh.Path, Socket: filepath.Join(dir, fmt.Sprintf("v%d.sock", i)),
-			Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: os.Geteuid() != 0},
+			Tag: sh.Tag, Source: sh.Path, Socket: vm.SocketPath(dir, fmt.Sprintf("v%d.sock", i)),
+			Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: !rootless.CanChown()},
 		}
 		sf.Exports = append(sf.Exports, e)
 		devs = append(devs, vm.VirtioFS{Tag: sh.Tag, Socket: e.Socket})
@@ -167,7 +198,7 @@ func (e *env) vmSize(spec *specs.Spec, s oci.Settings) (int64, int, error) {
 // createVM prepares the box and starts its monitor, which boots the guest
 // and sets up the container's root; create returns once that is done.
 func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s oci.Settings) (err error) {
-	arch := guestArch(s)
+	arch := guestArch(s, spec, oci.RootPath(bundle, spec), e.log)
 	qemu, err := e.findQEMU(arch)
 	if err != nil {
 		return err
@@ -182,7 +213,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 			return err
 		}
 	}
-	kern, err := vm.FindKernel(e.cfg.VM.Kernel[arch], e.cfg.CacheDir, arch)
+	kern, err := e.findKernel(arch)
 	if err != nil {
 		return err
 	}
@@ -234,9 +265,34 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 			if st, _ := vmnet.Load(dir); st != nil {
 				vmnet.Teardown(st)
 			}
+			if rec.Cgroup != "" {
+				hostcgroup.Remove(rec.Cgroup, 5*time.Second)
+			}
 			store.Remove(id)
 		}
 	}()
+	cgroup, cgErr := hostcgroup.Path(spec.Linux.CgroupsPath)
+	if e.rootless && cgroup != "" {
+		// Creating cgroups takes root (or a delegated cgroup v2
+		// subtree, which the engine's own runtime would use).
+		e.log.Debug("rootless: vm processes stay in the caller's cgroup", "id", id)
+		cgroup = ""
+	}
+	if cgErr != nil {
+		// The VM's processes stay in the caller's cgroup.
+		e.log.Info("vm processes not placed in the container's cgroup", "id", id, "why", cgErr)
+	} else if cgroup != "" {
+		if err := hostcgroup.Create(cgroup); err != nil {
+			// Accounting is not worth failing the box for (a read-only
+			// cgroupfs in a container, say).
+			e.log.Warn("vm processes not placed in the container's cgroup", "id", id, "err", err)
+		} else {
+			rec.Cgroup = cgroup
+			if err := store.Save(rec); err != nil {
+				return err
+			}
+		}
+	}
 	var disks []vm.Disk
 	if s.ScratchSize > 0 {
 		// Recorded before anything else can fail, so that delete finds it.
@@ -278,7 +334,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	}
 	mc := vm.MonitorConfig{
 		ID: id, QEMU: qemu, Guest: guest, ConsoleSocket: ctx.String("console-socket"),
-		BootTimeout: 3 * time.Minute, ShareFS: shareFS,
+		BootTimeout: 3 * time.Minute, ShareFS: shareFS, Cgroup: rec.Cgroup,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
 			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, TapMACs: tapMACs, Disks: disks,
@@ -342,7 +398,9 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 func globalArgs(ctx *cli.Context) []string {
 	var args []string
 	for _, g := range []string{"config", "log", "log-format", "root"} {
-		if v := ctx.GlobalString(g); v != "" {
+		// --root has a default that only root may use: pass it on only
+		// when given, so that a rootless helper picks its own.
+		if v := ctx.GlobalString(g); v != "" && (g != "root" || ctx.GlobalIsSet(g)) {
 			args = append(args, "--"+g, v)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -105,6 +106,17 @@ func Default() Config {
 	}
 }
 
+// DefaultRootless returns the defaults for an unprivileged user: the
+// caches, scratch disks and boxbuild's work below cacheDir (the user's
+// $XDG_CACHE_HOME/kiwi-shim) instead of /var.
+func DefaultRootless(cacheDir string) Config {
+	c := Default()
+	c.CacheDir = cacheDir
+	c.WorkDir = filepath.Join(cacheDir, "boxbuild")
+	c.VM.ScratchDir = filepath.Join(cacheDir, "scratch")
+	return c
+}
+
 // Path returns the configuration file to read: flag, then $KIWI_SHIM_CONFIG,
 // then DefaultPath. explicit reports whether the user named it, in which
 // case a missing file is an error.
@@ -118,10 +130,11 @@ func Path(flag string) (path string, explicit bool) {
 	return DefaultPath, false
 }
 
-// Load reads the file at path over the defaults, then applies environment
-// overrides. A missing file is fine unless explicit.
-func Load(path string, explicit bool) (Config, error) {
-	c := Default()
+// Load reads the file at path over the defaults base (Default or
+// DefaultRootless), then applies environment overrides. A missing file is
+// fine unless explicit.
+func Load(path string, explicit bool, base Config) (Config, error) {
+	c := base
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:

@@ -34,7 +34,7 @@ func TestParse(t *testing.T) {
 			if err := os.WriteFile(p, []byte(tc.in), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			c, err := Load(p, true)
+			c, err := Load(p, true, Default())
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want it to mention %q", err, tc.wantErr)
@@ -53,10 +53,10 @@ func TestParse(t *testing.T) {
 
 func TestLoadMissingFile(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "none.toml")
-	if _, err := Load(p, false); err != nil {
+	if _, err := Load(p, false, Default()); err != nil {
 		t.Fatalf("implicit missing file: %v", err)
 	}
-	if _, err := Load(p, true); err == nil {
+	if _, err := Load(p, true, Default()); err == nil {
 		t.Fatal("explicit missing file accepted")
 	}
 }
@@ -64,7 +64,7 @@ func TestLoadMissingFile(t *testing.T) {
 func TestEnvOverrides(t *testing.T) {
 	t.Setenv(EnvLoopCapacity, "3")
 	t.Setenv(EnvLoopDir, "/tmp/x")
-	c, err := Load(filepath.Join(t.TempDir(), "none"), false)
+	c, err := Load(filepath.Join(t.TempDir(), "none"), false, Default())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestEnvOverrides(t *testing.T) {
 		t.Fatalf("env not applied: %+v", c.Loop)
 	}
 	t.Setenv(EnvLoopCapacity, "many")
-	if _, err := Load(filepath.Join(t.TempDir(), "none"), false); err == nil {
+	if _, err := Load(filepath.Join(t.TempDir(), "none"), false, Default()); err == nil {
 		t.Fatal("bad capacity accepted")
 	}
 }
@@ -122,4 +122,14 @@ func FuzzParse(f *testing.F) {
 			_ = c.Validate()
 		}
 	})
+}
+
+func TestDefaultRootless(t *testing.T) {
+	c := DefaultRootless("/home/u/.cache/kiwi-shim")
+	if c.CacheDir != "/home/u/.cache/kiwi-shim" || c.WorkDir != "/home/u/.cache/kiwi-shim/boxbuild" || c.VM.ScratchDir != "/home/u/.cache/kiwi-shim/scratch" {
+		t.Fatalf("rootless defaults %+v", c)
+	}
+	if c.DefaultMode != ModeVM || c.Validate() != nil {
+		t.Fatalf("rootless defaults invalid: %+v", c)
+	}
 }

@@ -30,6 +30,9 @@ type CreateOptions struct {
 	Settings oci.Settings
 	// LoopCount is the number of devices to lease.
 	LoopCount int
+	// Sandbox marks a Kubernetes pod sandbox: no loop lease, no keeper,
+	// and the spec runs as given (none of KIWI's capabilities).
+	Sandbox bool
 	// PidFile, ConsoleSocket, NoPivot, NoNewKeyring and PreserveFds are
 	// runc's create flags, passed through.
 	PidFile, ConsoleSocket string
@@ -73,25 +76,20 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 		}
 	}()
 
-	kcmd := o.KeeperCmd(o.ID, o.LoopCount, o.Settings.LoopTimeout)
-	err = fdutil.WithInheritedHidden(func() error {
-		var kerr error
-		keeper, kerr = StartKeeper(kcmd)
-		return kerr
-	})
-	if err != nil {
-		return fmt.Errorf("lease %d loop device(s): %w", o.LoopCount, err)
+	if !o.Sandbox {
+		kcmd := o.KeeperCmd(o.ID, o.LoopCount, o.Settings.LoopTimeout)
+		err = fdutil.WithInheritedHidden(func() error {
+			var kerr error
+			keeper, kerr = StartKeeper(kcmd)
+			return kerr
+		})
+		if err != nil {
+			return fmt.Errorf("lease %d loop device(s): %w", o.LoopCount, err)
+		}
+		rec.KeeperPID, rec.Devices = keeper.Pid(), keeper.Devices
 	}
-	rec.KeeperPID, rec.Devices = keeper.Pid(), keeper.Devices
 
-	devs, err := m.nodes(keeper.Devices)
-	if err != nil {
-		return err
-	}
-	if o.Settings.LoopControl {
-		devs = append(devs, LoopControl)
-	}
-	spec, err := Rewrite(o.Spec, oci.RootPath(o.Bundle, o.Spec), devs)
+	spec, err := m.runtimeSpec(o, rec.Devices)
 	if err != nil {
 		return err
 	}
@@ -132,9 +130,11 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 		m.Runtime.Command(context.Background(), "delete", "--force", o.ID).Run()
 		return err
 	}
-	if err := keeper.Hold(pid); err != nil {
-		m.Runtime.Command(context.Background(), "delete", "--force", o.ID).Run()
-		return err
+	if keeper != nil {
+		if err := keeper.Hold(pid); err != nil {
+			m.Runtime.Command(context.Background(), "delete", "--force", o.ID).Run()
+			return err
+		}
 	}
 	if o.PidFile != "" {
 		if err := state.WritePidFile(o.PidFile, pid); err != nil {
@@ -142,8 +142,25 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 			return err
 		}
 	}
-	m.Log.Debug("created container", "id", o.ID, "pid", pid, "devices", keeper.Devices)
+	m.Log.Debug("created container", "id", o.ID, "pid", pid, "devices", rec.Devices)
 	return nil
+}
+
+// runtimeSpec is the spec runc gets: a sandbox's as given, a build
+// container's with its devices and KIWI's capabilities.
+func (m *Manager) runtimeSpec(o CreateOptions, leased []string) (*specs.Spec, error) {
+	rootfs := oci.RootPath(o.Bundle, o.Spec)
+	if o.Sandbox {
+		return WithRoot(o.Spec, rootfs)
+	}
+	devs, err := m.nodes(leased)
+	if err != nil {
+		return nil, err
+	}
+	if o.Settings.LoopControl {
+		devs = append(devs, LoopControl)
+	}
+	return Rewrite(o.Spec, rootfs, devs)
 }
 
 func (m *Manager) nodes(paths []string) ([]Device, error) {

@@ -44,15 +44,10 @@ var LoopControl = Device{Path: "/dev/loop-control", Type: "c", Major: 10, Minor:
 // with device-cgroup rules, KIWI's capabilities added, and /sys/dev/block
 // unmasked (lsblk and KIWI read it to find partitions).
 func Rewrite(s *specs.Spec, rootfs string, devs []Device) (*specs.Spec, error) {
-	b, err := json.Marshal(s)
+	out, err := WithRoot(s, rootfs)
 	if err != nil {
-		return nil, fmt.Errorf("copy spec: %w", err)
+		return nil, err
 	}
-	var out specs.Spec
-	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, fmt.Errorf("copy spec: %w", err)
-	}
-	out.Root.Path = rootfs
 	if out.Linux == nil {
 		out.Linux = &specs.Linux{}
 	}
@@ -76,6 +71,24 @@ func Rewrite(s *specs.Spec, rootfs string, devs []Device) (*specs.Spec, error) {
 		AddCapabilities(out.Process)
 	}
 	out.Linux.MaskedPaths = slices.DeleteFunc(out.Linux.MaskedPaths, func(p string) bool { return p == "/sys/dev/block" })
+	return out, nil
+}
+
+// WithRoot returns a deep copy of s whose root is rootfs and that is
+// otherwise unchanged: what a pod sandbox runs with.
+func WithRoot(s *specs.Spec, rootfs string) (*specs.Spec, error) {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return nil, fmt.Errorf("copy spec: %w", err)
+	}
+	var out specs.Spec
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("copy spec: %w", err)
+	}
+	if out.Root == nil {
+		out.Root = &specs.Root{}
+	}
+	out.Root.Path = rootfs
 	return &out, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -80,13 +81,59 @@ func (r Runtime) Command(ctx context.Context, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// Run runs the runtime with the caller's stdio.
+// Run runs the runtime with the caller's stdio. When it fails and logs to
+// a file (engines pass --log), the error carries the runtime's own last
+// error message: kiwi-shim's error is logged to the same file after it,
+// and engines report only the last one.
 func (r Runtime) Run(ctx context.Context, args ...string) error {
 	cmd := r.Command(ctx, args...)
+	var from int64
+	if fi, err := os.Stat(r.Log); r.Log != "" && err == nil {
+		from = fi.Size() // only what this run logs
+	}
 	if err := cmd.Run(); err != nil {
+		if msg := lastLogError(r.Log, from); msg != "" {
+			return fmt.Errorf("%s %s: %w: %s", filepath.Base(r.Path), args[0], err, msg)
+		}
 		return fmt.Errorf("%s %s: %w", filepath.Base(r.Path), args[0], err)
 	}
 	return nil
+}
+
+// logTail bounds how much of a runtime log lastLogError reads.
+const logTail = 64 << 10
+
+// lastLogError returns the message of the last error-level entry logged
+// after offset from in a runc-style log file (JSON lines or logfmt text),
+// or "".
+func lastLogError(path string, from int64) string {
+	if path == "" {
+		return ""
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil {
+		f.Seek(max(from, fi.Size()-logTail), io.SeekStart)
+	}
+	b, _ := io.ReadAll(io.LimitReader(f, logTail))
+	msg := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		var e struct{ Level, Msg string }
+		switch {
+		case json.Unmarshal([]byte(line), &e) == nil:
+			if e.Level == "error" && e.Msg != "" {
+				msg = e.Msg
+			}
+		case strings.Contains(line, "level=error"):
+			if _, m, ok := strings.Cut(line, "msg="); ok {
+				msg = strings.Trim(m, `"`)
+			}
+		}
+	}
+	return msg
 }
 
 // State asks the runtime for the container's state.

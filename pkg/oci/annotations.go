@@ -112,7 +112,7 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 			switch v {
 			case "x86_64", "amd64", "aarch64", "arm64":
 			default:
-				return s, bad("x86_64 or aarch64")
+				return s, bad("x86_64 (amd64) or aarch64 (arm64)")
 			}
 			s.VMArch = v
 		case AnnotationVMScratch:

@@ -139,3 +139,20 @@ func FuzzParseAnnotations(f *testing.F) {
 		_, _ = ParseAnnotations(map[string]string{k: v})
 	})
 }
+
+func TestIsPodSandbox(t *testing.T) {
+	for _, tc := range []struct {
+		a    map[string]string
+		want bool
+	}{
+		{nil, false},
+		{map[string]string{AnnotationCRIContainerType: "sandbox"}, true},
+		{map[string]string{AnnotationCRIContainerType: "container"}, false},
+		{map[string]string{AnnotationCRIOContainerType: "sandbox"}, true},
+		{map[string]string{AnnotationMode: "vm"}, false},
+	} {
+		if got := IsPodSandbox(tc.a); got != tc.want {
+			t.Errorf("IsPodSandbox(%v) = %v, want %v", tc.a, got, tc.want)
+		}
+	}
+}

@@ -19,8 +19,10 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/containerd/log"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
 )
 
 // maxMetadata bounds index, manifest and config blobs.
@@ -180,10 +182,17 @@ func pick(ds []ocispec.Descriptor) (ocispec.Descriptor, error) {
 	return ocispec.Descriptor{}, fmt.Errorf("%d images and none for linux/%s", len(ds), runtime.GOARCH)
 }
 
+// UnpackOptions adjust Unpack.
+type UnpackOptions struct {
+	// NoSameOwner leaves every file to the unpacking user, like tar's
+	// --no-same-owner: for a user namespace that maps only that user.
+	NoSameOwner bool
+}
+
 // Unpack applies the image's layers to the directory root (created if
 // missing) and returns the image's configuration. On error root holds a
 // partial tree, which the caller removes.
-func (a *Archive) Unpack(ctx context.Context, root string) (ocispec.Image, error) {
+func (a *Archive) Unpack(ctx context.Context, root string, o UnpackOptions) (ocispec.Image, error) {
 	var img ocispec.Image
 	m, err := a.Manifest()
 	if err != nil {
@@ -195,6 +204,11 @@ func (a *Archive) Unpack(ctx context.Context, root string) (ocispec.Image, error
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return img, err
 	}
+	// containerd's archive code warns on stderr about every device node it
+	// skips in a user namespace; errors are returned anyway.
+	quiet := logrus.New()
+	quiet.SetOutput(io.Discard)
+	ctx = log.WithLogger(ctx, logrus.NewEntry(quiet))
 	for i, l := range m.Layers {
 		if err := ctx.Err(); err != nil {
 			return img, err
@@ -207,7 +221,11 @@ func (a *Archive) Unpack(ctx context.Context, root string) (ocispec.Image, error
 		if err != nil {
 			return img, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
 		}
-		_, err = archive.Apply(ctx, root, ds)
+		var opts []archive.ApplyOpt
+		if o.NoSameOwner {
+			opts = append(opts, archive.WithNoSameOwner())
+		}
+		_, err = archive.Apply(ctx, root, ds, opts...)
 		ds.Close()
 		if err == nil {
 			// Drain the rest (tar padding) so that the digest is checked.

@@ -119,7 +119,7 @@ func TestUnpack(t *testing.T) {
 	}
 	defer a.Close()
 	root := filepath.Join(t.TempDir(), "rootfs")
-	img, err := a.Unpack(context.Background(), root)
+	img, err := a.Unpack(context.Background(), root, UnpackOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func TestUnpackErrors(t *testing.T) {
 			}
 			defer a.Close()
 			root := t.TempDir()
-			_, err = a.Unpack(context.Background(), root)
+			_, err = a.Unpack(context.Background(), root, UnpackOptions{})
 			if tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}

@@ -43,6 +43,9 @@ type Container struct {
 	Devices []string `json:"devices,omitempty"`
 	// Scratch is the image of the VM's scratch disk, removed on delete.
 	Scratch string `json:"scratch,omitempty"`
+	// Cgroup is the cgroup made for a VM's host processes (see
+	// hostcgroup), removed on delete.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // OCI is a container's state as `kiwi-shim state` prints it: the OCI

@@ -20,7 +20,7 @@ import (
 var ErrMonitorGone = errors.New("the VM is not running")
 
 func dial(stateDir string) (net.Conn, *vmproto.Writer, error) {
-	c, err := net.DialTimeout("unix", filepath.Join(stateDir, MonitorSocket), 5*time.Second)
+	c, err := dialIn(stateDir, MonitorSocket, 5*time.Second)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w (%v)", ErrMonitorGone, err)
 	}
@@ -139,7 +139,7 @@ func Stop(stateDir string, monitorPid int, timeout time.Duration) {
 	// QEMU and kiwi-sharefs die with the monitor (PDEATHSIG); these are
 	// for a monitor that was killed before it could arrange that.
 	for _, c := range []struct{ pidFile, mark string }{
-		{qemuPidFile, guestSocket},
+		{qemuPidFile, consoleLog},
 		{shareFSPidFile, shareFSExports},
 	} {
 		if b, err := os.ReadFile(filepath.Join(stateDir, c.pidFile)); err == nil {

@@ -45,16 +45,23 @@ func debArch(arch string) string {
 func kernelsDir(cacheDir, arch string) string { return filepath.Join(cacheDir, "kernels", arch) }
 
 // FindKernel returns the guest kernel for arch: the configured image if
-// any, else the newest kernel unpacked by setup into the cache, else the
-// host's own /boot/vmlinuz-* with matching /lib/modules (same arch only).
-func FindKernel(configured, cacheDir, arch string) (Kernel, error) {
+// any, else the newest kernel unpacked by setup into the first of the
+// cache directories that has one, else the host's own /boot/vmlinuz-*
+// with matching /lib/modules (same arch only).
+func FindKernel(configured, arch string, cacheDirs ...string) (Kernel, error) {
 	if configured != "" {
 		return kernelAt(configured, "")
 	}
-	if ks, _ := filepath.Glob(filepath.Join(kernelsDir(cacheDir, arch), "boot", "vmlinuz-*")); len(ks) > 0 {
-		sort.Strings(ks)
-		return kernelAt(ks[len(ks)-1], filepath.Join(kernelsDir(cacheDir, arch), "lib", "modules"))
+	for _, cacheDir := range cacheDirs {
+		if ks, _ := filepath.Glob(filepath.Join(kernelsDir(cacheDir, arch), "boot", "vmlinuz-*")); len(ks) > 0 {
+			sort.Strings(ks)
+			return kernelAt(ks[len(ks)-1], filepath.Join(kernelsDir(cacheDir, arch), "lib", "modules"))
+		}
 	}
+	if len(cacheDirs) == 0 {
+		return Kernel{}, errors.New("no kernel cache directory")
+	}
+	cacheDir := cacheDirs[0]
 	if arch == HostArch() {
 		if ks, _ := filepath.Glob("/boot/vmlinuz-*"); len(ks) > 0 {
 			sort.Strings(ks)
@@ -99,7 +106,7 @@ func dirExists(p string) bool {
 // it has 9p (the cloud flavour does not). It is a no-op when a kernel is
 // already there.
 func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
-	if k, err := FindKernel("", cacheDir, arch); err == nil && strings.HasPrefix(k.Image, kernelsDir(cacheDir, arch)) {
+	if k, err := FindKernel("", arch, cacheDir); err == nil && strings.HasPrefix(k.Image, kernelsDir(cacheDir, arch)) {
 		return k, nil
 	}
 	dir := kernelsDir(cacheDir, arch)
@@ -153,7 +160,7 @@ func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
 	if err := os.Rename(unpack, dir); err != nil {
 		return Kernel{}, fmt.Errorf("kernel cache: %w", err)
 	}
-	k, err := FindKernel("", cacheDir, arch)
+	k, err := FindKernel("", arch, cacheDir)
 	if err != nil {
 		return Kernel{}, err
 	}

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
@@ -62,6 +63,10 @@ type MonitorConfig struct {
 	BootTimeout time.Duration `json:"bootTimeout"`
 	// ShareFS runs the virtio-fs back end of Machine.VirtioFS.
 	ShareFS *ShareFS `json:"sharefs,omitempty"`
+	// Cgroup is the container's cgroup (made by create), which the
+	// monitor joins before it starts kiwi-sharefs and QEMU, so that they
+	// are accounted to the container.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // ShareFS is the kiwi-sharefs daemon serving a VM's virtio-fs exports.
@@ -76,7 +81,7 @@ type ShareFS struct {
 
 // Paths fills the machine's socket and log paths for a state directory.
 func (c *MonitorConfig) Paths(stateDir string) {
-	c.Machine.ControlSocket = filepath.Join(stateDir, guestSocket)
+	c.Machine.ControlSocket = SocketPath(stateDir, guestSocket)
 	c.Machine.ConsoleLog = filepath.Join(stateDir, consoleLog)
 }
 
@@ -117,18 +122,23 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 	if err := json.Unmarshal(b, &m.cfg); err != nil {
 		return fail(fmt.Errorf("monitor config: %w", err))
 	}
+	if m.cfg.Cgroup != "" {
+		if err := hostcgroup.Join(m.cfg.Cgroup, os.Getpid()); err != nil {
+			return fail(err)
+		}
+	}
 	m.in, m.out, m.err = os.Stdin, os.Stdout, os.Stderr
 	if m.cfg.Guest.Process.Terminal {
 		if err := m.setupConsole(); err != nil {
 			return fail(err)
 		}
 	}
-	gl, err := net.Listen("unix", m.cfg.Machine.ControlSocket)
+	gl, err := listenIn(dir, guestSocket)
 	if err != nil {
 		return fail(fmt.Errorf("control socket: %w", err))
 	}
 	defer gl.Close()
-	ml, err := net.Listen("unix", filepath.Join(dir, MonitorSocket))
+	ml, err := listenIn(dir, MonitorSocket)
 	if err != nil {
 		return fail(fmt.Errorf("monitor socket: %w", err))
 	}
@@ -228,6 +238,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 	}
 	defer logf.Close()
 	cmd := exec.Command(m.cfg.QEMU, args...)
+	cmd.Dir = m.dir // socket names may be relative to it (SocketPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// The taps create handed the monitor (fds 4, 5, ...) become QEMU's
@@ -555,6 +566,7 @@ func (m *monitor) startShareFS() (*exec.Cmd, <-chan struct{}, error) {
 	}
 	args = append(args, "serve", "--exports", exports, "--ready-fd", "3")
 	cmd := exec.Command(sf.Binary, args...)
+	cmd.Dir = m.dir // socket names may be relative to it (SocketPath)
 	// Its last words (an error exit) go to the log as well.
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{readyW}

@@ -70,6 +70,10 @@ type Disk struct {
 // vhostQueueSize is the virtio-fs ring size (vmshare.QueueSize).
 const vhostQueueSize = 1024
 
+// SupportedArch reports whether VM mode runs guests of the architecture
+// (a kernel name, see package guestarch).
+func SupportedArch(arch string) bool { return arch == "x86_64" || arch == "aarch64" }
+
 // Args returns QEMU's argument vector (without the binary).
 //
 // The machine is q35 with PCI virtio devices: measured under TCG, the

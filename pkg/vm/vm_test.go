@@ -106,7 +106,7 @@ func TestPlanNetwork(t *testing.T) {
 
 func TestFindKernel(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := FindKernel("", dir, "aarch64"); err == nil || !strings.Contains(err.Error(), "kiwi-shim setup") {
+	if _, err := FindKernel("", "aarch64", dir); err == nil || !strings.Contains(err.Error(), "kiwi-shim setup") {
 		t.Fatalf("no kernel: %v", err)
 	}
 	boot := filepath.Join(dir, "kernels", "x86_64", "boot")
@@ -114,11 +114,16 @@ func TestFindKernel(t *testing.T) {
 	os.MkdirAll(boot, 0o755)
 	os.MkdirAll(mods, 0o755)
 	os.WriteFile(filepath.Join(boot, "vmlinuz-6.1.0-9-amd64"), []byte("k"), 0o644)
-	k, err := FindKernel("", dir, "x86_64")
+	k, err := FindKernel("", "x86_64", dir)
 	if err != nil || k.Release != "6.1.0-9-amd64" || k.ModulesDir != mods {
 		t.Fatalf("kernel %+v, %v", k, err)
 	}
-	if _, err := FindKernel("/nonexistent/vmlinuz", dir, "x86_64"); err == nil {
+	// A user's empty cache first, then the system's.
+	k, err = FindKernel("", "x86_64", t.TempDir(), dir)
+	if err != nil || k.Release != "6.1.0-9-amd64" {
+		t.Fatalf("second cache: %+v, %v", k, err)
+	}
+	if _, err := FindKernel("/nonexistent/vmlinuz", "x86_64", dir); err == nil {
 		t.Fatal("missing configured kernel accepted")
 	}
 }
