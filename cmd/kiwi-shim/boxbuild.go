@@ -190,11 +190,7 @@ func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	caches := []string{e.cfg.CacheDir}
-	if sys := config.Default().CacheDir; e.rootless && sys != e.cfg.CacheDir {
-		caches = append(caches, sys) // root's `make box`
-	}
-	archivePath, err := boxArchive(ctx.String("box"), caches...)
+	archivePath, err := boxArchive(ctx.String("box"), e.cacheDirs()...)
 	if err != nil {
 		return 0, err
 	}

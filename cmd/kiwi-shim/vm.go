@@ -69,11 +69,18 @@ func guestArch(s oci.Settings, spec *specs.Spec, rootfs string, log *slog.Logger
 // or the host's own; a rootless user also finds the one root's `kiwi-shim
 // setup` put into the system's cache.
 func (e *env) findKernel(arch string) (vm.Kernel, error) {
-	caches := []string{e.cfg.CacheDir}
+	return vm.FindKernel(e.cfg.VM.Kernel[arch], arch, e.cacheDirs()...)
+}
+
+// cacheDirs are the cache directories to look for kernels and boxes in:
+// the configured one, and for a rootless user also the system's, filled
+// by root's `make kernel` and `make box` (read only).
+func (e *env) cacheDirs() []string {
+	dirs := []string{e.cfg.CacheDir}
 	if sys := config.Default().CacheDir; e.rootless && sys != e.cfg.CacheDir {
-		caches = append(caches, sys)
+		dirs = append(dirs, sys)
 	}
-	return vm.FindKernel(e.cfg.VM.Kernel[arch], arch, caches...)
+	return dirs
 }
 
 // findQEMU returns the qemu-system binary for arch.

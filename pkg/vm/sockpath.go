@@ -1,7 +1,6 @@
 package vm
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -31,15 +30,11 @@ func SocketPath(dir, name string) string {
 // name may go through a descriptor that is closed by then); it goes with
 // the state directory.
 func listenIn(dir, name string) (*net.UnixListener, error) {
-	addr := filepath.Join(dir, name)
-	if len(addr) > maxSockPath {
-		fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return nil, fmt.Errorf("open %s: %w", dir, err)
-		}
-		defer unix.Close(fd)
-		addr = fmt.Sprintf("/proc/self/fd/%d/%s", fd, name)
+	addr, release, err := sockAddr(dir, name)
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: addr, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", filepath.Join(dir, name), err)
@@ -52,16 +47,24 @@ func listenIn(dir, name string) (*net.UnixListener, error) {
 // its path when that fits, else through the directory's descriptor
 // (/proc/self/fd/N/name).
 func dialIn(dir, name string, timeout time.Duration) (net.Conn, error) {
+	addr, release, err := sockAddr(dir, name)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return net.DialTimeout("unix", addr, timeout)
+}
+
+// sockAddr returns an address for the socket dir/name that fits in a
+// sockaddr_un from any working directory: its path, or a name through the
+// directory's descriptor (/proc/self/fd/N/name), valid until release.
+func sockAddr(dir, name string) (addr string, release func(), err error) {
 	if p := filepath.Join(dir, name); len(p) <= maxSockPath {
-		return net.DialTimeout("unix", p, timeout)
+		return p, func() {}, nil
 	}
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", dir, err)
+		return "", nil, fmt.Errorf("open %s: %w", dir, err)
 	}
-	defer unix.Close(fd)
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	var d net.Dialer
-	return d.DialContext(ctx, "unix", fmt.Sprintf("/proc/self/fd/%d/%s", fd, name))
+	return fmt.Sprintf("/proc/self/fd/%d/%s", fd, name), func() { unix.Close(fd) }, nil
 }
