@@ -145,8 +145,14 @@ state = %[2]q
 			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
 			t.Logf("containerd log tail:\n%s", tailLines(string(b), 400))
 		}
-		exec.Command("umount", "-R", filepath.Join(dir, "root")).Run()
-		exec.Command("umount", "-R", filepath.Join(dir, "state")).Run()
+		// root and state are not mount points themselves, so umount -R
+		// of them does nothing: unmount what a failed test left below
+		// dir (CRI's sandbox shm, rootfs overlays), deepest first.
+		for _, m := range mountsUnder(dir) {
+			if err := exec.Command("umount", m).Run(); err == nil {
+				t.Logf("unmounted a leftover mount %s", m)
+			}
+		}
 		os.RemoveAll(dir)
 		// The CNI bridge outlives the pods (the bridge plugin never
 		// removes it).
@@ -331,4 +337,17 @@ func BenchmarkContainerdRun(b *testing.B) {
 	b.ReportMetric(float64(mk.Milliseconds()), "kiwi-ms")
 	b.ReportMetric(float64(mr.Milliseconds()), "runc-ms")
 	b.ReportMetric(float64(mk)/float64(mr), "ratio")
+}
+
+// mountsUnder lists the mount points below dir, deepest first.
+func mountsUnder(dir string) []string {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			out = append(out, f[4])
+		}
+	}
+	slices.SortFunc(out, func(a, b string) int { return len(b) - len(a) })
+	return out
 }

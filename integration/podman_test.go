@@ -81,8 +81,8 @@ func stateDirs() map[string]bool {
 }
 
 func (p *podman) cmd(args ...string) *exec.Cmd {
-	if len(args) > 0 && args[0] == "run" {
-		args = append([]string{"run", "--label", p.label}, args[1:]...)
+	if len(args) > 0 && (args[0] == "run" || args[0] == "create") {
+		args = append([]string{args[0], "--label", p.label}, args[1:]...)
 	}
 	cmd := exec.Command("podman", append([]string{"--runtime", shim(), "--runtime-flag", "config=" + p.shimConf}, args...)...)
 	cmd.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
@@ -124,21 +125,47 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		return m.Delete(context.Background(), rec, force)
 	}
 	dir := e.store().Dir(rec.ID)
-	if st := vmState(rec, dir); st.Status == "running" && !force {
-		return fmt.Errorf("cannot delete container %s that is running: stop it first or use --force", rec.ID)
+	if st := vmState(rec, dir); (st.Status == "running" || st.Status == "creating") && !force {
+		return fmt.Errorf("cannot delete container %s that is %s: stop it first or use --force", rec.ID, st.Status)
 	}
+	if err := e.releaseVM(rec, dir); err != nil {
+		return err
+	}
+	return e.store().Remove(rec.ID)
+}
+
+// releaseVM stops what is left of a VM container's host side and gives
+// back what it held: its processes (also ones without a pid file), the
+// network redirects and addresses, the scratch disk and the cgroup. The
+// record stays, updated; running it again finds nothing to do.
+func (e *env) releaseVM(rec *state.Container, dir string) error {
 	vm.Stop(dir, rec.Pid, 10*time.Second)
+	// Helpers that lost their pid file or their monitor.
+	for _, p := range gc.Helpers(gc.Processes(), dir) {
+		if p.Pid == os.Getpid() {
+			continue // a monitor removing its own abandoned container
+		}
+		if err := unix.Kill(p.Pid, unix.SIGKILL); err == nil {
+			e.log.Info("killed a leftover helper", "id", rec.ID, "pid", p.Pid, "cmd", filepath.Base(p.Argv[0]))
+		}
+	}
 	// QEMU is gone, and with it the taps; the redirects and the
 	// interfaces' addresses are restored in the namespace, if it lives.
 	if st, err := vmnet.Load(dir); err != nil {
 		e.log.Warn("container network state", "id", rec.ID, "err", err)
-	} else if err := vmnet.Teardown(st); err != nil {
-		e.log.Warn("container network teardown", "id", rec.ID, "err", err)
+	} else if st != nil {
+		if err := vmnet.Teardown(st); err != nil {
+			e.log.Warn("container network teardown", "id", rec.ID, "err", err)
+		} else {
+			os.Remove(filepath.Join(dir, vmnet.StateFile))
+		}
 	}
+	changed := false
 	if rec.Scratch != "" {
 		if err := os.Remove(rec.Scratch); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("remove scratch disk: %w", err)
 		}
+		rec.Scratch, changed = "", true
 	}
 	if rec.Cgroup != "" {
 		// QEMU and kiwi-sharefs were killed above; they may still be
@@ -146,9 +173,16 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		// keeping a container that cannot be deleted.
 		if err := hostcgroup.Remove(rec.Cgroup, 10*time.Second); err != nil {
 			e.log.Warn("remove the VM's cgroup", "id", rec.ID, "err", err)
+		} else {
+			rec.Cgroup, changed = "", true
 		}
 	}
-	return e.store().Remove(rec.ID)
+	if changed {
+		if err := e.store().Save(rec); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // keeperCmd builds the hidden loop-keeper invocation with the same global

@@ -6,7 +6,9 @@ import (
 	"os"
 
 	"github.com/urfave/cli"
+	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
@@ -31,7 +33,13 @@ var deleteCommand = cli.Command{
 				cmd.Stdout, cmd.Stderr = nil, nil
 				cmd.Run()
 			}
-			os.Remove(e.store().Dir(id))
+			// A state directory without a record is a create that died
+			// before writing one: what it started goes with it.
+			dir := e.store().Dir(id)
+			for _, p := range gc.Helpers(gc.Processes(), dir) {
+				unix.Kill(p.Pid, unix.SIGKILL)
+			}
+			os.RemoveAll(dir)
 			return nil
 		}
 		if err != nil {

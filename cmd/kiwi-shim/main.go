@@ -40,7 +40,7 @@ func main() {
 	app.Usage = "OCI runtime that runs KIWI image builds in QEMU micro-VMs or as containers"
 	app.Version = fmt.Sprintf("%s\nspec: %s", version, specVersion)
 	app.Flags = []cli.Flag{
-		cli.StringFlag{Name: "root", Value: "/run/kiwi-shim", Usage: "directory for container state"},
+		cli.StringFlag{Name: "root", Value: defaultRoot, Usage: "directory for container state"},
 		cli.StringFlag{Name: "log", Usage: "append log messages to this file instead of stderr"},
 		cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		cli.BoolFlag{Name: "debug", Usage: "log debug messages"},
@@ -69,6 +69,7 @@ func main() {
 		checkCommand,
 		setupCommand,
 		boxbuildCommand,
+		gcCommand,
 		keeperCommand,
 		vmMonitorCommand,
 		vmExecCommand,
