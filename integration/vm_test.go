@@ -96,6 +96,30 @@ func TestVMRun(t *testing.T) {
 	}
 }
 
+// TestVM9p: io.kiwi-shim.share=9p serves the root file system (with its
+// symlinks: busybox's applets) and bind mounts through QEMU's 9p, both
+// ways, and read-only mounts stay read-only.
+func TestVM9p(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	share := t.TempDir()
+	os.WriteFile(filepath.Join(share, "in.txt"), []byte("from host\n"), 0o644)
+	r := p.run("", "run", "--rm", "--annotation", "io.kiwi-shim.share=9p", "-v", share+":/share", "-v", share+":/ro:ro",
+		"--rootfs", rootfs, "sh", "-c",
+		`cat /share/in.txt; echo made in the box > /share/out.txt; touch /ro/x 2>/dev/null && echo ro-writable || echo ro-refused; grep -c ' 9p ' /proc/mounts`)
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "from host\nro-refused\n") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	if n := strings.TrimSpace(strings.TrimPrefix(r.stdout, "from host\nro-refused\n")); n == "0" {
+		t.Fatalf("no 9p mount in the guest: %q", r.stdout)
+	}
+	if b, err := os.ReadFile(filepath.Join(share, "out.txt")); err != nil || string(b) != "made in the box\n" {
+		t.Fatalf("host file %q, %v", b, err)
+	}
+}
+
 // TestVMLoopDevices: the build's loop devices, partitions and filesystems
 // are the guest's own; the host's loop devices are untouched.
 func TestVMLoopDevices(t *testing.T) {

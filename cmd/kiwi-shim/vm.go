@@ -39,9 +39,34 @@ var vmMonitorCommand = cli.Command{
 	Hidden: true,
 	Flags:  []cli.Flag{cli.StringFlag{Name: "state-dir"}},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		ready := os.NewFile(3, "ready")
-		return exitError{code: vm.Run(ctx.String("state-dir"), ready, e.log)}
+		dir := ctx.String("state-dir")
+		code, abandoned := vm.Run(dir, os.NewFile(3, "ready"), e.log)
+		if abandoned {
+			// create went away before the VM was ready: no engine knows
+			// this container, and none will delete it.
+			e.removeAbandoned(dir)
+		}
+		return exitError{code: code}
 	}),
+}
+
+// removeAbandoned deletes the VM container of the state directory dir
+// from inside its own monitor, once the monitor has stopped the VM.
+func (e *env) removeAbandoned(dir string) {
+	rec, err := e.store().Load(filepath.Base(dir))
+	if err != nil || e.store().Dir(rec.ID) != dir {
+		e.log.Warn("abandoned container not removed", "dir", dir, "err", err)
+		return
+	}
+	if err := e.releaseVM(rec, dir); err != nil {
+		e.log.Warn("abandoned container not released", "id", rec.ID, "err", err)
+		return
+	}
+	if err := e.store().Remove(rec.ID); err != nil {
+		e.log.Warn("abandoned container not removed", "id", rec.ID, "err", err)
+		return
+	}
+	e.log.Info("abandoned container removed", "id", rec.ID)
 }
 
 // guestArch is the guest's architecture: io.kiwi-shim.vm.arch, else the

@@ -96,7 +96,7 @@ type monitor struct {
 	tty      *os.File  // pty slave when the process has a terminal
 
 	mu       sync.Mutex
-	status   string // created, running, stopped
+	status   string // creating, created, running, stopped
 	exit     int
 	exitSeen bool
 	clients  map[uint32]*vmproto.Writer
@@ -104,16 +104,30 @@ type monitor struct {
 	started  chan struct{}
 }
 
+// errAbandoned ends a boot whose create went away.
+var errAbandoned = errors.New("create went away during the boot")
+
 // Run runs the monitor for the state directory dir and returns the exit
 // status the process should exit with. It writes "ok" or "error MSG" to
-// ready once the guest is set up (or failed to).
-func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
-	m := &monitor{dir: dir, log: log, status: "created", clients: map[uint32]*vmproto.Writer{}, next: 1, started: make(chan struct{})}
-	fail := func(err error) int {
-		fmt.Fprintf(ready, "error %s\n", oneLine(err.Error()))
+// ready, the write end of a pipe that create reads, once the guest is set
+// up (or failed to). If create goes away before that (killed, say, with
+// the containerd shim that ran it), nobody will learn of the container:
+// the boot is abandoned, and Run reports it so that the caller can remove
+// the container.
+func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool) {
+	m := &monitor{dir: dir, log: log, status: "creating", clients: map[uint32]*vmproto.Writer{}, next: 1, started: make(chan struct{})}
+	creatorGone := watchReader(ready)
+	fail := func(err error) (int, bool) {
+		_, werr := fmt.Fprintf(ready, "error %s\n", oneLine(err.Error()))
 		ready.Close()
+		select {
+		case <-creatorGone:
+			log.Warn("create went away before the VM was ready: removing the container", "id", m.cfg.ID, "err", err)
+			return 1, true
+		default:
+		}
 		log.Error("vm monitor", "id", m.cfg.ID, "err", err)
-		return 1
+		return 1, errors.Is(werr, unix.EPIPE)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, MonitorConfigFile))
 	if err != nil {
@@ -143,6 +157,9 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 		return fail(fmt.Errorf("monitor socket: %w", err))
 	}
 	defer ml.Close()
+	// State queries are answered from now on ("creating"), so that a
+	// delete during the boot does not wait for it.
+	go m.serveClients(ml)
 
 	// PR_SET_PDEATHSIG of the children fires when the thread that
 	// forked them exits: pin this goroutine (the main one) to its thread
@@ -157,20 +174,27 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 	if err != nil {
 		return fail(err)
 	}
-	conn, err := m.boot(gl, qemuDone)
+	conn, err := m.boot(gl, qemuDone, creatorGone)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
 		return fail(err)
 	}
 	defer conn.Close()
-	fmt.Fprintln(ready, "ok")
+	m.mu.Lock()
+	m.status = "created"
+	m.mu.Unlock()
+	if _, err := fmt.Fprintln(ready, "ok"); err != nil {
+		// create is gone: it saw neither "ok" nor the pid.
+		qemu.Process.Kill()
+		<-qemuDone
+		return fail(fmt.Errorf("report ready: %w", err))
+	}
 	ready.Close()
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
-	go m.readGuest(conn)
-	go m.serveClients(ml)
+	go m.readGuest(conn, func() { qemu.Process.Kill() })
 	if m.tty != nil {
 		go m.watchWinsize()
 	}
@@ -211,9 +235,42 @@ func Run(dir string, ready io.WriteCloser, log *slog.Logger) int {
 	m.status = "stopped"
 	if !m.exitSeen {
 		log.Error("VM ended without reporting the container's exit status", "id", m.cfg.ID, "console", m.cfg.Machine.ConsoleLog)
-		return 255
+		return 255, false
 	}
-	return m.exit
+	return m.exit, false
+}
+
+// watchReader returns a channel that is closed when the reading end of
+// the pipe w is closed by all its holders: when create, waiting for the
+// ready line, has gone. It stops watching once w is closed.
+func watchReader(w *os.File) <-chan struct{} {
+	gone := make(chan struct{})
+	rc, err := w.SyscallConn()
+	if err != nil {
+		return gone
+	}
+	go func() {
+		for {
+			var revents int16
+			var perr error
+			// Control fails once w is closed: the watch ends with it.
+			if err := rc.Control(func(fd uintptr) {
+				fds := []unix.PollFd{{Fd: int32(fd)}} // POLLERR is always reported
+				_, perr = unix.Poll(fds, 200)
+				revents = fds[0].Revents
+			}); err != nil {
+				return
+			}
+			if perr != nil && !errors.Is(perr, unix.EINTR) {
+				return
+			}
+			if revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+				close(gone)
+				return
+			}
+		}
+	}()
+	return gone
 }
 
 func oneLine(s string) string {
@@ -258,7 +315,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 
 // boot waits for the guest to say hello, sends it the configuration and
 // waits until the container's root is set up.
-func (m *monitor) boot(l net.Listener, qemuDone <-chan struct{}) (net.Conn, error) {
+func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (net.Conn, error) {
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -271,6 +328,8 @@ func (m *monitor) boot(l net.Listener, qemuDone <-chan struct{}) (net.Conn, erro
 	case conn = <-accepted:
 	case <-qemuDone:
 		return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
+	case <-creatorGone:
+		return nil, errAbandoned
 	case <-time.After(30 * time.Second):
 		return nil, errors.New("qemu did not connect the control port within 30s")
 	}
@@ -286,6 +345,8 @@ func (m *monitor) boot(l net.Listener, qemuDone <-chan struct{}) (net.Conn, erro
 			return r.f, r.err
 		case <-qemuDone:
 			return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+		case <-creatorGone:
+			return vmproto.Frame{}, errAbandoned
 		case <-time.After(timeout):
 			return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
 		}
@@ -370,11 +431,21 @@ func (m *monitor) setExit(status int, fromGuest bool) {
 	m.exit, m.exitSeen = status, true
 }
 
-// readGuest dispatches the guest's frames until the connection ends.
-func (m *monitor) readGuest(conn net.Conn) {
+// readGuest dispatches the guest's frames until the connection ends. A
+// guest that breaks the protocol (the guest is untrusted) gets its box
+// stopped with stop, with a message on the container's stderr.
+func (m *monitor) readGuest(conn net.Conn, stop func()) {
 	for {
 		f, err := vmproto.ReadFrame(conn)
 		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
+				return // poweroff
+			}
+			msg := fmt.Sprintf("the guest broke the control protocol (%v); stopping the box", err)
+			m.log.Error(msg, "id", m.cfg.ID)
+			fmt.Fprintf(m.err, "kiwi-shim: %s\n", msg)
+			m.setExit(1, false)
+			stop()
 			return
 		}
 		if f.Stream != 0 {
@@ -453,9 +524,13 @@ func (m *monitor) client(c net.Conn) {
 			return
 		}
 		m.mu.Lock()
-		created := m.status == "created"
+		status := m.status
 		m.mu.Unlock()
-		if created {
+		if status == "creating" {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is creating: delete --force ends it"})
+			return
+		}
+		if status == "created" {
 			// Nothing runs yet: a signal to a created container ends it.
 			m.setExit(128+s.Signal, false)
 			m.guest.Write(vmproto.TPoweroff, 0, nil)
@@ -464,7 +539,12 @@ func (m *monitor) client(c net.Conn) {
 		}
 		w.Write(vmproto.TSignal, 0, nil)
 	case vmproto.TResize:
-		m.guest.Write(vmproto.TResize, 0, f.Payload)
+		m.mu.Lock()
+		booted := m.status != "creating"
+		m.mu.Unlock()
+		if booted {
+			m.guest.Write(vmproto.TResize, 0, f.Payload)
+		}
 	case vmproto.TExec:
 		m.exec(c, w, f.Payload)
 	}

@@ -69,7 +69,11 @@ func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error)
 	if err != nil {
 		return nil, err
 	}
+	// go-fuse's messages (the node tree's and the protocol server's, such
+	// as "Unimplemented opcode SYNCFS", which the guest takes for success)
+	// are debug output.
 	opts.Logger = slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	opts.MountOptions.Logger = opts.Logger
 	// The guest is not trusted, and go-fuse (v2.12) panics while holding
 	// an inode's lock when a FORGET drops more lookups than the inode
 	// has, which wedges every later request on it. So FORGET is ignored
