@@ -23,6 +23,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/ociarchive"
 	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
 var boxbuildCommand = cli.Command{
@@ -99,22 +100,28 @@ func boxOptions(ctx *cli.Context) (boxbuild.Options, error) {
 }
 
 // boxArchive resolves --box: a path, or a NAME in the first of the cache
-// directories that has it.
-func boxArchive(box string, cacheDirs ...string) (string, error) {
+// directories that has it. A box for another architecture than the
+// host's (arch, a kernel name; "" for the host's) is NAME-DEBARCH, as
+// `contrib/box/build --arch DEBARCH` names it.
+func boxArchive(box, arch string, cacheDirs ...string) (string, error) {
 	if strings.ContainsRune(box, '/') {
 		if _, err := os.Stat(box); err != nil {
 			return "", fmt.Errorf("box %s: %w", box, err)
 		}
 		return box, nil
 	}
+	name := box
+	if arch != "" && arch != vm.HostArch() {
+		name += "-" + vm.DebArch(arch)
+	}
 	var err error
 	for _, dir := range cacheDirs {
-		p := filepath.Join(dir, "boxes", "kiwi-box-"+box+".oci.tar")
+		p := filepath.Join(dir, "boxes", "kiwi-box-"+name+".oci.tar")
 		if _, err = os.Stat(p); err == nil {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("box %s: %w (the default box is built by `make box`, i.e. contrib/box/build)", box, err)
+	return "", fmt.Errorf("box %s: %w (the default box is built by `make box`, i.e. contrib/box/build [--arch DEBARCH])", name, err)
 }
 
 // inUserNamespace re-runs this boxbuild as root of a new user namespace
@@ -190,7 +197,7 @@ func runBoxbuild(ctx *cli.Context, e *env) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	archivePath, err := boxArchive(ctx.String("box"), e.cacheDirs()...)
+	archivePath, err := boxArchive(ctx.String("box"), opts.Arch, e.cacheDirs()...)
 	if err != nil {
 		return 0, err
 	}

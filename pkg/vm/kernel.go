@@ -33,8 +33,8 @@ func HostArch() string {
 	}
 }
 
-// debArch maps a kernel architecture to Debian's.
-func debArch(arch string) string {
+// DebArch maps a kernel architecture name to Debian's (aarch64: arm64).
+func DebArch(arch string) string {
 	if arch == "aarch64" {
 		return "arm64"
 	}
@@ -73,7 +73,7 @@ func FindKernel(configured, arch string, cacheDirs ...string) (Kernel, error) {
 		}
 	}
 	return Kernel{}, fmt.Errorf("no guest kernel for %s: run 'kiwi-shim setup' (puts Debian's linux-image-%s into %s) or set vm.kernel.%s in the config",
-		arch, debArch(arch), kernelsDir(cacheDir, arch), arch)
+		arch, DebArch(arch), kernelsDir(cacheDir, arch), arch)
 }
 
 func kernelAt(image, modulesRoot string) (Kernel, error) {
@@ -120,9 +120,9 @@ func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
 	// apt-get download drops privileges to _apt where it can.
 	os.Chmod(tmp, 0o755)
 	defer os.RemoveAll(tmp)
-	da := debArch(arch)
+	da := DebArch(arch)
 	meta := "linux-image-" + da
-	if da != debArch(HostArch()) {
+	if da != DebArch(HostArch()) {
 		meta += ":" + da
 	}
 	// Resolve the metapackage to the versioned image package.
@@ -140,7 +140,7 @@ func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
 	if pkg == "" {
 		return Kernel{}, fmt.Errorf("cannot resolve %s to a kernel package", meta)
 	}
-	if da != debArch(HostArch()) && !strings.Contains(pkg, ":") {
+	if da != DebArch(HostArch()) && !strings.Contains(pkg, ":") {
 		pkg += ":" + da
 	}
 	dl := exec.Command("apt-get", "download", "-q", pkg)
