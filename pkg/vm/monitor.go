@@ -95,13 +95,14 @@ type monitor struct {
 	in       io.Reader // container stdin source
 	tty      *os.File  // pty slave when the process has a terminal
 
-	mu       sync.Mutex
-	status   string // creating, created, running, stopped
-	exit     int
-	exitSeen bool
-	clients  map[uint32]*vmproto.Writer
-	next     uint32
-	started  chan struct{}
+	mu          sync.Mutex
+	status      string // creating, created, running, stopped
+	exit        int
+	exitSeen    bool
+	clients     map[uint32]*vmproto.Writer
+	next        uint32
+	started     chan struct{} // closed when the guest has started the process (or failed to)
+	startedOnce sync.Once
 }
 
 // errAbandoned ends a boot whose create went away.
@@ -466,11 +467,15 @@ func (m *monitor) readGuest(conn net.Conn, stop func()) {
 			if len(f.Payload) > 0 {
 				m.err.Write(f.Payload)
 			}
+		case vmproto.TStarted:
+			m.startedOnce.Do(func() { close(m.started) })
 		case vmproto.TExit:
 			var e vmproto.Exit
 			if vmproto.Decode(f.Payload, &e) == nil {
 				m.setExit(e.Status, true)
 			}
+			// A process that could not be started ends without TStarted.
+			m.startedOnce.Do(func() { close(m.started) })
 		case vmproto.TError:
 			var e vmproto.Error
 			vmproto.Decode(f.Payload, &e)
@@ -517,6 +522,13 @@ func (m *monitor) client(c net.Conn) {
 			return
 		}
 		go m.guest.Pump(vmproto.TStdin, 0, m.in)
+		// As with runc, start returns once the process exists, so that
+		// a signal sent right after it reaches the process.
+		select {
+		case <-m.started:
+		case <-time.After(30 * time.Second):
+			m.log.Warn("the guest did not confirm the start within 30s", "id", m.cfg.ID)
+		}
 		w.WriteJSON(vmproto.TStarted, 0, vmproto.Started{Pid: os.Getpid()})
 	case vmproto.TSignal:
 		var s vmproto.Signal
