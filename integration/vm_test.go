@@ -96,6 +96,43 @@ func TestVMRun(t *testing.T) {
 	}
 }
 
+// TestVMCapabilities: the process gets the spec's capabilities plus
+// KIWI's (SYS_ADMIN, MKNOD, AUDIT_WRITE, AUDIT_CONTROL), in every set but
+// the inheritable one, and no_new_privs, as with runc in container mode;
+// exec'd processes too.
+func TestVMCapabilities(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	// CHOWN (0) + SYS_ADMIN (21) + MKNOD (27) + AUDIT_WRITE (29) + AUDIT_CONTROL (30)
+	const want = "0000000068200001"
+	r := p.run("", "run", "-d", "--cap-drop", "all", "--cap-add", "CAP_CHOWN", "--security-opt", "no-new-privileges",
+		"--rootfs", rootfs, "sh", "-c", "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; sleep 300")
+	if r.code != 0 {
+		t.Fatalf("run: exit %d: %s", r.code, r.stderr)
+	}
+	id := strings.TrimSpace(r.stdout)
+	var logs string
+	eventually(t, 60*time.Second, "the process's capabilities in its log", func() bool {
+		logs = p.run("", "logs", id).stdout
+		return strings.Contains(logs, "NoNewPrivs")
+	})
+	for _, set := range []string{"CapEff", "CapPrm", "CapBnd"} {
+		if !strings.Contains(logs, set+":\t"+want) {
+			t.Errorf("%s: want %s in\n%s", set, want, logs)
+		}
+	}
+	if !strings.Contains(logs, "NoNewPrivs:\t1") {
+		t.Errorf("no_new_privs not set:\n%s", logs)
+	}
+	r = p.run("", "exec", id, "grep", "CapEff", "/proc/self/status")
+	if r.code != 0 || !strings.Contains(r.stdout, want) {
+		t.Errorf("exec: exit %d, stdout %q, stderr %q; want CapEff %s", r.code, r.stdout, r.stderr, want)
+	}
+	p.must("rm", "-f", "-t", "0", id)
+}
+
 // TestVM9p: io.kiwi-shim.share=9p serves the root file system (with its
 // symlinks: busybox's applets) and bind mounts through QEMU's 9p, both
 // ways, and read-only mounts stay read-only.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -256,16 +257,46 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 		Env:   p.Env,
 		Files: files,
 		Sys: &syscall.SysProcAttr{
-			Setsid:     true,
-			Setctty:    p.Terminal,
-			Ctty:       0,
-			Credential: &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups},
+			Setsid:  true,
+			Setctty: p.Terminal,
+			Ctty:    0,
 		},
 	}
-	proc, err := os.StartProcess(path, p.Args, attr)
+	if p.Capabilities == nil && !p.NoNewPrivileges {
+		attr.Sys.Credential = &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups}
+		proc, err := os.StartProcess(path, p.Args, attr)
+		if err != nil {
+			return err
+		}
+		pr.pid = proc.Pid
+		proc.Release() // the reaper waits for it; os.Process must not
+		return nil
+	}
+	// The helper (this binary again) limits the capabilities and
+	// becomes the process; it reads what to do from a pipe at fd 3.
+	hc, err := json.Marshal(helperConfig{
+		Path: path, Args: p.Args, UID: p.UID, GID: p.GID, Groups: groups,
+		Capabilities: p.Capabilities, NoNewPrivileges: p.NoNewPrivileges,
+	})
 	if err != nil {
 		return err
 	}
+	cfgR, cfgW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer cfgR.Close()
+	attr.Files = append(append([]*os.File{}, files...), cfgR)
+	// /proc/self/exe: this binary, wherever the container's root put it
+	// (it lives in the initramfs, outside the container's root).
+	proc, err := os.StartProcess("/proc/self/exe", []string{execHelperName}, attr)
+	if err != nil {
+		cfgW.Close()
+		return fmt.Errorf("start %s (needs /proc in the container): %w", path, err)
+	}
+	// Bounded by MaxPayload, as the frame it came in: fits the pipe or
+	// is read at once by the helper.
+	go func() { cfgW.Write(hc); cfgW.Close() }()
 	pr.pid = proc.Pid
 	// The reaper waits for it; os.Process must not.
 	proc.Release()

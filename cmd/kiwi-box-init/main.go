@@ -27,6 +27,9 @@ import (
 const portName = "org.kiwi-shim.ctl"
 
 func main() {
+	if isExecHelper() {
+		os.Exit(execHelper())
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}

@@ -18,6 +18,8 @@ import (
 	"slices"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
 // Device is a host device node to hand to the container.
@@ -29,12 +31,6 @@ type Device struct {
 	// Major and Minor are the device numbers.
 	Major, Minor int64
 }
-
-// Capabilities KIWI needs on top of a default container's: mount and
-// losetup (SYS_ADMIN), making device nodes in the image root (MKNOD), and
-// writing and controlling audit records (package scripts that run
-// systemd or useradd).
-var kiwiCapabilities = []string{"CAP_SYS_ADMIN", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL"}
 
 // LoopControl is /dev/loop-control, handed out only on request.
 var LoopControl = Device{Path: "/dev/loop-control", Type: "c", Major: 10, Minor: 237}
@@ -95,21 +91,4 @@ func WithRoot(s *specs.Spec, rootfs string) (*specs.Spec, error) {
 // AddCapabilities gives a process the capabilities KIWI needs. Processes
 // that `exec` adds get them too, so that a shell exec'd into a build
 // container can run losetup and partx like the build itself.
-func AddCapabilities(p *specs.Process) {
-	if p.Capabilities == nil {
-		p.Capabilities = &specs.LinuxCapabilities{}
-	}
-	c := p.Capabilities
-	c.Bounding = addAll(c.Bounding, kiwiCapabilities)
-	c.Effective = addAll(c.Effective, kiwiCapabilities)
-	c.Permitted = addAll(c.Permitted, kiwiCapabilities)
-}
-
-func addAll(set, add []string) []string {
-	for _, a := range add {
-		if !slices.Contains(set, a) {
-			set = append(set, a)
-		}
-	}
-	return set
-}
+func AddCapabilities(p *specs.Process) { oci.AddKIWICapabilities(p) }

@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
 func TestRewrite(t *testing.T) {
@@ -39,7 +41,7 @@ func TestRewrite(t *testing.T) {
 	if len(rules) != 2 || !rules[0].Allow || *rules[0].Major != 7 || *rules[0].Minor != 3 || rules[0].Access != "rwm" {
 		t.Fatalf("cgroup rules %+v", rules)
 	}
-	for _, c := range kiwiCapabilities {
+	for _, c := range oci.KIWICapabilities {
 		for _, set := range [][]string{out.Process.Capabilities.Bounding, out.Process.Capabilities.Effective, out.Process.Capabilities.Permitted} {
 			if !slices.Contains(set, c) {
 				t.Fatalf("%s missing in %v", c, set)

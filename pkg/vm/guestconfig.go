@@ -8,6 +8,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
@@ -87,6 +88,20 @@ func processFromSpec(p *specs.Process) vmproto.Process {
 	}
 	if p.ConsoleSize != nil {
 		gp.Rows, gp.Cols = uint16(p.ConsoleSize.Height), uint16(p.ConsoleSize.Width)
+	}
+	gp.NoNewPrivileges = p.NoNewPrivileges
+	if p.Capabilities != nil {
+		// The spec's sets, plus what KIWI needs (as in container mode);
+		// without any the process keeps all of the guest root's.
+		q := *p
+		q.Capabilities = &specs.LinuxCapabilities{}
+		*q.Capabilities = *p.Capabilities
+		oci.AddKIWICapabilities(&q)
+		c := q.Capabilities
+		gp.Capabilities = &vmproto.Capabilities{
+			Bounding: c.Bounding, Effective: c.Effective, Inheritable: c.Inheritable,
+			Permitted: c.Permitted, Ambient: c.Ambient,
+		}
 	}
 	return gp
 }

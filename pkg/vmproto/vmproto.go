@@ -232,6 +232,19 @@ type Process struct {
 	Terminal       bool     `json:"terminal,omitempty"`
 	Rows           uint16   `json:"rows,omitempty"`
 	Cols           uint16   `json:"cols,omitempty"`
+	// Capabilities limit the process's capabilities; nil leaves it all
+	// of root's (the guest's kernel is the box's boundary either way).
+	Capabilities    *Capabilities `json:"capabilities,omitempty"`
+	NoNewPrivileges bool          `json:"noNewPrivileges,omitempty"`
+}
+
+// Capabilities are a process's capability sets, by OCI name (CAP_CHOWN).
+type Capabilities struct {
+	Bounding    []string `json:"bounding,omitempty"`
+	Effective   []string `json:"effective,omitempty"`
+	Inheritable []string `json:"inheritable,omitempty"`
+	Permitted   []string `json:"permitted,omitempty"`
+	Ambient     []string `json:"ambient,omitempty"`
 }
 
 // Rlimit is one resource limit.

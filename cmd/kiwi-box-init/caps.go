@@ -1,0 +1,148 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+
+	"github.com/moby/sys/capability"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
+)
+
+// execHelperName is argv[0] of kiwi-box-init re-executed to become a
+// container process whose capabilities are limited: it drops the bounding
+// set, changes its credentials, sets the other sets and no_new_privs, and
+// executes the process, as runc's init does. Go's fork cannot do this
+// between fork and exec.
+const execHelperName = "kiwi-box-exec"
+
+// execConfigFD is the helper's fd carrying its helperConfig.
+const execConfigFD = 3
+
+// helperConfig is what the helper needs to become the process.
+type helperConfig struct {
+	Path            string                `json:"path"`
+	Args            []string              `json:"args"`
+	UID             uint32                `json:"uid"`
+	GID             uint32                `json:"gid"`
+	Groups          []uint32              `json:"groups,omitempty"`
+	Capabilities    *vmproto.Capabilities `json:"capabilities,omitempty"`
+	NoNewPrivileges bool                  `json:"noNewPrivileges,omitempty"`
+}
+
+func init() {
+	if isExecHelper() {
+		// capset changes the calling thread only: it and the exec must
+		// run on the same thread.
+		runtime.LockOSThread()
+	}
+}
+
+func isExecHelper() bool { return len(os.Args) > 0 && os.Args[0] == execHelperName }
+
+// execHelper runs the helper: it only returns (a status) if it fails.
+func execHelper() int {
+	f := os.NewFile(execConfigFD, "exec-config")
+	var hc helperConfig
+	err := json.NewDecoder(io.LimitReader(f, vmproto.MaxPayload)).Decode(&hc)
+	f.Close()
+	if err == nil {
+		err = becomeProcess(&hc)
+	}
+	if err == nil {
+		err = unix.Exec(hc.Path, hc.Args, os.Environ())
+		err = fmt.Errorf("exec %s: %w", hc.Path, err)
+	}
+	fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
+	if errors.Is(err, os.ErrPermission) {
+		return 126
+	}
+	return 127
+}
+
+// becomeProcess applies hc's credentials and capabilities to this thread,
+// in runc's order: bounding set (needs CAP_SETPCAP, so while still
+// root), user and groups (keeping the permitted set), then the effective,
+// permitted and inheritable sets, the ambient set and no_new_privs.
+func becomeProcess(hc *helperConfig) error {
+	var caps capability.Capabilities
+	if hc.Capabilities != nil {
+		var err error
+		if caps, err = capability.NewPid2(0); err != nil {
+			return fmt.Errorf("capabilities: %w", err)
+		}
+		if err := caps.Load(); err != nil {
+			return fmt.Errorf("capabilities: %w", err)
+		}
+		c := hc.Capabilities
+		caps.Clear(capability.BOUNDING)
+		caps.Set(capability.BOUNDING, capList(c.Bounding)...)
+		if err := caps.Apply(capability.BOUNDING); err != nil {
+			return fmt.Errorf("bounding capabilities: %w", err)
+		}
+		if err := unix.Prctl(unix.PR_SET_KEEPCAPS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("keep capabilities: %w", err)
+		}
+	}
+	if err := unix.Setgroups(groupsOf(hc.Groups)); err != nil {
+		return fmt.Errorf("setgroups: %w", err)
+	}
+	if err := unix.Setgid(int(hc.GID)); err != nil {
+		return fmt.Errorf("setgid %d: %w", hc.GID, err)
+	}
+	if err := unix.Setuid(int(hc.UID)); err != nil {
+		return fmt.Errorf("setuid %d: %w", hc.UID, err)
+	}
+	if caps != nil {
+		c := hc.Capabilities
+		caps.Clear(capability.CAPS | capability.AMBIENT)
+		caps.Set(capability.EFFECTIVE, capList(c.Effective)...)
+		caps.Set(capability.PERMITTED, capList(c.Permitted)...)
+		caps.Set(capability.INHERITABLE, capList(c.Inheritable)...)
+		caps.Set(capability.AMBIENT, capList(c.Ambient)...)
+		if err := caps.Apply(capability.CAPS); err != nil {
+			return fmt.Errorf("capabilities: %w", err)
+		}
+		if err := caps.Apply(capability.AMBIENT); err != nil {
+			return fmt.Errorf("ambient capabilities: %w", err)
+		}
+	}
+	if hc.NoNewPrivileges {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	return nil
+}
+
+func groupsOf(g []uint32) []int {
+	out := make([]int, len(g))
+	for i, v := range g {
+		out[i] = int(v)
+	}
+	return out
+}
+
+// capList maps OCI capability names to the capabilities this kernel
+// supports. Other names are left out, as runc does.
+func capList(names []string) []capability.Cap {
+	supported, err := capability.ListSupported()
+	if err != nil {
+		supported = capability.ListKnown()
+	}
+	var out []capability.Cap
+	for _, n := range names {
+		for _, c := range supported {
+			if "CAP_"+strings.ToUpper(c.String()) == n {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
