@@ -110,6 +110,9 @@ func setupRoot(cfg *vmproto.Config) error {
 			return fmt.Errorf("mount %s (%s): %w", m.Destination, m.Type, err)
 		}
 	}
+	if err := devLinks(cfg.Mounts); err != nil {
+		return err
+	}
 	if cfg.Hostname != "" {
 		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 			return fmt.Errorf("sethostname: %w", err)
@@ -125,6 +128,34 @@ func setupRoot(cfg *vmproto.Config) error {
 		return fmt.Errorf("chroot: %w", err)
 	}
 	return os.Chdir("/")
+}
+
+// devLinks makes the symbolic links the OCI runtime spec puts in a
+// container's /dev, when /dev is the guest's devtmpfs (where the box's
+// loop and partition nodes appear): /dev/fd, stdin, stdout, stderr, and
+// /dev/ptmx pointing into the container's own devpts instance.
+func devLinks(mounts []vmproto.Mount) error {
+	dev, pts := false, false
+	for _, m := range mounts {
+		dev = dev || m.Destination == "/dev" && m.Type == "devtmpfs"
+		pts = pts || m.Destination == "/dev/pts" && m.Type == "devpts"
+	}
+	if !dev {
+		return nil
+	}
+	links := [][2]string{{"/proc/self/fd", "fd"}, {"/proc/self/fd/0", "stdin"}, {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"}}
+	if pts {
+		if err := os.Remove(target("/dev/ptmx")); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("/dev/ptmx: %w", err)
+		}
+		links = append(links, [2]string{"pts/ptmx", "ptmx"})
+	}
+	for _, l := range links {
+		if err := os.Symlink(l[0], target("/dev/"+l[1])); err != nil && !os.IsExist(err) {
+			return fmt.Errorf("/dev/%s: %w", l[1], err)
+		}
+	}
+	return nil
 }
 
 // target resolves a container path under the new root. Destinations come
