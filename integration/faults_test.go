@@ -288,20 +288,7 @@ func waitFile(t *testing.T, path string) {
 }
 
 // procOf reports whether a process of the part runs for container id.
-func procOf(part, id string) bool {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || !strings.Contains(string(b), id) {
-			continue
-		}
-		argv := strings.Split(string(b), "\x00")
-		if filepath.Base(argv[0]) == part || strings.Contains(string(b), "\x00"+part+"\x00") {
-			return true
-		}
-	}
-	return false
-}
+func procOf(part, id string) bool { return len(pidsOf(part, id)) > 0 }
 
 // checkNothingOf checks that no process and no mount names container id.
 func checkNothingOf(t *testing.T, id string) {

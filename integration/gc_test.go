@@ -30,16 +30,8 @@ func TestGC(t *testing.T) {
 		return run(t, nil, shim(), append([]string{"--root", root, "--config", conf}, args...)...)
 	}
 
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(bundle, 0o755)
-	os.Rename(busyboxRootfs(t), filepath.Join(bundle, "rootfs"))
-	mustRun(t, nil, "runc", "spec", "--bundle", bundle)
-	cfg, _ := os.ReadFile(filepath.Join(bundle, "config.json"))
-	cfgs := strings.Replace(string(cfg), `"terminal": true`, `"terminal": false`, 1)
-	cfgs = strings.Replace(cfgs, `"sh"`, `"sleep", "600"`, 1)
-	cfgs = strings.Replace(cfgs, `"readonly": true`, `"readonly": false`, 1) // the scratch mount point is made in the root
-	cfgs = strings.Replace(cfgs, `"ociVersion"`, `"annotations": {"io.kiwi-shim.vm.scratch": "1G"}, "ociVersion"`, 1)
-	os.WriteFile(filepath.Join(bundle, "config.json"), []byte(cfgs), 0o644)
+	// Writable: the scratch mount point is made in the root.
+	bundle := busyboxBundle(t, dir, `"sleep", "600"`, `{"io.kiwi-shim.vm.scratch": "1G"}`, true)
 	create := func(id string) {
 		t.Helper()
 		out, _ := os.Create(filepath.Join(dir, id+".out"))

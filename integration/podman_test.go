@@ -327,15 +327,7 @@ func TestRuntimeCLI(t *testing.T) {
 	leaveClean(t, dir)
 	root := filepath.Join(dir, "root")
 	env := loopEnv(t, 2)
-	bundle := filepath.Join(dir, "bundle")
-	os.MkdirAll(bundle, 0o755)
-	os.Rename(busyboxRootfs(t), filepath.Join(bundle, "rootfs"))
-	mustRun(t, nil, "runc", "spec", "--bundle", bundle)
-	cfg, _ := os.ReadFile(filepath.Join(bundle, "config.json"))
-	cfgs := strings.Replace(string(cfg), `"terminal": true`, `"terminal": false`, 1)
-	cfgs = strings.Replace(cfgs, `"sh"`, `"sleep", "30"`, 1)
-	cfgs = strings.Replace(cfgs, `"ociVersion"`, `"annotations": {"io.kiwi-shim.mode": "container", "org.example": "x"}, "ociVersion"`, 1)
-	os.WriteFile(filepath.Join(bundle, "config.json"), []byte(cfgs), 0o644)
+	bundle := busyboxBundle(t, dir, `"sleep", "30"`, `{"io.kiwi-shim.mode": "container", "org.example": "x"}`, false)
 
 	k := func(args ...string) string {
 		return mustRun(t, env, shim(), append([]string{"--root", root}, args...)...)
@@ -390,4 +382,27 @@ func TestRuntimeCLI(t *testing.T) {
 	if out := k("features"); !strings.Contains(out, `"ociVersionMax"`) {
 		t.Fatalf("features: %s", out)
 	}
+}
+
+// busyboxBundle makes dir/bundle: a busybox root file system and runc's
+// default config.json without a terminal, running args (a JSON list's
+// inside) with the annotations (a JSON object); writable makes the root
+// file system writable.
+func busyboxBundle(t testing.TB, dir, args, annotations string, writable bool) string {
+	t.Helper()
+	bundle := filepath.Join(dir, "bundle")
+	os.MkdirAll(bundle, 0o755)
+	os.Rename(busyboxRootfs(t), filepath.Join(bundle, "rootfs"))
+	mustRun(t, nil, "runc", "spec", "--bundle", bundle)
+	cfg, _ := os.ReadFile(filepath.Join(bundle, "config.json"))
+	cfgs := strings.Replace(string(cfg), `"terminal": true`, `"terminal": false`, 1)
+	cfgs = strings.Replace(cfgs, `"sh"`, args, 1)
+	if writable {
+		cfgs = strings.Replace(cfgs, `"readonly": true`, `"readonly": false`, 1)
+	}
+	cfgs = strings.Replace(cfgs, `"ociVersion"`, `"annotations": `+annotations+`, "ociVersion"`, 1)
+	if err := os.WriteFile(filepath.Join(bundle, "config.json"), []byte(cfgs), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return bundle
 }

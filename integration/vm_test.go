@@ -298,6 +298,19 @@ func TestVMBadInput(t *testing.T) {
 // Matching argv exactly matters: conmon's command line also names the id.
 func killProc(t testing.TB, exe, id string) {
 	t.Helper()
+	for _, pid := range pidsOf(exe, id) {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+			return
+		}
+	}
+	t.Fatalf("no %s process of %s found", exe, id)
+}
+
+// pidsOf lists the processes of container id whose executable (argv[0]'s
+// base name) or one of whose arguments is exe; conmon, whose command line
+// names every id, is left out.
+func pidsOf(exe, id string) []int {
+	var out []int
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		b, err := os.ReadFile(p)
@@ -305,18 +318,13 @@ func killProc(t testing.TB, exe, id string) {
 			continue
 		}
 		argv := strings.Split(string(b), "\x00")
-		if filepath.Base(argv[0]) != exe && !slices.Contains(argv, exe) {
-			continue
-		}
-		if filepath.Base(argv[0]) == "conmon" {
+		if filepath.Base(argv[0]) != exe && !slices.Contains(argv, exe) || filepath.Base(argv[0]) == "conmon" {
 			continue
 		}
 		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
-			return
-		}
+		out = append(out, pid)
 	}
-	t.Fatalf("no %s process of %s found", exe, id)
+	return out
 }
 
 // TestVMScratch: io.kiwi-shim.vm.scratch gives the box a guest-local ext4

@@ -105,7 +105,7 @@ func Listen(e Export) (*net.UnixListener, error) {
 
 // Serve accepts QEMU's connection on l and serves the export until QEMU
 // closes it (the guest powered off, or QEMU exited), or ctx ends. The
-// listener is closed on return.
+// listener is closed on return. log should name the export (its tag).
 func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger, trace bool) error {
 	defer l.Close()
 	ps, err := NewProtocolServer(e, log)
@@ -124,12 +124,12 @@ func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger,
 	defer conn.Close()
 	// One front end per export: nobody else may connect later.
 	l.Close()
-	log.Info("front end connected", "tag", e.Tag, "source", e.Source)
+	log.Info("front end connected", "source", e.Source)
 	b := vhostuser.NewBackend(conn, &device{ps: ps, log: log}, vhostuser.Config{Queues: Queues, Log: log, Trace: trace})
 	err = b.Serve(ctx)
 	if err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("export %s: %w", e.Tag, err)
 	}
-	log.Info("front end gone", "tag", e.Tag)
+	log.Info("front end gone")
 	return err
 }
