@@ -141,14 +141,7 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 func (e *env) releaseVM(rec *state.Container, dir string) error {
 	vm.Stop(dir, rec.Pid, 10*time.Second)
 	// Helpers that lost their pid file or their monitor.
-	for _, p := range gc.Helpers(gc.Processes(), dir) {
-		if p.Pid == os.Getpid() {
-			continue // a monitor removing its own abandoned container
-		}
-		if err := unix.Kill(p.Pid, unix.SIGKILL); err == nil {
-			e.log.Info("killed a leftover helper", "id", rec.ID, "pid", p.Pid, "cmd", filepath.Base(p.Argv[0]))
-		}
-	}
+	e.killHelpers(rec.ID, dir)
 	// QEMU is gone, and with it the taps; the redirects and the
 	// interfaces' addresses are restored in the namespace, if it lives.
 	if st, err := vmnet.Load(dir); err != nil {
@@ -183,6 +176,19 @@ func (e *env) releaseVM(rec *state.Container, dir string) error {
 		}
 	}
 	return nil
+}
+
+// killHelpers kills the monitor, QEMU and kiwi-sharefs processes of the
+// state directory dir, found by their command lines, not by pid files.
+func (e *env) killHelpers(id, dir string) {
+	for _, p := range gc.Helpers(gc.Processes(), dir) {
+		if p.Pid == os.Getpid() {
+			continue // a monitor removing its own abandoned container
+		}
+		if err := unix.Kill(p.Pid, unix.SIGKILL); err == nil {
+			e.log.Info("killed a leftover helper", "id", id, "pid", p.Pid, "cmd", filepath.Base(p.Argv[0]))
+		}
+	}
 }
 
 // keeperCmd builds the hidden loop-keeper invocation with the same global

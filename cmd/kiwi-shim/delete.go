@@ -6,9 +6,7 @@ import (
 	"os"
 
 	"github.com/urfave/cli"
-	"golang.org/x/sys/unix"
 
-	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
@@ -36,9 +34,7 @@ var deleteCommand = cli.Command{
 			// A state directory without a record is a create that died
 			// before writing one: what it started goes with it.
 			dir := e.store().Dir(id)
-			for _, p := range gc.Helpers(gc.Processes(), dir) {
-				unix.Kill(p.Pid, unix.SIGKILL)
-			}
+			e.killHelpers(id, dir)
 			os.RemoveAll(dir)
 			return nil
 		}
