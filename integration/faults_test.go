@@ -108,6 +108,11 @@ func podmanFault(t *testing.T, part, phase string) {
 	share := t.TempDir()
 	// --rootfs ends podman's flags: the volume comes first.
 	args := []string{"-v", share + ":/share", "--rootfs", rootfs, "sh", "-c", faultScript(part, phase)}
+	if part == "guest-kernel" {
+		// podman makes /proc/sysrq-trigger read-only, as the guest now
+		// does too.
+		args = append([]string{"--security-opt", "unmask=/proc/sysrq-trigger"}, args...)
+	}
 	var id string
 	switch phase {
 	case "create":

@@ -133,6 +133,65 @@ func TestVMCapabilities(t *testing.T) {
 	p.must("rm", "-f", "-t", "0", id)
 }
 
+// TestVMLinuxSpec: the spec's linux.devices, linux.sysctl, oomScoreAdj,
+// masked and read-only paths, user namespace and mount propagation apply
+// in the guest, and mount destinations follow the image's links inside
+// its root. With
+// a user namespace, the container's root is uid 100000 of the guest, and
+// a file it writes to a share belongs to 100000 on the host.
+func TestVMLinuxSpec(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	share := t.TempDir()
+	if err := os.Chmod(share, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// A mount under an absolute link of the image lands where the link
+	// points in the container's root.
+	if err := os.Symlink("/run", filepath.Join(rootfs, "varrun")); err != nil {
+		t.Fatal(err)
+	}
+	linked := t.TempDir()
+	if err := os.WriteFile(filepath.Join(linked, "marker"), []byte("linked\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	script := `ls -l /dev/kiwifuse; echo "sysctl $(cat /proc/sys/net/ipv4/ip_forward)"; echo "oom $(cat /proc/self/oom_score_adj)"
+echo "uidmap $(cat /proc/self/uid_map)"; echo "kcore $(wc -c </proc/kcore)"
+awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo
+awk '$5 == "/share" { print "shareprop", $7 }' /proc/self/mountinfo
+cat /run/linked/marker; echo hi >/share/f`
+	r := p.run("", "run", "--rm", "--network", "none", "-v", share+":/share:shared", "-v", linked+":/varrun/linked:ro",
+		"--device", "/dev/fuse:/dev/kiwifuse", "--sysctl", "net.ipv4.ip_forward=1", "--oom-score-adj", "123",
+		"--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+		"--rootfs", rootfs, "sh", "-c", script)
+	if r.code != 0 {
+		t.Fatalf("run: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+	fields := func(line string) string { return strings.Join(strings.Fields(line), " ") }
+	out := fields(r.stdout)
+	for _, want := range []string{
+		"10, 229", // the device node, by its numbers
+		"sysctl 1", "oom 123", "uidmap 0 100000 65536",
+		"kcore 0",     // masked: /dev/null over it
+		"procsys ro,", // read-only
+		"shareprop shared:",
+		"linked",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("want %q in\n%s", want, r.stdout)
+		}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(share, "f"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Uid != 100000 || st.Gid != 100000 {
+		t.Errorf("file written by the container's root belongs to %d:%d on the host, want 100000:100000", st.Uid, st.Gid)
+	}
+}
+
 // TestVM9p: io.kiwi-shim.share=9p serves the root file system (with its
 // symlinks: busybox's applets) and bind mounts through QEMU's 9p, both
 // ways, and read-only mounts stay read-only.

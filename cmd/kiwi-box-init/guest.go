@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +22,9 @@ import (
 type guest struct {
 	ctl *os.File
 	w   *vmproto.Writer
+
+	// userNS, when set, is the user namespace every process gets.
+	userNS *vmproto.UserNS
 
 	mu    sync.Mutex
 	procs map[uint32]*proc // by stream
@@ -44,6 +48,7 @@ func newGuest(ctl *os.File) *guest {
 // serve handles the host's requests until the container's first process
 // has ended or the host asks for poweroff.
 func (g *guest) serve(cfg *vmproto.Config) error {
+	g.userNS = cfg.UserNS
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs, unix.SIGCHLD)
 	go func() {
@@ -262,7 +267,16 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 			Ctty:    0,
 		},
 	}
-	if p.Capabilities == nil && !p.NoNewPrivileges {
+	if ns := g.userNS; ns != nil {
+		// Each process gets a namespace of its own with the container's
+		// mappings (a multi-threaded init cannot setns into the first
+		// one); the ids and what they may touch are the same.
+		attr.Sys.Cloneflags = unix.CLONE_NEWUSER
+		attr.Sys.UidMappings = idMaps(ns.UIDMappings)
+		attr.Sys.GidMappings = idMaps(ns.GIDMappings)
+		attr.Sys.GidMappingsEnableSetgroups = true
+	}
+	if p.Capabilities == nil && !p.NoNewPrivileges && p.OOMScoreAdj == nil {
 		attr.Sys.Credential = &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups}
 		proc, err := os.StartProcess(path, p.Args, attr)
 		if err != nil {
@@ -287,12 +301,28 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	}
 	defer cfgR.Close()
 	attr.Files = append(append([]*os.File{}, files...), cfgR)
+	if g.userNS != nil {
+		// Root of the new namespace, so that the helper keeps its
+		// capabilities across the exec; it becomes the user itself.
+		attr.Sys.Credential = &syscall.Credential{}
+	}
 	// /proc/self/exe: this binary, wherever the container's root put it
 	// (it lives in the initramfs, outside the container's root).
 	proc, err := os.StartProcess("/proc/self/exe", []string{execHelperName}, attr)
 	if err != nil {
 		cfgW.Close()
 		return fmt.Errorf("start %s (needs /proc in the container): %w", path, err)
+	}
+	if p.OOMScoreAdj != nil {
+		// From here, while the helper waits for its config: lowering it
+		// takes CAP_SYS_RESOURCE, which a user namespace cannot give.
+		err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", proc.Pid), []byte(strconv.Itoa(*p.OOMScoreAdj)), 0o644)
+		if err != nil {
+			proc.Kill()
+			cfgW.Close()
+			proc.Release()
+			return fmt.Errorf("oom_score_adj: %w", err)
+		}
 	}
 	// Bounded by MaxPayload, as the frame it came in: fits the pipe or
 	// is read at once by the helper.
@@ -301,6 +331,15 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	// The reaper waits for it; os.Process must not.
 	proc.Release()
 	return nil
+}
+
+// idMaps converts mappings for os.StartProcess.
+func idMaps(ms []vmproto.IDMap) []syscall.SysProcIDMap {
+	out := make([]syscall.SysProcIDMap, len(ms))
+	for i, m := range ms {
+		out[i] = syscall.SysProcIDMap{ContainerID: int(m.ContainerID), HostID: int(m.HostID), Size: int(m.Size)}
+	}
+	return out
 }
 
 // lookPath finds a command in the container's PATH.

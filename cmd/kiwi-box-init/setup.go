@@ -2,12 +2,14 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	securejoin "github.com/cyphar/filepath-securejoin"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
@@ -113,6 +115,33 @@ func setupRoot(cfg *vmproto.Config) error {
 	if err := devLinks(cfg.Mounts); err != nil {
 		return err
 	}
+	for _, d := range cfg.Devices {
+		if err := makeDevice(d); err != nil {
+			return fmt.Errorf("device %s: %w", d.Path, err)
+		}
+	}
+	// runc's order: sysctls, then read-only paths, then masked ones.
+	if err := applySysctl(cfg.Sysctl); err != nil {
+		return err
+	}
+	for _, p := range cfg.ReadonlyPaths {
+		t, err := target(p)
+		if err == nil {
+			err = readonlyPath(t)
+		}
+		if err != nil {
+			return fmt.Errorf("readonly path %s: %w", p, err)
+		}
+	}
+	for _, p := range cfg.MaskedPaths {
+		t, err := target(p)
+		if err == nil {
+			err = maskPath(t)
+		}
+		if err != nil {
+			return fmt.Errorf("masked path %s: %w", p, err)
+		}
+	}
 	if cfg.Hostname != "" {
 		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 			return fmt.Errorf("sethostname: %w", err)
@@ -143,31 +172,172 @@ func devLinks(mounts []vmproto.Mount) error {
 	if !dev {
 		return nil
 	}
+	devDir, err := target("/dev")
+	if err != nil {
+		return err
+	}
 	links := [][2]string{{"/proc/self/fd", "fd"}, {"/proc/self/fd/0", "stdin"}, {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"}}
 	if pts {
-		if err := os.Remove(target("/dev/ptmx")); err != nil && !os.IsNotExist(err) {
+		if err := os.Remove(filepath.Join(devDir, "ptmx")); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("/dev/ptmx: %w", err)
 		}
 		links = append(links, [2]string{"pts/ptmx", "ptmx"})
 	}
 	for _, l := range links {
-		if err := os.Symlink(l[0], target("/dev/"+l[1])); err != nil && !os.IsExist(err) {
+		if err := os.Symlink(l[0], filepath.Join(devDir, l[1])); err != nil && !os.IsExist(err) {
 			return fmt.Errorf("/dev/%s: %w", l[1], err)
 		}
 	}
 	return nil
 }
 
-// target resolves a container path under the new root. Destinations come
-// from the host, which is trusted; symlinks inside the image are resolved
-// by the kernel as the image intends.
-func target(dest string) string {
-	return filepath.Join(newRoot, filepath.Clean("/"+dest))
+// makeDevice makes a linux.devices node in the container's /dev. A node
+// that is already there (the guest's devtmpfs has the usual ones) is kept
+// when it is the same device, and replaced otherwise.
+func makeDevice(d vmproto.Device) error {
+	var kind uint32
+	switch d.Type {
+	case "c", "u":
+		kind = unix.S_IFCHR
+	case "b":
+		kind = unix.S_IFBLK
+	case "p":
+		kind = unix.S_IFIFO
+	default:
+		return fmt.Errorf("unknown device type %q", d.Type)
+	}
+	if !filepath.IsAbs(d.Path) {
+		return errors.New("not an absolute path")
+	}
+	mode := uint32(0o666)
+	if d.Mode != nil {
+		mode = *d.Mode & 0o7777
+	}
+	var rdev int
+	if kind != unix.S_IFIFO {
+		rdev = int(unix.Mkdev(uint32(d.Major), uint32(d.Minor)))
+	}
+	// The node's directory is resolved in the new root; the node itself
+	// is what is at that name, link or not.
+	dir, err := target(filepath.Dir(d.Path))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	p := filepath.Join(dir, filepath.Base(d.Path))
+	var st unix.Stat_t
+	switch err := unix.Lstat(p, &st); {
+	case err == nil && st.Mode&unix.S_IFMT == kind && (kind == unix.S_IFIFO || int(st.Rdev) == rdev):
+	case err == nil || !errors.Is(err, unix.ENOENT):
+		if err := os.Remove(p); err != nil {
+			return err
+		}
+		fallthrough
+	default:
+		if err := unix.Mknod(p, kind|mode, rdev); err != nil {
+			return fmt.Errorf("mknod: %w", err)
+		}
+	}
+	// The mode again: mknod's is subject to the umask.
+	if err := unix.Chmod(p, mode); err != nil {
+		return err
+	}
+	uid, gid := -1, -1
+	if d.UID != nil {
+		uid = int(*d.UID)
+	}
+	if d.GID != nil {
+		gid = int(*d.GID)
+	}
+	return unix.Lchown(p, uid, gid)
 }
 
+// applySysctl sets kernel parameters: the guest's kernel is the
+// container's alone.
+func applySysctl(sysctl map[string]string) error {
+	for k, v := range sysctl {
+		if strings.Contains(k, "..") || strings.HasPrefix(k, "/") {
+			return fmt.Errorf("sysctl %q: not a parameter name", k)
+		}
+		p := filepath.Join("/proc/sys", strings.ReplaceAll(k, ".", "/"))
+		if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
+			return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
+		}
+	}
+	return nil
+}
+
+// readonlyPath makes p read-only by a read-only bind mount of itself; a
+// path the image does not have is left alone.
+func readonlyPath(p string) error {
+	if err := unix.Mount(p, p, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return err
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(p, &st); err != nil {
+		return err
+	}
+	// Keep the flags the mount has (nosuid, nodev, ...): a bind remount
+	// that drops a locked one fails.
+	keep := uintptr(st.Flags) & (unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	return unix.Mount("", p, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_REC|keep, "")
+}
+
+// maskPath hides p: /dev/null over a file, an empty read-only tmpfs over
+// a directory; a path the image does not have is left alone.
+func maskPath(p string) error {
+	fi, err := os.Stat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		return unix.Mount("tmpfs", p, "tmpfs", unix.MS_RDONLY, "")
+	}
+	return unix.Mount("/dev/null", p, "", unix.MS_BIND, "")
+}
+
+// target resolves a container path under the new root, following the
+// image's symbolic links as the container will see them: an absolute
+// link (/var/run -> /run) names a place in the new root, never in the
+// initramfs that is this process's root while it sets up. Missing
+// components are kept as they are, to be made.
+func target(dest string) (string, error) {
+	p, err := securejoin.SecureJoin(newRoot, dest)
+	if err != nil {
+		return "", fmt.Errorf("resolve %s in the container's root: %w", dest, err)
+	}
+	return p, nil
+}
+
+// mountOne makes one of the container's mounts, then gives it the
+// propagation its options ask for (a separate mount call: with a
+// propagation flag, mount(2) changes nothing else).
 func mountOne(i int, m vmproto.Mount, share string) error {
 	flags, data := parseOptions(m.Options)
-	dst := target(m.Destination)
+	dst, err := target(m.Destination)
+	if err != nil {
+		return err
+	}
+	if err := mountAt(i, m, share, dst, flags, data); err != nil {
+		return err
+	}
+	if prop := propagation(m.Options); prop != 0 && m.Type != "cgroup" && m.Type != "cgroup2" {
+		if err := unix.Mount("", dst, "", prop, ""); err != nil {
+			return fmt.Errorf("propagation: %w", err)
+		}
+	}
+	return nil
+}
+
+func mountAt(i int, m vmproto.Mount, share, dst string, flags uintptr, data string) error {
 	switch m.Type {
 	case "share":
 		if err := os.MkdirAll(dst, 0o755); err != nil {
@@ -262,8 +432,28 @@ var optionFlags = map[string]uintptr{
 	"strictatime": unix.MS_STRICTATIME, "bind": unix.MS_BIND, "rbind": unix.MS_BIND | unix.MS_REC,
 }
 
-// ignoredOptions are propagation and mode words that make no sense for a
-// mount made fresh inside the VM.
+// propagationFlags are the mount propagation words.
+var propagationFlags = map[string]uintptr{
+	"shared": unix.MS_SHARED, "rshared": unix.MS_SHARED | unix.MS_REC,
+	"slave": unix.MS_SLAVE, "rslave": unix.MS_SLAVE | unix.MS_REC,
+	"private": unix.MS_PRIVATE, "rprivate": unix.MS_PRIVATE | unix.MS_REC,
+	"unbindable": unix.MS_UNBINDABLE, "runbindable": unix.MS_UNBINDABLE | unix.MS_REC,
+}
+
+// propagation is the propagation the options ask for, 0 for none; the
+// last word wins, as in runc.
+func propagation(opts []string) uintptr {
+	var prop uintptr
+	for _, o := range opts {
+		if f, ok := propagationFlags[o]; ok {
+			prop = f
+		}
+	}
+	return prop
+}
+
+// ignoredOptions are the words that make no sense for a mount made fresh
+// inside the VM, and the propagation words (applied after the mount).
 var ignoredOptions = map[string]bool{
 	"rw": true, "suid": true, "dev": true, "exec": true, "atime": true, "private": true,
 	"rprivate": true, "shared": true, "rshared": true, "slave": true, "rslave": true,

@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -43,6 +44,25 @@ func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan Ne
 	for _, r := range p.Rlimits {
 		cfg.Rlimits = append(cfg.Rlimits, vmproto.Rlimit{Type: r.Type, Hard: r.Hard, Soft: r.Soft})
 	}
+	if l := spec.Linux; l != nil {
+		cfg.Sysctl, cfg.ReadonlyPaths = l.Sysctl, l.ReadonlyPaths
+		// lsblk and KIWI read /sys/dev/block to find partitions (as in
+		// container mode).
+		cfg.MaskedPaths = slices.DeleteFunc(slices.Clone(l.MaskedPaths), func(p string) bool { return p == "/sys/dev/block" })
+		for _, d := range l.Devices {
+			gd := vmproto.Device{Path: d.Path, Type: d.Type, Major: d.Major, Minor: d.Minor, UID: d.UID, GID: d.GID}
+			if d.FileMode != nil {
+				m := uint32(d.FileMode.Perm())
+				gd.Mode = &m
+			}
+			cfg.Devices = append(cfg.Devices, gd)
+		}
+		userNS, err := guestUserNS(l)
+		if err != nil {
+			return cfg, nil, err
+		}
+		cfg.UserNS = userNS
+	}
 	shares := []Share{{Tag: RootTag, Path: rootfs, ReadOnly: spec.Root.Readonly}}
 	for _, m := range spec.Mounts {
 		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
@@ -80,6 +100,26 @@ func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan Ne
 	return cfg, shares, nil
 }
 
+// guestUserNS is the user namespace the container's processes get in the
+// guest, nil when the spec asks for none. Joining one by path cannot
+// reach into a VM, as for the other namespaces.
+func guestUserNS(l *specs.Linux) (*vmproto.UserNS, error) {
+	if !slices.ContainsFunc(l.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.UserNamespace && ns.Path == "" }) {
+		return nil, nil
+	}
+	if len(l.UIDMappings) == 0 || len(l.GIDMappings) == 0 {
+		return nil, errors.New("linux.namespaces has a user namespace but linux.uidMappings or linux.gidMappings is empty")
+	}
+	conv := func(ms []specs.LinuxIDMapping) []vmproto.IDMap {
+		out := make([]vmproto.IDMap, len(ms))
+		for i, m := range ms {
+			out[i] = vmproto.IDMap{ContainerID: m.ContainerID, HostID: m.HostID, Size: m.Size}
+		}
+		return out
+	}
+	return &vmproto.UserNS{UIDMappings: conv(l.UIDMappings), GIDMappings: conv(l.GIDMappings)}, nil
+}
+
 func processFromSpec(p *specs.Process) vmproto.Process {
 	gp := vmproto.Process{
 		Args: p.Args, Env: p.Env, Cwd: p.Cwd,
@@ -89,7 +129,7 @@ func processFromSpec(p *specs.Process) vmproto.Process {
 	if p.ConsoleSize != nil {
 		gp.Rows, gp.Cols = uint16(p.ConsoleSize.Height), uint16(p.ConsoleSize.Width)
 	}
-	gp.NoNewPrivileges = p.NoNewPrivileges
+	gp.NoNewPrivileges, gp.OOMScoreAdj = p.NoNewPrivileges, p.OOMScoreAdj
 	if p.Capabilities != nil {
 		// The spec's sets, plus what KIWI needs (as in container mode);
 		// without any the process keeps all of the guest root's.

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
 func TestMachineArgs(t *testing.T) {
@@ -84,6 +86,41 @@ func TestGuestConfig(t *testing.T) {
 	if m := cfg.Mounts[len(cfg.Mounts)-1]; m.Type != "disk" || m.Destination != "/scratch" || m.Source != ScratchSerial {
 		t.Fatalf("scratch mount %+v, want the scratch disk last", m)
 	}
+	if cfg.UserNS != nil || cfg.Devices != nil {
+		t.Fatalf("user namespace %+v, devices %+v for a spec without them", cfg.UserNS, cfg.Devices)
+	}
+
+	// linux.devices, the user namespace, sysctl, masked and read-only paths.
+	mode := os.FileMode(0o640)
+	spec.Linux = &specs.Linux{
+		Devices:       []specs.LinuxDevice{{Path: "/dev/fuse", Type: "c", Major: 10, Minor: 229, FileMode: &mode}},
+		Namespaces:    []specs.LinuxNamespace{{Type: specs.UserNamespace}},
+		UIDMappings:   []specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}},
+		GIDMappings:   []specs.LinuxIDMapping{{ContainerID: 0, HostID: 200000, Size: 65536}},
+		Sysctl:        map[string]string{"net.ipv4.ip_forward": "1"},
+		MaskedPaths:   []string{"/proc/kcore", "/sys/dev/block"},
+		ReadonlyPaths: []string{"/proc/sys"},
+	}
+	cfg, _, err = GuestConfig(spec, "/rootfs", "virtiofs", "", NetworkPlan{Mode: NetNone})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cfg.Devices; len(d) != 1 || d[0].Path != "/dev/fuse" || d[0].Major != 10 || d[0].Minor != 229 || d[0].Mode == nil || *d[0].Mode != 0o640 {
+		t.Fatalf("devices %+v", d)
+	}
+	if ns := cfg.UserNS; ns == nil || ns.UIDMappings[0] != (vmproto.IDMap{HostID: 100000, Size: 65536}) || ns.GIDMappings[0].HostID != 200000 {
+		t.Fatalf("user namespace %+v", ns)
+	}
+	// /sys/dev/block stays visible: lsblk and KIWI read it.
+	if !slices.Equal(cfg.MaskedPaths, []string{"/proc/kcore"}) || !slices.Equal(cfg.ReadonlyPaths, []string{"/proc/sys"}) || cfg.Sysctl["net.ipv4.ip_forward"] != "1" {
+		t.Fatalf("masked %v, read-only %v, sysctl %v", cfg.MaskedPaths, cfg.ReadonlyPaths, cfg.Sysctl)
+	}
+	spec.Linux.UIDMappings = nil
+	if _, _, err := GuestConfig(spec, "/rootfs", "virtiofs", "", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "uidMappings") {
+		t.Fatalf("user namespace without mappings: %v", err)
+	}
+	spec.Linux = &specs.Linux{}
+
 	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/dev/null2", Type: "bind", Source: "/dev/null"})
 	if _, _, err := GuestConfig(spec, "/rootfs", "9p", "", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "container mode") {
 		t.Fatalf("device bind: %v", err)

@@ -177,6 +177,46 @@ type Config struct {
 	Rlimits []Rlimit `json:"rlimits,omitempty"`
 	// Network configures the guest's interfaces; nil leaves only lo.
 	Network *Network `json:"network,omitempty"`
+	// Sysctl are kernel parameters (net.ipv4.ip_forward) set in the
+	// guest before the process starts.
+	Sysctl map[string]string `json:"sysctl,omitempty"`
+	// ReadonlyPaths are made read-only and MaskedPaths hidden in the
+	// container's root, as the OCI spec's linux.readonlyPaths and
+	// linux.maskedPaths.
+	ReadonlyPaths []string `json:"readonlyPaths,omitempty"`
+	MaskedPaths   []string `json:"maskedPaths,omitempty"`
+	// Devices are nodes made in the container's /dev (linux.devices).
+	// Their numbers name the guest kernel's devices.
+	Devices []Device `json:"devices,omitempty"`
+	// UserNS, when set, puts every process of the container (the first
+	// and the exec'd ones) in a user namespace with these mappings.
+	UserNS *UserNS `json:"userNS,omitempty"`
+}
+
+// Device is a device node or fifo, as the OCI spec's linux.devices.
+type Device struct {
+	Path  string `json:"path"`
+	Type  string `json:"type"` // "c", "u", "b" or "p"
+	Major int64  `json:"major,omitempty"`
+	Minor int64  `json:"minor,omitempty"`
+	// Mode holds the permission bits; nil means 0666.
+	Mode *uint32 `json:"mode,omitempty"`
+	UID  *uint32 `json:"uid,omitempty"`
+	GID  *uint32 `json:"gid,omitempty"`
+}
+
+// UserNS are the mappings of a user namespace.
+type UserNS struct {
+	UIDMappings []IDMap `json:"uidMappings"`
+	GIDMappings []IDMap `json:"gidMappings"`
+}
+
+// IDMap maps Size ids from ContainerID inside the namespace to HostID in
+// the guest's initial namespace.
+type IDMap struct {
+	ContainerID uint32 `json:"containerID"`
+	HostID      uint32 `json:"hostID"`
+	Size        uint32 `json:"size"`
 }
 
 // Network is the guest's network configuration.
@@ -236,6 +276,8 @@ type Process struct {
 	// of root's (the guest's kernel is the box's boundary either way).
 	Capabilities    *Capabilities `json:"capabilities,omitempty"`
 	NoNewPrivileges bool          `json:"noNewPrivileges,omitempty"`
+	// OOMScoreAdj is written to the process's oom_score_adj.
+	OOMScoreAdj *int `json:"oomScoreAdj,omitempty"`
 }
 
 // Capabilities are a process's capability sets, by OCI name (CAP_CHOWN).
