@@ -72,7 +72,7 @@ test: deps build kernel lint test-unit test-integration
 
 # End to end: the bootable description built in VM mode, then booted.
 test-e2e: deps build kernel
-	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags e2e -count=1 -p 1 -timeout 80m -v -run 'TestE2E' ./integration/
+	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags e2e -count=1 -p 1 -timeout 180m -v -run 'TestE2E' ./integration/
 
 # The OCI runtime-tools validation suite against runc and container mode.
 test-conformance: deps build

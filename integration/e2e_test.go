@@ -5,9 +5,12 @@ package integration
 import (
 	"bytes"
 	"context"
+	"debug/elf"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -47,4 +50,29 @@ func TestE2EBootable(t *testing.T) {
 		t.Fatalf("the image booted without printing %s; console tail:\n%s", bootMarker, tailLines(string(log), 40))
 	}
 	t.Logf("booted to the marker and powered off in %s", time.Since(start).Round(time.Second))
+}
+
+// TestE2EOEMArm64: the oem description built for aarch64 in VM mode on
+// this x86_64 host: `kiwi-shim boxbuild --aarch64` boots the arm64 box
+// (contrib/box/build --arch arm64) under qemu-system-aarch64 TCG. The
+// image's programs are aarch64 ELF. aarch64 takes EFI firmware, so the
+// description's BIOS firmware becomes EFI (a GPT with an ESP before the
+// root partition).
+func TestE2EOEMArm64(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("cross-architecture build from an x86_64 host; this host is " + runtime.GOARCH)
+	}
+	ensureBox(t, "--arch", "arm64")
+	out := filepath.Join(t.TempDir(), "target")
+	desc := renderDescription(t, "bookworm-oem", func(s string) string {
+		return strings.Replace(s, `firmware="bios"`, `firmware="efi"`, 1)
+	})
+	start := time.Now()
+	r := boxbuild(t, "--aarch64", "--box-memory", "4G", "--", "--description", desc, "--target-dir", out)
+	if r.code != 0 {
+		log, _ := os.ReadFile(filepath.Join(out, "build", "image-root.log"))
+		t.Fatalf("boxbuild exit %d\n%s\n%s\nKIWI log tail:\n%s", r.code, tailLines(r.stdout, 20), tailLines(r.stderr, 20), tailLines(string(log), 30))
+	}
+	t.Logf("aarch64 oem build in VM mode (TCG): %s", time.Since(start).Round(time.Second))
+	checkImageArch(t, out, elf.EM_AARCH64)
 }

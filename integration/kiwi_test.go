@@ -1,10 +1,12 @@
 package integration
 
 import (
+	"debug/elf"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,9 +16,9 @@ import (
 // changes; the first build takes about two minutes).
 const box = "localhost/kiwi-box:bookworm"
 
-func ensureBox(t testing.TB) {
+func ensureBox(t testing.TB, args ...string) {
 	t.Helper()
-	cmd := exec.Command("../contrib/box/build")
+	cmd := exec.Command("../contrib/box/build", args...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("contrib/box/build: %v\n%s", err, out)
 	}
@@ -58,9 +60,18 @@ exit $rc`
 		"-v", desc+":/description:ro", "-v", out+":/out", box, "sh", "-c", script)
 }
 
-// checkImage proves the result is a disk with a partition table whose
-// first partition is ext4 and holds the described package.
-func checkImage(t testing.TB, out string) {
+// checkImage checks the oem image in out: one .raw disk whose Linux
+// partition (the only one with BIOS firmware; after the ESP with EFI) is
+// ext4 and holds /usr/bin/hello, the described package, built for the
+// host's architecture.
+func checkImage(t testing.TB, out string) { checkImageArch(t, out, hostMachine()) }
+
+// linuxPartition is the partition type of a Linux file system, in an
+// msdos and in a GPT partition table.
+var linuxPartition = map[string]bool{"83": true, "0FC63DAF-8483-4772-8E79-3D69D8477DE4": true}
+
+// checkImageArch is checkImage for an image of the given architecture.
+func checkImageArch(t testing.TB, out string, machine elf.Machine) {
 	t.Helper()
 	images, _ := filepath.Glob(filepath.Join(out, "*.raw"))
 	if len(images) != 1 {
@@ -79,18 +90,34 @@ func checkImage(t testing.TB, out string) {
 		t.Fatal(err)
 	}
 	pt := table.PartitionTable
-	if pt.Label != "dos" || len(pt.Partitions) != 1 || pt.Partitions[0].Type != "83" {
-		t.Fatalf("partition table %+v, want one dos Linux partition", pt)
+	last := len(pt.Partitions) - 1
+	if last < 0 || !linuxPartition[strings.ToUpper(pt.Partitions[last].Type)] {
+		t.Fatalf("partition table %+v, want a Linux partition last", pt)
 	}
-	offset := strconv.FormatInt(pt.Partitions[0].Start*512, 10)
+	offset := strconv.FormatInt(pt.Partitions[last].Start*512, 10)
 	dev := strings.TrimSpace(mustRun(t, nil, "losetup", "--read-only", "--offset", offset, "--find", "--show", images[0]))
 	defer exec.Command("losetup", "-d", dev).Run()
 	if fs := strings.TrimSpace(mustRun(t, nil, "blkid", "-o", "value", "-s", "TYPE", dev)); fs != "ext4" {
 		t.Fatalf("root filesystem %q, want ext4", fs)
 	}
-	if out := mustRun(t, nil, "debugfs", "-R", "stat /usr/bin/hello", dev); !strings.Contains(out, "Type: regular") {
-		t.Fatalf("/usr/bin/hello (the described package) not in the image:\n%s", out)
+	hello := filepath.Join(t.TempDir(), "hello")
+	mustRun(t, nil, "debugfs", "-R", "dump /usr/bin/hello "+hello, dev)
+	f, err := elf.Open(hello)
+	if err != nil {
+		t.Fatalf("/usr/bin/hello (the described package) not in the image: %v", err)
 	}
+	defer f.Close()
+	if f.Machine != machine {
+		t.Fatalf("/usr/bin/hello is built for %s, want %s", f.Machine, machine)
+	}
+}
+
+// hostMachine is the ELF machine of this host's programs.
+func hostMachine() elf.Machine {
+	if runtime.GOARCH == "arm64" {
+		return elf.EM_AARCH64
+	}
+	return elf.EM_X86_64
 }
 
 // TestKiwiBuildContainerMode: a real KIWI oem build (Debian bookworm, ext4,

@@ -161,10 +161,10 @@ func TestVMLinuxSpec(t *testing.T) {
 echo "uidmap $(cat /proc/self/uid_map)"; echo "kcore $(wc -c </proc/kcore)"
 awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo
 awk '$5 == "/share" { print "shareprop", $7 }' /proc/self/mountinfo
-cat /run/linked/marker; echo hi >/share/f`
+cat /run/linked/marker; echo "nofile $(ulimit -n)"; echo hi >/share/f`
 	r := p.run("", "run", "--rm", "--network", "none", "-v", share+":/share:shared", "-v", linked+":/varrun/linked:ro",
 		"--device", "/dev/fuse:/dev/kiwifuse", "--sysctl", "net.ipv4.ip_forward=1", "--oom-score-adj", "123",
-		"--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+		"--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536", "--ulimit", "nofile=1000:4000",
 		"--rootfs", rootfs, "sh", "-c", script)
 	if r.code != 0 {
 		t.Fatalf("run: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
@@ -178,6 +178,7 @@ cat /run/linked/marker; echo hi >/share/f`
 		"procsys ro,", // read-only
 		"shareprop shared:",
 		"linked",
+		"nofile 1000", // the soft limit (the Go helper restores it at exec)
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("want %q in\n%s", want, r.stdout)
@@ -333,17 +334,21 @@ func TestVMBadInput(t *testing.T) {
 	for _, tc := range []struct {
 		name, config string
 		args         []string
+		cmd          string
 		msg          string
 	}{
-		{"missing kernel", "[vm.kernel]\nx86_64 = \"/nonexistent/vmlinuz\"\n", nil, "/nonexistent/vmlinuz"},
-		{"unknown annotation value", "", []string{"--annotation", "io.kiwi-shim.vm.memory=lots"}, "io.kiwi-shim.vm.memory"},
-		{"architecture without QEMU", "[vm.qemu]\naarch64 = \"qemu-system-nonexistent\"\n", []string{"--annotation", "io.kiwi-shim.vm.arch=aarch64"}, "qemu-system-nonexistent not found"},
+		{"missing kernel", "[vm.kernel]\nx86_64 = \"/nonexistent/vmlinuz\"\n", nil, "true", "/nonexistent/vmlinuz"},
+		{"unknown annotation value", "", []string{"--annotation", "io.kiwi-shim.vm.memory=lots"}, "true", "io.kiwi-shim.vm.memory"},
+		{"architecture without QEMU", "[vm.qemu]\naarch64 = \"qemu-system-nonexistent\"\n", []string{"--annotation", "io.kiwi-shim.vm.arch=aarch64"}, "true", "qemu-system-nonexistent not found"},
+		// Found missing in the guest, after its mounts: create fails.
+		{"program not in the image", "", nil, "/no/such-program", "no such file or directory"},
+		{"program not in PATH", "", nil, "no-such-program", "executable file not found in $PATH"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newPodman(t, 2, tc.config)
 			noVMLeft(t)
 			rootfs := busyboxRootfs(t)
-			args := append(append([]string{"run", "--rm"}, tc.args...), "--rootfs", rootfs, "true")
+			args := append(append([]string{"run", "--rm"}, tc.args...), "--rootfs", rootfs, tc.cmd)
 			r := p.run("", args...)
 			if r.code == 0 || !strings.Contains(r.stderr, tc.msg) {
 				t.Fatalf("exit %d, stderr %q; want failure mentioning %q", r.code, r.stderr, tc.msg)

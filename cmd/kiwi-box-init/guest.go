@@ -342,6 +342,29 @@ func idMaps(ms []vmproto.IDMap) []syscall.SysProcIDMap {
 	return out
 }
 
+// checkProgram checks that the process's program exists in the
+// container's root (its mounts made) and is a regular file.
+func checkProgram(p vmproto.Process) error {
+	if len(p.Args) == 0 {
+		return errors.New("no command given")
+	}
+	path, err := lookPath(p.Args[0], p.Env)
+	if err != nil {
+		return err
+	}
+	if !filepath.IsAbs(path) {
+		path = filepath.Join("/", p.Cwd, path)
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case err != nil:
+		return fmt.Errorf("exec: %q: %w", p.Args[0], err)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("exec: %q: not a regular file", p.Args[0])
+	}
+	return nil
+}
+
 // lookPath finds a command in the container's PATH.
 func lookPath(name string, env []string) (string, error) {
 	if strings.Contains(name, "/") {

@@ -79,6 +79,12 @@ func run() error {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
 	}
+	// As runc does: a container whose program is not there fails to be
+	// created, rather than starting and exiting 127.
+	if err := checkProgram(cfg.Process); err != nil {
+		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+		return err
+	}
 	if err := g.w.Write(vmproto.TReady, 0, nil); err != nil {
 		return err
 	}

@@ -156,7 +156,19 @@ func setupRoot(cfg *vmproto.Config) error {
 	if err := unix.Chroot("."); err != nil {
 		return fmt.Errorf("chroot: %w", err)
 	}
-	return os.Chdir("/")
+	if err := os.Chdir("/"); err != nil {
+		return err
+	}
+	if cfg.RootPropagation != "" {
+		prop, ok := propagationFlags[cfg.RootPropagation]
+		if !ok {
+			return fmt.Errorf("unknown rootfsPropagation %q", cfg.RootPropagation)
+		}
+		if err := unix.Mount("", "/", "", prop, ""); err != nil {
+			return fmt.Errorf("rootfsPropagation %s: %w", cfg.RootPropagation, err)
+		}
+	}
+	return nil
 }
 
 // devLinks makes the symbolic links the OCI runtime spec puts in a

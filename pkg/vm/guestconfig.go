@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -16,6 +17,9 @@ import (
 // maxFileMount bounds a host file that travels into the guest by value
 // (resolv.conf, hosts, .containerenv are a few hundred bytes).
 const maxFileMount = 1 << 20
+
+// propagations are the mount propagation words of the OCI spec.
+var propagations = []string{"shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable"}
 
 // RootTag is the share tag of the container's root filesystem.
 const RootTag = "rootfs"
@@ -45,7 +49,10 @@ func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan Ne
 		cfg.Rlimits = append(cfg.Rlimits, vmproto.Rlimit{Type: r.Type, Hard: r.Hard, Soft: r.Soft})
 	}
 	if l := spec.Linux; l != nil {
-		cfg.Sysctl, cfg.ReadonlyPaths = l.Sysctl, l.ReadonlyPaths
+		cfg.Sysctl, cfg.ReadonlyPaths, cfg.RootPropagation = l.Sysctl, l.ReadonlyPaths, l.RootfsPropagation
+		if prop := l.RootfsPropagation; prop != "" && !slices.Contains(propagations, prop) {
+			return cfg, nil, fmt.Errorf("linux.rootfsPropagation %q: want one of %s", prop, strings.Join(propagations, ", "))
+		}
 		// lsblk and KIWI read /sys/dev/block to find partitions (as in
 		// container mode).
 		cfg.MaskedPaths = slices.DeleteFunc(slices.Clone(l.MaskedPaths), func(p string) bool { return p == "/sys/dev/block" })

@@ -115,6 +115,14 @@ func TestGuestConfig(t *testing.T) {
 	if !slices.Equal(cfg.MaskedPaths, []string{"/proc/kcore"}) || !slices.Equal(cfg.ReadonlyPaths, []string{"/proc/sys"}) || cfg.Sysctl["net.ipv4.ip_forward"] != "1" {
 		t.Fatalf("masked %v, read-only %v, sysctl %v", cfg.MaskedPaths, cfg.ReadonlyPaths, cfg.Sysctl)
 	}
+	spec.Linux.RootfsPropagation = "bogus"
+	if _, _, err := GuestConfig(spec, "/rootfs", "virtiofs", "", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "rootfsPropagation") {
+		t.Fatalf("rootfsPropagation bogus: %v", err)
+	}
+	spec.Linux.RootfsPropagation = "rslave"
+	if cfg, _, err := GuestConfig(spec, "/rootfs", "virtiofs", "", NetworkPlan{}); err != nil || cfg.RootPropagation != "rslave" {
+		t.Fatalf("rootfsPropagation rslave: %q, %v", cfg.RootPropagation, err)
+	}
 	spec.Linux.UIDMappings = nil
 	if _, _, err := GuestConfig(spec, "/rootfs", "virtiofs", "", NetworkPlan{}); err == nil || !strings.Contains(err.Error(), "uidMappings") {
 		t.Fatalf("user namespace without mappings: %v", err)

@@ -169,6 +169,9 @@ type Config struct {
 	RootShare string `json:"rootShare"`
 	// RootReadonly mounts the root read-only.
 	RootReadonly bool `json:"rootReadonly,omitempty"`
+	// RootPropagation is the root mount's propagation (shared, rslave,
+	// ...), as the OCI spec's linux.rootfsPropagation; "" leaves it.
+	RootPropagation string `json:"rootPropagation,omitempty"`
 	// Mounts are set up in order inside the new root.
 	Mounts []Mount `json:"mounts,omitempty"`
 	// Process is the container's process (stream 0).
