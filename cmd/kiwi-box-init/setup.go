@@ -147,23 +147,11 @@ func setupRoot(cfg *vmproto.Config) error {
 	if err := applySysctl(cfg.Sysctl); err != nil {
 		return err
 	}
-	for _, p := range cfg.ReadonlyPaths {
-		t, err := target(p)
-		if err == nil {
-			err = readonlyPath(t)
-		}
-		if err != nil {
-			return fmt.Errorf("readonly path %s: %w", p, err)
-		}
+	if err := atTargets(cfg.ReadonlyPaths, "readonly path", readonlyPath); err != nil {
+		return err
 	}
-	for _, p := range cfg.MaskedPaths {
-		t, err := target(p)
-		if err == nil {
-			err = maskPath(t)
-		}
-		if err != nil {
-			return fmt.Errorf("masked path %s: %w", p, err)
-		}
+	if err := atTargets(cfg.MaskedPaths, "masked path", maskPath); err != nil {
+		return err
 	}
 	if cfg.Hostname != "" {
 		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
@@ -221,6 +209,20 @@ func devLinks(mounts []vmproto.Mount) error {
 	for _, l := range links {
 		if err := os.Symlink(l[0], filepath.Join(devDir, l[1])); err != nil && !os.IsExist(err) {
 			return fmt.Errorf("/dev/%s: %w", l[1], err)
+		}
+	}
+	return nil
+}
+
+// atTargets applies fn to each container path, resolved in the new root.
+func atTargets(paths []string, what string, fn func(string) error) error {
+	for _, p := range paths {
+		t, err := target(p)
+		if err == nil {
+			err = fn(t)
+		}
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", what, p, err)
 		}
 	}
 	return nil
