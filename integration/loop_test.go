@@ -53,10 +53,15 @@ func TestLoopAcquireCapacityAndOrder(t *testing.T) {
 	leaveClean(t, dir)
 	env := loopEnv(t, capacity)
 	logf := filepath.Join(dir, "events")
-	script := `echo "$1 start $(date +%s%N) $KIWI_LOOP_DEVICES" >> ` + logf + `; sleep 0.2; echo "$1 end $(date +%s%N) $KIWI_LOOP_DEVICES" >> ` + logf
+	script := `echo "$1 start $(date +%s%N) $KIWI_LOOP_DEVICES" >> ` + logf + `; sleep "$2"; echo "$1 end $(date +%s%N) $KIWI_LOOP_DEVICES" >> ` + logf
 	var procs []*exec.Cmd
 	for i := range n {
-		cmd := exec.Command(shim(), "loop", "acquire", "--count", "1", "--owner", fmt.Sprintf("p%d", i), "--", "sh", "-c", script, "sh", strconv.Itoa(i))
+		// The order is read from the holders' start lines, which a busy
+		// machine can delay: holding times that grow with i keep the
+		// devices from freeing at nearly the same moment, so that grants
+		// are at least 100 ms apart.
+		hold := strconv.FormatFloat(0.1*float64(i+1), 'f', 1, 64)
+		cmd := exec.Command(shim(), "loop", "acquire", "--count", "1", "--owner", fmt.Sprintf("p%d", i), "--", "sh", "-c", script, "sh", strconv.Itoa(i), hold)
 		cmd.Env = append(os.Environ(), env...)
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {
