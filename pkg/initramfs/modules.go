@@ -26,7 +26,9 @@ var Modules = []string{
 	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay",
 	// what KIWI builds images with
 	"loop", "dm_mod", "ext4", "xfs", "btrfs", "squashfs", "vfat", "isofs",
-	"nls_cp437", "nls_iso8859_1", "nls_utf8", "af_packet",
+	// Debian's kernels mount FAT with iocharset=ascii by default
+	// (CONFIG_FAT_DEFAULT_IOCHARSET): KIWI's EFI partition needs it
+	"nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii", "af_packet",
 }
 
 // modIndex maps module names to their files below a modules directory.
