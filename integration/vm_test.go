@@ -136,9 +136,9 @@ func TestVMCapabilities(t *testing.T) {
 // TestVMLinuxSpec: the spec's linux.devices, linux.sysctl, oomScoreAdj,
 // masked and read-only paths, user namespace and mount propagation apply
 // in the guest, and mount destinations follow the image's links inside
-// its root. With
-// a user namespace, the container's root is uid 100000 of the guest, and
-// a file it writes to a share belongs to 100000 on the host.
+// its root. With a user namespace, the container's root is uid 100000 of
+// the guest, and a file it writes to a share belongs to 100000 on the
+// host.
 func TestVMLinuxSpec(t *testing.T) {
 	guestRelease(t)
 	p := newPodman(t, 2, "")

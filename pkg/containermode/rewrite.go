@@ -66,7 +66,7 @@ func Rewrite(s *specs.Spec, rootfs string, devs []Device) (*specs.Spec, error) {
 	if out.Process != nil {
 		AddCapabilities(out.Process)
 	}
-	out.Linux.MaskedPaths = slices.DeleteFunc(out.Linux.MaskedPaths, func(p string) bool { return p == "/sys/dev/block" })
+	out.Linux.MaskedPaths = oci.KIWIMaskedPaths(out.Linux.MaskedPaths)
 	return out, nil
 }
 

@@ -33,3 +33,9 @@ func addAll(set, add []string) []string {
 	}
 	return out
 }
+
+// KIWIMaskedPaths returns masked without /sys/dev/block, which KIWI and
+// lsblk read to find a loop device's partitions; masked is not changed.
+func KIWIMaskedPaths(masked []string) []string {
+	return slices.DeleteFunc(slices.Clone(masked), func(p string) bool { return p == "/sys/dev/block" })
+}

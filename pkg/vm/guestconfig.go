@@ -53,9 +53,7 @@ func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan Ne
 		if prop := l.RootfsPropagation; prop != "" && !slices.Contains(propagations, prop) {
 			return cfg, nil, fmt.Errorf("linux.rootfsPropagation %q: want one of %s", prop, strings.Join(propagations, ", "))
 		}
-		// lsblk and KIWI read /sys/dev/block to find partitions (as in
-		// container mode).
-		cfg.MaskedPaths = slices.DeleteFunc(slices.Clone(l.MaskedPaths), func(p string) bool { return p == "/sys/dev/block" })
+		cfg.MaskedPaths = oci.KIWIMaskedPaths(l.MaskedPaths)
 		for _, d := range l.Devices {
 			gd := vmproto.Device{Path: d.Path, Type: d.Type, Major: d.Major, Minor: d.Minor, UID: d.UID, GID: d.GID}
 			if d.FileMode != nil {
