@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -148,22 +147,8 @@ func BenchmarkVMStart(b *testing.B) {
 
 // monitorRSSKiB returns the resident memory of a running VM monitor.
 func monitorRSSKiB() int {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, pc := range procs {
-		b, err := os.ReadFile(pc)
-		if err != nil || !strings.Contains(string(b), "vm-monitor") {
-			continue
-		}
-		st, err := os.ReadFile(filepath.Join(filepath.Dir(pc), "status"))
-		if err != nil {
-			continue
-		}
-		for _, l := range strings.Split(string(st), "\n") {
-			if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-				n, _ := strconv.Atoi(strings.Fields(v)[0])
-				return n
-			}
-		}
+	if ms := processes(cmdlineHas("vm-monitor")); len(ms) > 0 {
+		return rssKiB(ms[:1])
 	}
 	return 0
 }

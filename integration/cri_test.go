@@ -6,10 +6,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 )
 
 // crictlTool builds crictl once per test binary.
@@ -69,19 +70,11 @@ func (c *containerd) importCRIImages() {
 
 // criVMs lists the QEMU processes of VMs kiwi-shim runs for the CRI
 // plugin's namespace (their command lines name the state directory).
-func criVMs() []int {
-	var pids []int
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || !strings.HasPrefix(filepath.Base(strings.SplitN(string(b), "\x00", 2)[0]), "qemu-system-") ||
-			!strings.Contains(string(b), filepath.Join("/run/kiwi-shim/containerd", criNS)+"/") {
-			continue
-		}
-		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-		pids = append(pids, pid)
-	}
-	return pids
+func criVMs() []gc.Proc {
+	return processes(func(argv []string) bool {
+		return strings.HasPrefix(filepath.Base(argv[0]), "qemu-system-") &&
+			strings.Contains(strings.Join(argv, " "), filepath.Join("/run/kiwi-shim/containerd", criNS)+"/")
+	})
 }
 
 // TestCRIPod: a Kubernetes-style pod through containerd's CRI plugin and
@@ -152,7 +145,7 @@ func TestCRIPod(t *testing.T) {
 		t.Fatalf("QEMU processes %v for one VM container", vms)
 	}
 	// The VM is accounted to the container: QEMU is in its cgroup.
-	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", vms[0])); !strings.Contains(string(cg), ctrID) {
+	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", vms[0].Pid)); !strings.Contains(string(cg), ctrID) {
 		t.Fatalf("QEMU is not in the container's cgroup:\n%s", cg)
 	}
 	if out := r.must("exec", ctrID, "sh", "-c", "echo exec $(uname -r)"); out != "exec "+rel {

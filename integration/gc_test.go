@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 )
 
 // TestGC: what a crash of the whole host-side stack leaves behind, found
@@ -138,14 +140,4 @@ func TestGC(t *testing.T) {
 
 // binaryProcessesOf lists processes of the binaries under test, and QEMU,
 // that name the container id.
-func binaryProcessesOf(id string) []string {
-	var out []string
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err == nil && strings.Contains(string(b), "/"+id+"/") {
-			out = append(out, filepath.Base(filepath.Dir(p)))
-		}
-	}
-	return out
-}
+func binaryProcessesOf(id string) []gc.Proc { return processes(cmdlineHas("/" + id + "/")) }

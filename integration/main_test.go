@@ -10,11 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
 )
 
 // bin is the directory holding the binaries under test.
@@ -232,16 +235,39 @@ func leaveClean(t testing.TB, dir string) {
 // which merely names the runtime, does not count).
 func binaryProcesses() []string {
 	var out []string
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || len(b) == 0 {
-			continue
-		}
-		argv := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if strings.HasPrefix(argv[0], bin+"/") {
-			out = append(out, filepath.Base(filepath.Dir(p))+" "+strings.Join(argv, " "))
+	for _, p := range processes(func(argv []string) bool { return strings.HasPrefix(argv[0], bin+"/") }) {
+		out = append(out, strconv.Itoa(p.Pid)+" "+strings.Join(p.Argv, " "))
+	}
+	return out
+}
+
+// processes lists the running processes whose argv match wants.
+func processes(match func(argv []string) bool) []gc.Proc {
+	var out []gc.Proc
+	for _, p := range gc.Processes() {
+		if match(p.Argv) {
+			out = append(out, p)
 		}
 	}
 	return out
+}
+
+// cmdlineHas matches processes whose command line contains s.
+func cmdlineHas(s string) func(argv []string) bool {
+	return func(argv []string) bool { return strings.Contains(strings.Join(argv, "\x00"), s) }
+}
+
+// rssKiB sums the resident memory of procs (KiB, from /proc/PID/status).
+func rssKiB(procs []gc.Proc) int {
+	total := 0
+	for _, p := range procs {
+		st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Pid))
+		for _, l := range strings.Split(string(st), "\n") {
+			if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+				n, _ := strconv.Atoi(strings.Fields(v)[0])
+				total += n
+			}
+		}
+	}
+	return total
 }

@@ -114,24 +114,7 @@ func envInt(name string, def int) int {
 
 // rssOf sums the resident memory (KiB) of processes whose command line
 // has word.
-func rssOf(word string) int {
-	total := 0
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, pc := range procs {
-		b, err := os.ReadFile(pc)
-		if err != nil || !strings.Contains(string(b), word) {
-			continue
-		}
-		st, _ := os.ReadFile(filepath.Join(filepath.Dir(pc), "status"))
-		for _, l := range strings.Split(string(st), "\n") {
-			if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-				n, _ := strconv.Atoi(strings.Fields(v)[0])
-				total += n
-			}
-		}
-	}
-	return total
-}
+func rssOf(word string) int { return rssKiB(processes(cmdlineHas(word))) }
 
 func sha256File(t *testing.T, p string) string {
 	out := mustRun(t, nil, "sha256sum", p)
