@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,10 +15,20 @@ import (
 // served by kiwi-sharefs, gives the same verdicts as on a native
 // directory.
 func TestVirtioFSPosix(t *testing.T) {
-	guestRelease(t)
+	rel := guestRelease(t)
 	p := newPodman(t, 2, "")
 	noVMLeft(t)
 	native := runSuite(t, t.TempDir())
+	// The documented difference (README, VM mode): a bind mount's files
+	// opened read-only are direct I/O (sharefs.CacheMetadata), and a
+	// Linux client before 6.6 refuses to map direct-I/O files shared.
+	if kernelBefore(rel, 6, 6) {
+		for i, l := range native {
+			if l == "ok mmap-shared-read" {
+				native[i] = "FAIL mmap-shared-read: mmap: no such device"
+			}
+		}
+	}
 	rootfs := busyboxRootfs(t)
 	copyFile(t, posixsuite, filepath.Join(rootfs, "posixsuite"))
 	os.Chmod(filepath.Join(rootfs, "posixsuite"), 0o755)
@@ -86,4 +97,12 @@ echo "reads $reads" >&2`
 	if !strings.Contains(r.stdout, "inside") || n < 10 {
 		t.Fatalf("the race did not run: %d swaps, guest read %q", n, r.stdout)
 	}
+}
+
+// kernelBefore reports whether a kernel release ("6.1.0-28-amd64") is
+// older than major.minor.
+func kernelBefore(release string, major, minor int) bool {
+	var ma, mi int
+	fmt.Sscanf(release, "%d.%d", &ma, &mi)
+	return ma < major || ma == major && mi < minor
 }

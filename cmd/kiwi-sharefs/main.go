@@ -52,7 +52,7 @@ func (e exitError) Error() string { return "exit status " + strconv.Itoa(e.code)
 var exportFlags = []cli.Flag{
 	cli.StringFlag{Name: "source", Usage: "the host directory to export"},
 	cli.BoolFlag{Name: "read-only", Usage: "refuse every change (EROFS)"},
-	cli.StringFlag{Name: "cache", Value: sharefs.CacheAuto, Usage: "client caching: auto, always or never"},
+	cli.StringFlag{Name: "cache", Value: sharefs.CacheAuto, Usage: "client caching: auto, always, metadata (no file data) or never"},
 	cli.BoolFlag{Name: "xattr", Usage: "serve extended attributes"},
 	cli.StringSliceFlag{Name: "uid-map", Usage: "CLIENT:HOST:COUNT uid mapping (repeatable; default identity, or the daemon's user when not root)"},
 	cli.StringSliceFlag{Name: "gid-map", Usage: "CLIENT:HOST:COUNT gid mapping (repeatable)"},

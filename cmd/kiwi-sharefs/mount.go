@@ -34,6 +34,7 @@ var mountCommand = cli.Command{
 		}
 		defer closeLog()
 		raiseFileLimit()
+		o.Passthrough = true
 		root, err := sharefs.Root(src, o)
 		if err != nil {
 			return err

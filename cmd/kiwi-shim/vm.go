@@ -155,14 +155,16 @@ func initBinary(arch string) ([]byte, error) {
 }
 
 // virtiofsExports turns the VM's shares into kiwi-sharefs exports, each
-// with its socket in the state directory dir.
-func virtiofsExports(dir string, shares []vm.Share, bin string, debug bool) (*vm.ShareFS, []vm.VirtioFS) {
+// with its socket in the state directory dir; bind mounts get the cache
+// mode bindCache, the container's root is cached entirely.
+func virtiofsExports(dir string, shares []vm.Share, bin, bindCache string, debug bool) (*vm.ShareFS, []vm.VirtioFS) {
 	sf := &vm.ShareFS{Binary: bin, Debug: debug}
 	var devs []vm.VirtioFS
 	for i, sh := range shares {
-		cache := sharefs.CacheAuto
+		cache := bindCache
 		if sh.Tag == vm.RootTag {
-			// The container's root is its own while it runs.
+			// The container's root is its own while it runs, and its
+			// programs are mapped: cache everything.
 			cache = sharefs.CacheAlways
 		}
 		e := vmshare.Export{
@@ -339,7 +341,15 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	var shareFS *vm.ShareFS
 	var virtiofs []vm.VirtioFS
 	if share == "virtiofs" {
-		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, ctx.GlobalBool("debug"))
+		// Bind mounts carry data the box streams through (a build's
+		// description, its images): by default names and attributes are
+		// cached and file data goes straight to the reader (see
+		// sharefs.CacheMetadata).
+		cache := s.ShareCache
+		if cache == "" {
+			cache = sharefs.CacheMetadata
+		}
+		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, cache, ctx.GlobalBool("debug"))
 		shares = nil
 	}
 	var taps []*os.File

@@ -50,6 +50,9 @@ var checks = []check{
 	{"readdir-10k", readdir10k},
 	{"fsync", fsync},
 	{"o-direct-read", odirect},
+	{"mmap-private", mmapPrivate},
+	{"mmap-shared-write", mmapSharedWrite},
+	{"mmap-shared-read", mmapSharedRead},
 	{"unlink-open-file", unlinkOpen},
 	{"statfs", statfs},
 }
@@ -565,6 +568,67 @@ func odirect(dir string) error {
 		return fmt.Errorf("O_DIRECT read %d bytes, content equal %v", n, bytes.Equal(buf[:n], data))
 	}
 	return nil
+}
+
+// mapFile maps the first len(want) bytes of p, opened with flags, and
+// compares them with want; then it runs fn on the mapping.
+func mapFile(p string, flags, prot, share int, want []byte, fn func(m []byte) error) error {
+	fd, err := unix.Open(p, flags, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	m, err := unix.Mmap(fd, 0, len(want), prot, share)
+	if err != nil {
+		return fmt.Errorf("mmap: %v", err)
+	}
+	defer unix.Munmap(m)
+	if !bytes.Equal(m, want) {
+		return errors.New("mapped content differs from the file")
+	}
+	if fn != nil {
+		return fn(m)
+	}
+	return nil
+}
+
+// mmapPrivate: a private read mapping, as the dynamic loader makes of
+// every library.
+func mmapPrivate(dir string) error { return mapRead(dir, unix.MAP_PRIVATE) }
+
+// mmapSharedRead: a shared read-only mapping of a file opened read-only.
+func mmapSharedRead(dir string) error { return mapRead(dir, unix.MAP_SHARED) }
+
+// mapRead writes a file and maps it read-only with share.
+func mapRead(dir string, share int) error {
+	p := filepath.Join(dir, "f")
+	data := bytes.Repeat([]byte("mapped.."), 1024)
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		return err
+	}
+	return mapFile(p, unix.O_RDONLY, unix.PROT_READ, share, data, nil)
+}
+
+// mmapSharedWrite: a shared writable mapping of a file opened read-write,
+// as databases make: what is stored through it is in the file.
+func mmapSharedWrite(dir string) error {
+	p := filepath.Join(dir, "f")
+	data := bytes.Repeat([]byte("shared.."), 1024)
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		return err
+	}
+	err := mapFile(p, unix.O_RDWR, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, data, func(m []byte) error {
+		copy(m, "STORED")
+		return unix.Msync(m, unix.MS_SYNC)
+	})
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return err
+	}
+	return expect(string(b[:8]), "STORED..", "file after storing through the mapping")
 }
 
 func unlinkOpen(dir string) error {

@@ -23,6 +23,7 @@ const (
 	AnnotationVMArch      = "io.kiwi-shim.vm.arch"
 	AnnotationVMScratch   = "io.kiwi-shim.vm.scratch"
 	AnnotationShare       = "io.kiwi-shim.share"
+	AnnotationShareCache  = "io.kiwi-shim.share.cache"
 )
 
 const annotationPrefix = "io.kiwi-shim."
@@ -31,6 +32,7 @@ var knownAnnotations = map[string]bool{
 	AnnotationMode: true, AnnotationLoopCount: true, AnnotationLoopTimeout: true,
 	AnnotationLoopControl: true, AnnotationVMMemory: true, AnnotationVMCPUs: true,
 	AnnotationVMArch: true, AnnotationVMScratch: true, AnnotationShare: true,
+	AnnotationShareCache: true,
 }
 
 // Settings are the per-container choices made with annotations. Zero
@@ -46,7 +48,11 @@ type Settings struct {
 	LoopControl bool
 	// VMMemory, VMCPUs, VMArch and Share configure VM mode.
 	VMMemory, VMArch, Share string
-	VMCPUs                  int
+	// ShareCache is the guest's caching of bind mounts served over
+	// virtio-fs: a kiwi-sharefs cache mode (auto, always, metadata,
+	// never) or "".
+	ShareCache string
+	VMCPUs     int
 	// ScratchSize is the size of the guest-local scratch disk (0: none),
 	// mounted at ScratchPath in the container.
 	ScratchSize int64
@@ -130,9 +136,14 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 				return s, bad(`"virtiofs" or "9p"`)
 			}
 			s.Share = v
+		case AnnotationShareCache:
+			if v != "auto" && v != "always" && v != "metadata" && v != "never" {
+				return s, bad(`"auto", "always", "metadata" or "never"`)
+			}
+			s.ShareCache = v
 		default:
 			if !knownAnnotations[k] {
-				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, share)", k)
+				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, share, share.cache)", k)
 			}
 		}
 	}

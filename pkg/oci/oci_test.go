@@ -84,9 +84,9 @@ func TestParseAnnotations(t *testing.T) {
 			func(s Settings) bool {
 				return s.Mode == "container" && s.LoopCount == 3 && s.LoopTimeout.Minutes() == 2 && s.LoopControl
 			}},
-		{"vm", map[string]string{AnnotationVMMemory: "4G", AnnotationVMCPUs: "2", AnnotationVMArch: "aarch64", AnnotationShare: "9p", AnnotationVMScratch: "20G"}, "",
+		{"vm", map[string]string{AnnotationVMMemory: "4G", AnnotationVMCPUs: "2", AnnotationVMArch: "aarch64", AnnotationShare: "9p", AnnotationShareCache: "auto", AnnotationVMScratch: "20G"}, "",
 			func(s Settings) bool {
-				return s.VMMemory == "4G" && s.VMCPUs == 2 && s.VMArch == "aarch64" && s.Share == "9p" &&
+				return s.VMMemory == "4G" && s.VMCPUs == 2 && s.VMArch == "aarch64" && s.Share == "9p" && s.ShareCache == "auto" &&
 					s.ScratchSize == 20<<30 && s.ScratchPath == DefaultScratchPath
 			}},
 		{"scratch path", map[string]string{AnnotationVMScratch: "512M:/build/"}, "",
@@ -102,6 +102,7 @@ func TestParseAnnotations(t *testing.T) {
 		{"bad cpus", map[string]string{AnnotationVMCPUs: "-1"}, "vm.cpus", nil},
 		{"bad arch", map[string]string{AnnotationVMArch: "riscv"}, "vm.arch", nil},
 		{"bad share", map[string]string{AnnotationShare: "nfs"}, "io.kiwi-shim.share", nil},
+		{"bad share cache", map[string]string{AnnotationShareCache: "sometimes"}, "io.kiwi-shim.share.cache", nil},
 		{"unknown key", map[string]string{"io.kiwi-shim.modus": "vm"}, "unknown annotation io.kiwi-shim.modus", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -66,9 +66,14 @@ type Options struct {
 	// identity). Ids without a mapping are refused with EPERM on the way
 	// in and shown as the overflow id 65534 on the way out.
 	UIDMap, GIDMap []IDMap
-	// Cache is the client's caching: CacheAuto (the default), CacheAlways
-	// or CacheNever.
+	// Cache is the client's caching: CacheAuto (the default),
+	// CacheAlways, CacheMetadata or CacheNever.
 	Cache string
+	// Passthrough says that the tree is mounted through /dev/fuse, where
+	// the kernel may read and write open files on the host itself (FUSE
+	// passthrough: Linux 6.9 and later, daemon as root). Direct I/O
+	// would override that, so files get it only with CacheNever.
+	Passthrough bool
 }
 
 // Cache modes, as virtiofsd names them.
@@ -79,6 +84,11 @@ const (
 	// CacheAlways lets the client cache everything for a day: for
 	// exports nobody else changes while they are served.
 	CacheAlways = "always"
+	// CacheMetadata caches names and attributes as CacheAuto does, but
+	// reads and writes go to the export (direct I/O), except on files
+	// opened read-write: for shares of data the client streams through
+	// once, such as a build's inputs and images.
+	CacheMetadata = "metadata"
 	// CacheNever makes every access a request (direct I/O).
 	CacheNever = "never"
 )
@@ -88,13 +98,13 @@ const (
 func FSOptions(o Options) (*fs.Options, error) {
 	var d time.Duration
 	switch o.Cache {
-	case CacheAuto, "":
+	case CacheAuto, CacheMetadata, "":
 		d = time.Second
 	case CacheAlways:
 		d = 24 * time.Hour
 	case CacheNever:
 	default:
-		return nil, fmt.Errorf("cache mode %q: want auto, always or never", o.Cache)
+		return nil, fmt.Errorf("cache mode %q: want auto, always, metadata or never", o.Cache)
 	}
 	// Misses are cached as long as hits when nobody else changes the
 	// tree (always); otherwise for at most a second, so that a file the
@@ -110,22 +120,44 @@ func FSOptions(o Options) (*fs.Options, error) {
 	return opts, nil
 }
 
-// fopenFlags are the FOPEN_* flags an open file gets. Files opened
-// write-only bypass the client's page cache (direct I/O, as 9p's
-// cache=mmap does): images and copies of gigabytes are written once, and
-// pushing them through the guest's page cache costs more than the
+// fopenFlags are the FOPEN_* flags an open file gets.
+//
+// Files opened write-only bypass the client's page cache (direct I/O, as
+// 9p's cache=mmap does): images and copies of gigabytes are written once,
+// and pushing them through the guest's page cache costs more than the
 // transfer (measured under TCG: 256 MiB in 1.08 s direct, 4.1 s through
-// the page cache). Only write-only files: they cannot be mapped at all,
-// while a Linux 6.1 client refuses MAP_SHARED mappings (apt's caches,
-// for one) of any direct-I/O file.
+// the page cache). CacheMetadata extends that to files opened read-only:
+// the guest reads straight into the reader's buffer, one request per
+// MiB, as 9p does, instead of filling its page cache page by page. The
+// price is that a Linux client before 6.6 refuses MAP_SHARED mappings of
+// direct-I/O files (ENODEV; apt's caches, for one, map that way), and
+// unmaps a file from everyone when one process maps it privately (which
+// makes running programs from such an export slow); files opened
+// read-write stay cached, so that shared writable mappings (databases)
+// keep working.
+//
+// No open file needs FLUSH: the client's close would make us close a
+// duplicate of the host descriptor, which writes nothing (data goes to
+// the host with each WRITE; fsync is its own request) and releases no
+// lock (locks stay in the client's kernel: go-fuse's EnableLocks is off).
+// NOFLUSH saves that round trip on every close, a fifth of the requests
+// of unpacking a tree (clients before Linux 5.16 ignore it).
+//
+// With Passthrough, the kernel does a file's I/O on the host file itself
+// when it can (go-fuse asks for it at every open): faster than any
+// request, and it keeps no data in the FUSE client's page cache either,
+// so only CacheNever asks for direct I/O, which would override it.
 func (ex *export) fopenFlags(flags int) uint32 {
+	fl := uint32(fuse.FOPEN_NOFLUSH)
+	acc := flags & unix.O_ACCMODE
+	streamed := acc == unix.O_WRONLY || ex.opts.Cache == CacheMetadata && acc == unix.O_RDONLY
 	switch {
-	case ex.opts.Cache == CacheNever || flags&unix.O_ACCMODE == unix.O_WRONLY:
-		return fuse.FOPEN_DIRECT_IO
+	case ex.opts.Cache == CacheNever, streamed && !ex.opts.Passthrough:
+		fl |= fuse.FOPEN_DIRECT_IO
 	case ex.opts.Cache == CacheAlways:
-		return fuse.FOPEN_KEEP_CACHE
+		fl |= fuse.FOPEN_KEEP_CACHE
 	}
-	return 0
+	return fl
 }
 
 // Root opens the export dir and returns its root node. Each transport

@@ -227,3 +227,32 @@ func TestOwnership(t *testing.T) {
 		})
 	}
 }
+
+func TestOpenFlags(t *testing.T) {
+	const direct, keep, noflush = fuse.FOPEN_DIRECT_IO, fuse.FOPEN_KEEP_CACHE, fuse.FOPEN_NOFLUSH
+	for _, c := range []struct {
+		cache       string
+		passthrough bool
+		flags       int
+		want        uint32
+	}{
+		{CacheAuto, false, unix.O_RDONLY, noflush},
+		{CacheAuto, false, unix.O_RDWR, noflush},
+		{CacheAuto, false, unix.O_WRONLY, noflush | direct},
+		{CacheAlways, false, unix.O_RDONLY, noflush | keep},
+		{CacheAlways, false, unix.O_WRONLY | unix.O_TRUNC, noflush | direct},
+		{CacheMetadata, false, unix.O_RDONLY, noflush | direct},
+		{CacheMetadata, false, unix.O_WRONLY, noflush | direct},
+		{CacheMetadata, false, unix.O_RDWR, noflush},
+		{CacheNever, false, unix.O_RDWR, noflush | direct},
+		{CacheAuto, true, unix.O_WRONLY, noflush},
+		{CacheMetadata, true, unix.O_RDONLY, noflush},
+		{CacheAlways, true, unix.O_RDONLY, noflush | keep},
+		{CacheNever, true, unix.O_RDONLY, noflush | direct},
+	} {
+		ex := &export{opts: Options{Cache: c.cache, Passthrough: c.passthrough}}
+		if got := ex.fopenFlags(c.flags); got != c.want {
+			t.Errorf("cache %s, passthrough %v, open flags %#o: FOPEN flags %#x, want %#x", c.cache, c.passthrough, c.flags, got, c.want)
+		}
+	}
+}
