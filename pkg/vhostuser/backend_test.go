@@ -1,6 +1,7 @@
 package vhostuser
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"net"
@@ -269,6 +270,53 @@ func TestChains(t *testing.T) {
 	}
 	if dev.calls.Load() != calls {
 		t.Fatalf("the device saw %d malformed chains", dev.calls.Load()-calls)
+	}
+}
+
+// gate is an echo device whose chains starting with "slow" wait for
+// release, and whose other chains are quick.
+type gate struct {
+	echo
+	release chan struct{}
+}
+
+func (g *gate) Quick(q int, c *Chain) bool {
+	return len(c.Readable) == 0 || !bytes.HasPrefix(c.Readable[0], []byte("slow"))
+}
+
+func (g *gate) Handle(q int, c *Chain) int {
+	if !g.Quick(q, c) {
+		<-g.release
+	}
+	return g.echo.Handle(q, c)
+}
+
+// TestQuickBesideSlow: a quick request (served by the queue's worker
+// itself when alone) is answered while a slow one is still running.
+func TestQuickBesideSlow(t *testing.T) {
+	dev := &gate{release: make(chan struct{})}
+	fe, _ := newPair(t, dev, 2)
+	fe.start(1, true)
+	chain := func(head, at int, text string) {
+		copy(fe.mem[bufAt+at:], text)
+		fe.desc(descAt, head, uint64(bufAt+at), uint32(len(text)), descNext, uint16(head+1))
+		fe.desc(descAt, head+1, uint64(bufAt+at+0x80), 64, descWrite, 0)
+	}
+	chain(0, 0, "quick one")
+	fe.publish(0)
+	if id, n := fe.used(1); id != 0 || n != 9 {
+		t.Fatalf("quick request alone: used {%d %d}", id, n)
+	}
+	chain(2, 0x100, "slow one")
+	fe.publish(2)
+	chain(4, 0x200, "quick two")
+	fe.publish(4)
+	if id, n := fe.used(2); id != 4 || n != 9 {
+		t.Fatalf("quick request beside a slow one: used {%d %d}, want {4 9}", id, n)
+	}
+	close(dev.release)
+	if id, n := fe.used(3); id != 2 || n != 8 {
+		t.Fatalf("slow request: used {%d %d}, want {2 8}", id, n)
 	}
 }
 

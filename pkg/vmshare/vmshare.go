@@ -7,6 +7,7 @@ package vmshare
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -57,6 +58,54 @@ func (d *device) Handle(q int, c *vhostuser.Chain) int {
 		d.log.Debug("request without reply", "queue", q, "status", st)
 	}
 	return n
+}
+
+// FUSE opcodes (linux/fuse.h) that Quick tells apart.
+const (
+	opSetattr = 4
+	opRead    = 15
+	opWrite   = 16
+)
+
+// quickOps are the FUSE requests answered with a few system calls on
+// metadata the host has cached: no flush to disk, no directory listing,
+// nothing that frees a file's blocks (UNLINK and RENAME can).
+var quickOps = map[uint32]bool{
+	1: true, 2: true, 3: true, opSetattr: true, 5: true, 6: true, 8: true, 9: true, // LOOKUP FORGET GETATTR SETATTR READLINK SYMLINK MKNOD MKDIR
+	13: true, 14: true, opRead: true, opWrite: true, 17: true, 18: true, // LINK OPEN READ WRITE STATFS RELEASE
+	21: true, 22: true, 23: true, 24: true, 25: true, 27: true, 29: true, // SETXATTR GETXATTR LISTXATTR REMOVEXATTR FLUSH OPENDIR RELEASEDIR
+	34: true, 35: true, 42: true, // ACCESS CREATE BATCH_FORGET
+}
+
+// quickIO is the largest READ or WRITE Quick accepts.
+const quickIO = 64 << 10
+
+// Quick reports whether the chain is a request answered at once (see
+// vhostuser.Quicker): a metadata request from quickOps, a READ or WRITE
+// of at most 64 KiB, or a SETATTR that does not change the size.
+// Anything it cannot read is not quick.
+func (d *device) Quick(q int, c *vhostuser.Chain) bool {
+	var in [60]byte // fuse_in_header, then the first 20 bytes of the body
+	n := 0
+	for _, b := range c.Readable {
+		n += copy(in[n:], b)
+		if n == len(in) {
+			break
+		}
+	}
+	if n < 40 {
+		return false
+	}
+	op := binary.LittleEndian.Uint32(in[4:])
+	switch {
+	case !quickOps[op]:
+		return false
+	case op == opRead || op == opWrite: // fh, offset, size
+		return n >= 60 && binary.LittleEndian.Uint32(in[56:]) <= quickIO
+	case op == opSetattr: // valid
+		return n >= 44 && binary.LittleEndian.Uint32(in[40:])&fuse.FATTR_SIZE == 0
+	}
+	return true
 }
 
 // NewProtocolServer builds the FUSE protocol server for an export.

@@ -10,6 +10,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/sharefs"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vhostuser"
 )
 
 // request builds a FUSE request: in header + body, with Length set.
@@ -65,6 +66,7 @@ func FuzzHandleRequest(f *testing.F) {
 		if len(req) > 41 {
 			in = [][]byte{req[:41], req[41:]}
 		}
+		(&device{}).Quick(1, &vhostuser.Chain{Readable: in}) // must not panic
 		n, _ := ps.HandleRequest(in, [][]byte{out[:4096], out[4096:]})
 		if n > len(out) {
 			t.Fatalf("reply of %d bytes into %d", n, len(out))
@@ -95,5 +97,49 @@ func TestProtocolServerPanics(t *testing.T) {
 	n, st := ps.HandleRequest([][]byte{request(3, 9, 12345, make([]byte, 16))}, [][]byte{out})
 	if st == fuse.OK && n > 16 {
 		t.Fatalf("GETATTR of an unknown node answered %d bytes", n)
+	}
+}
+
+func TestQuick(t *testing.T) {
+	io := func(op uint32, size uint32) []byte {
+		body := make([]byte, 40)
+		binary.LittleEndian.PutUint32(body[16:], size)
+		return request(op, 1, 2, body)
+	}
+	setattr := func(valid uint32) []byte {
+		body := make([]byte, 88)
+		binary.LittleEndian.PutUint32(body, valid)
+		return request(4, 1, 2, body)
+	}
+	d := &device{}
+	for _, c := range []struct {
+		name string
+		req  []byte
+		want bool
+	}{
+		{"lookup", request(1, 1, 1, []byte("f\x00")), true},
+		{"create", request(35, 1, 1, make([]byte, 20)), true},
+		{"read 4k", io(15, 4096), true},
+		{"read 1m", io(15, 1<<20), false},
+		{"write 64k", io(16, 64<<10), true},
+		{"write 1m", io(16, 1<<20), false},
+		{"utimes", setattr(fuse.FATTR_ATIME | fuse.FATTR_MTIME), true},
+		{"truncate", setattr(fuse.FATTR_SIZE), false},
+		{"fsync", request(20, 1, 2, make([]byte, 16)), false},
+		{"unlink", request(10, 1, 1, []byte("f\x00")), false},
+		{"readdirplus", request(44, 1, 1, make([]byte, 40)), false},
+		{"short header", request(1, 1, 1, nil)[:39], false},
+		{"read without body", request(15, 1, 2, nil), false},
+	} {
+		for _, split := range []bool{false, true} {
+			bufs := [][]byte{c.req}
+			if split && len(c.req) > 40 {
+				// As Linux sends them: the in header alone, then the body.
+				bufs = [][]byte{c.req[:40], c.req[40:]}
+			}
+			if got := d.Quick(1, &vhostuser.Chain{Readable: bufs}); got != c.want {
+				t.Errorf("%s (split %v): quick %v, want %v", c.name, split, got, c.want)
+			}
+		}
 	}
 }
