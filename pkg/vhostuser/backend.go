@@ -26,9 +26,10 @@ type Device interface {
 // answers at once, without waiting for a disk flush or moving bulk data.
 // A queue's worker serves such a request itself when it is the only one
 // in flight, instead of handing it to another goroutine: under TCG that
-// saves one host thread wake-up on every synchronous request (measured:
-// 4 KiB reads 12% faster). Slow requests still run beside the worker, so
-// they never hold up the queue.
+// saves one host thread wake-up on every synchronous request (measured
+// in a guest: unpacking a file 2.3 instead of 3.2 ms, see the README).
+// Slow requests still run beside the worker, so they never hold up the
+// queue.
 type Quicker interface {
 	Quick(q int, c *Chain) bool
 }
