@@ -140,8 +140,9 @@ func FSOptions(o Options) (*fs.Options, error) {
 // duplicate of the host descriptor, which writes nothing (data goes to
 // the host with each WRITE; fsync is its own request) and releases no
 // lock (locks stay in the client's kernel: go-fuse's EnableLocks is off).
-// NOFLUSH saves that round trip on every close, a fifth of the requests
-// of unpacking a tree (clients before Linux 5.16 ignore it).
+// NOFLUSH saves that round trip on every close, one of the seven
+// requests a virtio-fs client sent per file when unpacking a tree
+// (clients before Linux 5.16 ignore it).
 //
 // With Passthrough, the kernel does a file's I/O on the host file itself
 // when it can (go-fuse asks for it at every open): faster than any
