@@ -43,6 +43,12 @@ deps:
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# A distribution's udev makes /dev/net/tun 0666; a machine without
+	@# udev leaves it 0600, and rootless podman's slirp4netns cannot open it.
+	@if [ -c /dev/net/tun ] && [ "$$(stat -c %a /dev/net/tun)" != 666 ]; then \
+		echo "setting /dev/net/tun to mode 0666, as udev does on a distribution (rootless podman's slirp4netns needs it)"; \
+		chmod 0666 /dev/net/tun; \
+	fi
 	$(GO) mod download
 
 # A guest kernel for VM mode, unpacked into the cache (not installed).

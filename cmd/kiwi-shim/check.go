@@ -170,6 +170,16 @@ func (e *env) rootlessChecks() []checkResult {
 	} else {
 		add("newuidmap", "ok", p, "")
 	}
+	// Rootless podman's network (slirp4netns, pasta) makes its tap through
+	// /dev/net/tun. A distribution's udev makes the node 0666; machines
+	// without udev (minimal VMs, some CI images) leave it 0600.
+	if f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0); err != nil {
+		add("tun", "fail", fmt.Sprintf("%v: rootless podman's slirp4netns cannot make the container network", err),
+			"chmod 0666 /dev/net/tun as root (what udev does on a distribution; make deps does it), or run with --network none")
+	} else {
+		f.Close()
+		add("tun", "ok", "/dev/net/tun usable", "")
+	}
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
 		add("kvm", "warn", fmt.Sprintf("%v: guests run under TCG (slow)", err), "usermod -aG kvm "+name+" (then log in again)")
 	} else {

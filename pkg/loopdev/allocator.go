@@ -13,6 +13,12 @@
 //	ticket            the last queue ticket handed out
 //	queue/T.wait      one per waiting request, locked by the waiter
 //	leases/loopN.lease one per leased device, locked by the holder
+//
+// Besides its lease, the holder keeps the device's host-wide claim locked
+// (Host.ClaimDir/loopN), which every allocator takes before it leases or
+// detaches a device: allocators that do not share a directory (a test's
+// private one beside the host's) can then neither lease one device twice
+// nor detach each other's.
 package loopdev
 
 import (
@@ -77,6 +83,9 @@ func New(opts Options) (*Allocator, error) {
 	if opts.Host != nil {
 		host = *opts.Host
 	}
+	if host.ClaimDir == "" {
+		return nil, errors.New("loop allocator: the host has no claim directory")
+	}
 	capacity := opts.Capacity
 	if capacity < 0 {
 		return nil, fmt.Errorf("loop capacity %d: must not be negative", capacity)
@@ -93,7 +102,7 @@ func New(opts Options) (*Allocator, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	a := &Allocator{dir: opts.Dir, capacity: capacity, host: host, log: log}
-	for _, d := range []string{a.dir, a.queueDir(), a.leaseDir()} {
+	for _, d := range []string{a.dir, a.queueDir(), a.leaseDir(), host.ClaimDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("loop allocator: %w", err)
 		}
@@ -410,6 +419,8 @@ func (a *Allocator) inspect(p string, d Device) (Holder, error) {
 // cleanStale takes over a lease whose holder died, detaches the device and
 // removes the lease. On failure the lease file stays, unlocked, so the
 // device keeps counting against the capacity and the next call retries.
+// A device that another allocator has claimed since is that allocator's:
+// the stale lease goes, the device stays as it is.
 func (a *Allocator) cleanStale(p string, d Device) error {
 	f, err := os.OpenFile(p, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -419,6 +430,15 @@ func (a *Allocator) cleanStale(p string, d Device) error {
 	if ok, err := tryLock(f); err != nil || !ok {
 		return fmt.Errorf("lease %s taken over by another process", p)
 	}
+	claim, err := a.host.claim(d)
+	if err != nil {
+		return err
+	}
+	if claim == nil {
+		a.log.Info("stale loop lease dropped: the device is leased by another allocator now", "device", d.Path())
+		return os.Remove(p)
+	}
+	defer claim.Close()
 	if err := a.host.Detach(d, detachTimeout); err != nil {
 		return err
 	}
@@ -443,46 +463,65 @@ func (a *Allocator) grant(req Request, held []Holder) (*Lease, error) {
 		if taken[d.Path()] {
 			continue
 		}
-		bound, err := a.host.Bound(d)
+		claim, err := a.host.claim(d)
 		if err != nil {
 			l.Release()
 			return nil, err
 		}
-		if bound {
-			continue // used by somebody outside the allocator
+		if claim == nil {
+			continue // leased through another allocator directory
 		}
-		if parts, _ := a.host.Partitions(d); len(parts) > 0 {
-			// A crashed build left partition nodes on a detached device;
-			// they would confuse the next one.
-			if err := a.host.Detach(d, detachTimeout); err != nil {
-				a.log.Warn("skipping loop device with stale partitions", "device", d.Path(), "err", err)
-				continue
+		f, skip, err := a.leaseFree(d, req, l.since)
+		if err != nil || skip {
+			claim.Close()
+			if err != nil {
+				l.Release()
+				return nil, err
 			}
-		}
-		if err := a.host.Ensure(d); err != nil {
-			l.Release()
-			return nil, err
-		}
-		f, err := os.OpenFile(a.leasePath(d), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			l.Release()
-			return nil, fmt.Errorf("lease %s: %w", d, err)
-		}
-		if ok, err := tryLock(f); err != nil || !ok {
-			f.Close()
 			continue
-		}
-		rec := Record{Device: d.Path(), Owner: req.Owner, PID: os.Getpid(), Since: l.since}
-		if err := writeRecord(f, rec); err != nil {
-			f.Close()
-			l.Release()
-			return nil, err
 		}
 		l.devs = append(l.devs, d)
 		l.files = append(l.files, f)
+		l.claims = append(l.claims, claim)
 	}
 	a.log.Debug("leased loop devices", "owner", req.Owner, "devices", l.devs)
 	return l, nil
+}
+
+// leaseFree writes and locks the lease of a claimed device if the device
+// is free; skip says it is not (bound by somebody outside the allocators,
+// stale partitions that will not go, a lease file locked elsewhere).
+func (a *Allocator) leaseFree(d Device, req Request, since time.Time) (f *os.File, skip bool, err error) {
+	bound, err := a.host.Bound(d)
+	if err != nil || bound {
+		return nil, bound, err
+	}
+	if parts, _ := a.host.Partitions(d); len(parts) > 0 {
+		// A crashed build left partition nodes on a detached device;
+		// they would confuse the next one.
+		if err := a.host.Detach(d, detachTimeout); err != nil {
+			a.log.Warn("skipping loop device with stale partitions", "device", d.Path(), "err", err)
+			return nil, true, nil
+		}
+	}
+	if err := a.host.Ensure(d); err != nil {
+		return nil, false, err
+	}
+	f, err = os.OpenFile(a.leasePath(d), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, false, fmt.Errorf("lease %s: %w", d, err)
+	}
+	if ok, err := tryLock(f); err != nil || !ok {
+		f.Close()
+		return nil, true, nil
+	}
+	rec := Record{Device: d.Path(), Owner: req.Owner, PID: os.Getpid(), Since: since}
+	if err := writeRecord(f, rec); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, false, err
+	}
+	return f, false, nil
 }
 
 func writeRecord(f *os.File, rec Record) error {
@@ -545,6 +584,8 @@ type Lease struct {
 	mu    sync.Mutex
 	devs  []Device
 	files []*os.File
+	// claims are the devices' host-wide claims, in the order of devs.
+	claims []*os.File
 }
 
 // Devices are the leased devices.
@@ -554,9 +595,11 @@ func (l *Lease) Devices() []Device { return l.devs }
 // order of Since is the order in which requests were served.
 func (l *Lease) Since() time.Time { return l.since }
 
-// Files are the locked lease files. A child process that inherits them
-// keeps the lease alive for as long as it lives.
-func (l *Lease) Files() []*os.File { return l.files }
+// Files are the locked lease and claim files. A child process that
+// inherits them keeps the lease alive for as long as it lives.
+func (l *Lease) Files() []*os.File {
+	return append(append([]*os.File(nil), l.files...), l.claims...)
+}
 
 // Release detaches the devices, removes their partition nodes and gives
 // them back. A device that cannot be detached stays accounted as a stale
@@ -573,7 +616,8 @@ func (l *Lease) Release() error {
 			errs = append(errs, fmt.Errorf("release %s: %w", d, err))
 		}
 		f.Close()
+		l.claims[i].Close()
 	}
-	l.devs, l.files = nil, nil
+	l.devs, l.files, l.claims = nil, nil, nil
 	return errors.Join(errs...)
 }

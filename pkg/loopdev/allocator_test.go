@@ -70,10 +70,68 @@ func assertClean(t *testing.T, devs ...Device) {
 // abandon simulates the holder dying: its lease files close without any
 // cleanup, exactly what the kernel does on kill -9.
 func abandon(l *Lease) {
-	for _, f := range l.files {
+	for _, f := range l.Files() {
 		f.Close()
 	}
-	l.files, l.devs = nil, nil
+	l.files, l.devs, l.claims = nil, nil, nil
+}
+
+// TestSeparateDirectoriesShareTheHost: two allocators with their own lease
+// directories (a test's private one beside the host's) never lease the
+// same device, and a stale lease in one never detaches a device that the
+// other has leased and attached since.
+func TestSeparateDirectoriesShareTheHost(t *testing.T) {
+	a := newTestAllocator(t, 2)
+	b := newTestAllocator(t, 2)
+	ctx := context.Background()
+	la, err := a.Acquire(ctx, Request{Owner: "a", Count: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb, err := b.Acquire(ctx, Request{Owner: "b", Count: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, da := range la.Devices() {
+		for _, db := range lb.Devices() {
+			if da == db {
+				t.Fatalf("%s leased by both allocators (a %v, b %v)", da, la.Devices(), lb.Devices())
+			}
+		}
+	}
+	// a's holder dies before attaching; b takes the device over and binds
+	// a file to it. a's next look at its leases must leave it bound.
+	first := la.Devices()[0]
+	abandon(la)
+	if err := lb.Release(); err != nil {
+		t.Fatal(err)
+	}
+	lb, err = b.Acquire(ctx, Request{Owner: "b", Count: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer assertClean(t, first)
+	defer lb.Release()
+	if got := lb.Devices()[0]; got != first {
+		t.Fatalf("b got %s, want the free %s", got, first)
+	}
+	h := DefaultHost()
+	if err := h.Attach(first, backing(t, 1<<20), AttachOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := a.Status() // reaps a's stale lease of first
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Held) != 0 {
+		t.Errorf("a still accounts %+v", st.Held)
+	}
+	if bound, _ := h.Bound(first); !bound {
+		t.Fatalf("a's stale lease detached %s, which b holds", first)
+	}
+	if _, err := os.Stat(a.leasePath(first)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a's stale lease file of %s stays: %v", first, err)
+	}
 }
 
 func TestAcquireGivesFreeDevicesAndReleaseDetaches(t *testing.T) {

@@ -19,6 +19,9 @@ import (
 const (
 	defaultDevDir   = "/dev"
 	defaultSysBlock = "/sys/block"
+	// defaultClaimDir is host-wide on purpose: allocators with different
+	// lease directories (a test's, a second --root's) share the devices.
+	defaultClaimDir = "/run/kiwi-shim/loop-claims"
 	loopControl     = "loop-control"
 	maxLoopParam    = "/sys/module/loop/parameters/max_loop"
 )
@@ -68,10 +71,36 @@ type Host struct {
 	DevDir string
 	// SysBlock is sysfs' block class directory, normally /sys/block.
 	SysBlock string
+	// ClaimDir holds one claim file per device (loopN), which the holder
+	// of a lease keeps locked. Every allocator on the host claims a device
+	// there before leasing it, whatever its own lease directory, so two
+	// allocators never lease one device and one's release never detaches
+	// the other's.
+	ClaimDir string
 }
 
-// DefaultHost is the real host: /dev and /sys/block.
-func DefaultHost() Host { return Host{DevDir: defaultDevDir, SysBlock: defaultSysBlock} }
+// DefaultHost is the real host: /dev, /sys/block and the host-wide claim
+// directory /run/kiwi-shim/loop-claims.
+func DefaultHost() Host {
+	return Host{DevDir: defaultDevDir, SysBlock: defaultSysBlock, ClaimDir: defaultClaimDir}
+}
+
+// claim takes the host-wide claim on the device without waiting. It
+// returns nil when another lease, of any allocator, holds the claim. The
+// claim files stay (one per device index, a few bytes): removing a locked
+// file would let two processes lock two different files of one name.
+func (h Host) claim(d Device) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(h.ClaimDir, d.Name()), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("claim %s: %w", d, err)
+	}
+	ok, err := tryLock(f)
+	if err != nil || !ok {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
 
 func (h Host) node(d Device) string { return filepath.Join(h.DevDir, d.Name()) }
 
