@@ -12,13 +12,15 @@ import (
 )
 
 // podman runs the real podman with kiwi-shim as its runtime. Each test gets
-// its own kiwi-shim configuration (through podman's --runtime-flag, since
-// podman does not pass its environment to the runtime) and its own loop
-// allocator directory.
+// its own kiwi-shim --root (container records), configuration and loop
+// allocator directory, so that other users of kiwi-shim on the host
+// cannot fail it and it cannot disturb them.
 type podman struct {
 	t        testing.TB
 	conf     string // CONTAINERS_CONF
 	shimConf string // kiwi-shim --config
+	runtime  string // the wrapper podman runs as its runtime
+	root     string // kiwi-shim --root
 	loopEnv  []string
 	label    string // put on every container the test runs
 }
@@ -30,8 +32,20 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 	}
 	dir := t.TempDir()
 	loopDir := filepath.Join(dir, "loop")
-	p := &podman{t: t, conf: filepath.Join(dir, "containers.conf"), shimConf: filepath.Join(dir, "kiwi-shim.toml")}
+	p := &podman{t: t, conf: filepath.Join(dir, "containers.conf"), shimConf: filepath.Join(dir, "kiwi-shim.toml"),
+		runtime: filepath.Join(dir, "runtime", "kiwi-shim"), root: filepath.Join(dir, "root")}
 	p.loopEnv = []string{"KIWI_SHIM_LOOP_DIR=" + loopDir, fmt.Sprintf("KIWI_SHIM_LOOP_CAPACITY=%d", capacity)}
+	// podman hands --runtime-flag to the runtime only in the podman
+	// process that got it, not to the cleanup that conmon's exit command
+	// runs: a wrapper named kiwi-shim (podman keys runtime_supports_json
+	// by that name) gives every call the test's root and configuration.
+	wrapper := fmt.Sprintf("#!/bin/sh\nexec %q --root %q --config %q \"$@\"\n", shim(), p.root, p.shimConf)
+	if err := os.MkdirAll(filepath.Dir(p.runtime), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p.runtime, []byte(wrapper), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	// podman's default rlimits cannot be applied on these hosts (no
 	// CAP_SYS_RESOURCE): see ENVIRONMENT.md.
 	conf := fmt.Sprintf(`[containers]
@@ -40,7 +54,7 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 runtime_supports_json = ["crun", "runc", "kiwi-shim"]
 [engine.runtimes]
 kiwi-shim = [%q]
-`, shim())
+`, p.runtime)
 	shimConf := fmt.Sprintf("[loop]\ndir = %q\ncapacity = %d\n%s", loopDir, capacity, extraConfig)
 	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -49,7 +63,6 @@ kiwi-shim = [%q]
 		t.Fatal(err)
 	}
 	p.label = fmt.Sprintf("kiwi-shim.test=%s-%d", t.Name(), time.Now().UnixNano())
-	before := stateDirs()
 	t.Cleanup(func() {
 		// A failed test may leave containers running: remove them first.
 		ids, _ := p.cmd("ps", "-aq", "--filter", "label="+p.label).Output()
@@ -60,31 +73,20 @@ kiwi-shim = [%q]
 		if st := status(t, p.loopEnv); len(st.Held) != 0 {
 			t.Errorf("loop devices still leased after the test: %+v", st.Held)
 		}
-		for d := range stateDirs() {
-			if !before[d] {
-				t.Errorf("state directory left: /run/kiwi-shim/containers/%s", d)
-			}
+		ents, _ := os.ReadDir(filepath.Join(p.root, "containers"))
+		for _, e := range ents {
+			t.Errorf("state directory left: %s", filepath.Join(p.root, "containers", e.Name()))
 		}
 	})
 	leaveClean(t, dir)
 	return p
 }
 
-// stateDirs lists kiwi-shim's container records under the default root.
-func stateDirs() map[string]bool {
-	m := map[string]bool{}
-	ents, _ := os.ReadDir("/run/kiwi-shim/containers")
-	for _, e := range ents {
-		m[e.Name()] = true
-	}
-	return m
-}
-
 func (p *podman) cmd(args ...string) *exec.Cmd {
 	if len(args) > 0 && (args[0] == "run" || args[0] == "create") {
 		args = append([]string{args[0], "--label", p.label}, args[1:]...)
 	}
-	cmd := exec.Command("podman", append([]string{"--runtime", shim(), "--runtime-flag", "config=" + p.shimConf}, args...)...)
+	cmd := exec.Command("podman", append([]string{"--runtime", p.runtime}, args...)...)
 	cmd.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)
 	return cmd
 }
