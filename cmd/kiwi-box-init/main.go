@@ -66,6 +66,11 @@ func run() error {
 	if err := vmproto.Decode(f.Payload, &cfg); err != nil {
 		return err
 	}
+	dns, err := planDNS(&cfg)
+	if err != nil {
+		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+		return err
+	}
 	if err := setupRoot(&cfg); err != nil {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
@@ -74,6 +79,12 @@ func run() error {
 		err = fmt.Errorf("network: %w", err)
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
+	}
+	if dns != nil {
+		if err := serveDNS(dns); err != nil {
+			g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return err
+		}
 	}
 	if err := applyRlimits(cfg.Rlimits); err != nil {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"path/filepath"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/urfave/cli"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/bridgepin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
@@ -77,6 +79,9 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if e.rootless && e.rootlessErr != nil {
 		return e.rootlessErr
 	}
+	if !e.rootless {
+		e.pinBridges(id, spec)
+	}
 	if mode == config.ModeVM {
 		return createVM(ctx, e, id, bundle, spec, settings)
 	}
@@ -102,4 +107,26 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
 		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),
 	})
+}
+
+// pinBridges keeps the host bridge that the container's network hangs on
+// from changing its address (and so the container's gateway address) when
+// other containers come and go; see package bridgepin. A failure only
+// costs that protection, never the container.
+func (e *env) pinBridges(id string, spec *specs.Spec) {
+	if spec.Linux == nil {
+		return
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type != specs.NetworkNamespace || ns.Path == "" {
+			continue
+		}
+		pinned, err := bridgepin.Pin(ns.Path)
+		if err != nil {
+			e.log.Warn("bridge address not pinned: the container's gateway address may change when other containers start or stop", "id", id, "err", err)
+		}
+		for _, br := range pinned {
+			e.log.Info("pinned the address of bridge "+br+": it followed its ports' lowest address, so each container start or stop could change the gateway address under running containers", "id", id)
+		}
+	}
 }

@@ -278,6 +278,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err != nil {
 		return err
 	}
+	guest.DirectDNS = s.VMDNS == "direct"
 
 	rec := &state.Container{ID: id, Bundle: bundle, Mode: config.ModeVM, Created: time.Now().UTC(), Annotations: spec.Annotations}
 	store := e.store()

@@ -22,6 +22,7 @@ const (
 	AnnotationVMCPUs      = "io.kiwi-shim.vm.cpus"
 	AnnotationVMArch      = "io.kiwi-shim.vm.arch"
 	AnnotationVMScratch   = "io.kiwi-shim.vm.scratch"
+	AnnotationVMDNS       = "io.kiwi-shim.vm.dns"
 	AnnotationShare       = "io.kiwi-shim.share"
 	AnnotationShareCache  = "io.kiwi-shim.share.cache"
 )
@@ -31,7 +32,7 @@ const annotationPrefix = "io.kiwi-shim."
 var knownAnnotations = map[string]bool{
 	AnnotationMode: true, AnnotationLoopCount: true, AnnotationLoopTimeout: true,
 	AnnotationLoopControl: true, AnnotationVMMemory: true, AnnotationVMCPUs: true,
-	AnnotationVMArch: true, AnnotationVMScratch: true, AnnotationShare: true,
+	AnnotationVMArch: true, AnnotationVMScratch: true, AnnotationVMDNS: true, AnnotationShare: true,
 	AnnotationShareCache: true,
 }
 
@@ -57,6 +58,10 @@ type Settings struct {
 	// mounted at ScratchPath in the container.
 	ScratchSize int64
 	ScratchPath string
+	// VMDNS is how the box resolves names: "forward" (through the guest's
+	// DNS forwarder, the default), "direct" (straight to the container's
+	// nameservers) or "".
+	VMDNS string
 }
 
 // DefaultScratchPath is where the scratch disk is mounted when the
@@ -131,6 +136,11 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 				return s, bad(`a size of at least 16M, optionally with an absolute mount point: "20G" or "20G:/build"`)
 			}
 			s.ScratchSize, s.ScratchPath = n, filepath.Clean(path)
+		case AnnotationVMDNS:
+			if v != "forward" && v != "direct" {
+				return s, bad(`"forward" or "direct"`)
+			}
+			s.VMDNS = v
 		case AnnotationShare:
 			if v != "virtiofs" && v != "9p" {
 				return s, bad(`"virtiofs" or "9p"`)
@@ -143,7 +153,7 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 			s.ShareCache = v
 		default:
 			if !knownAnnotations[k] {
-				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, share, share.cache)", k)
+				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, vm.dns, share, share.cache)", k)
 			}
 		}
 	}

@@ -180,6 +180,9 @@ type Config struct {
 	Rlimits []Rlimit `json:"rlimits,omitempty"`
 	// Network configures the guest's interfaces; nil leaves only lo.
 	Network *Network `json:"network,omitempty"`
+	// DirectDNS leaves the container's resolv.conf as it came; otherwise
+	// the guest's DNS forwarder answers for its nameservers.
+	DirectDNS bool `json:"directDNS,omitempty"`
 	// Sysctl are kernel parameters (net.ipv4.ip_forward) set in the
 	// guest before the process starts.
 	Sysctl map[string]string `json:"sysctl,omitempty"`
