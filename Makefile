@@ -15,7 +15,7 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-system-arm qemu-utils fuse3 netavark aardvark-dns \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps kernel box test test-e2e test-conformance test-unit test-integration lint bench fuzz soak install clean demo
+.PHONY: all build deps kernel box test test-e2e test-parallel test-conformance test-unit test-integration lint bench fuzz soak install clean demo
 
 all: build
 
@@ -79,6 +79,12 @@ test: deps build kernel lint test-unit test-integration
 # End to end: the bootable description built in VM mode, then booted.
 test-e2e: deps build kernel
 	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags e2e -count=1 -p 1 -timeout 180m -v -run 'TestE2E' ./integration/
+
+# Three VM-mode and three container-mode real KIWI builds at once (loop
+# capacity below the demand), then one after another; about an hour
+# under TCG. make test runs the container-mode part (TestParallelContainerBuilds).
+test-parallel: deps build kernel
+	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags parallel -count=1 -p 1 -timeout 180m -v -run 'TestParallelBuilds$$' ./integration/
 
 # The OCI runtime-tools validation suite against runc and container mode.
 test-conformance: deps build
