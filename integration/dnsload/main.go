@@ -33,11 +33,9 @@ func main() {
 	prefix := flag.String("prefix", "c", "first label of the names")
 	flag.Parse()
 	if *serve != "" {
-		if err := server(*serve); err != nil {
-			fmt.Fprintln(os.Stderr, "dnsload:", err)
-			os.Exit(1)
-		}
-		return
+		// server returns only when it fails.
+		fmt.Fprintln(os.Stderr, "dnsload:", server(*serve))
+		os.Exit(1)
 	}
 	client(*lookups, *parallel, *prefix)
 }

@@ -106,7 +106,7 @@ func hasEDNS(query []byte) bool {
 // set.
 func truncate(a []byte) []byte {
 	t := failure(a, 0)
-	if t == nil || len(t) < 4 {
+	if len(t) < 4 {
 		return a[:12]
 	}
 	t[2] |= 0x02 // TC
