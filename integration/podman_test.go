@@ -212,12 +212,25 @@ printf 'label: dos\n,8M,L\n' | /usr/sbin/sfdisk -q "$dev"
 i=0; while [ ! -b "${dev}p1" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 /usr/sbin/mke2fs -q -t ext2 "${dev}p1"
 echo "made ${dev}p1"
+# The partition goes and comes back at once, after another device's
+# partition took its number: its node must follow the new number.
+dev2=$(/usr/sbin/losetup -f --show /disk2.img)
+printf 'label: dos\n,8M,L\n' | /usr/sbin/sfdisk -q "$dev2"
+/usr/sbin/partx -d "$dev" && /usr/sbin/partx -a "$dev2" && /usr/sbin/partx -a "$dev"
+i=0; until /usr/sbin/mke2fs -q -t ext2 "${dev}p1" 2>/dev/null; do
+	i=$((i+1)); [ $i -lt 50 ] || { echo "${dev}p1 stale: $(cat /sys/class/block/$(basename $dev)p1/dev)"; exit 1; }; sleep 0.1
+done
+echo "remade ${dev}p1"
+/usr/sbin/partx -d "$dev2"
+/usr/sbin/losetup -d "$dev2"
 /usr/sbin/partx -d "$dev"
 /usr/sbin/losetup -d "$dev"
 `
-	r = p.run("", "run", "--rm", "--annotation", containerMode, "--annotation", "io.kiwi-shim.loop.count=1",
-		"-v", img+":/disk.img", "--rootfs", rootfs, "sh", "-c", partScript)
-	if r.code != 0 || !strings.Contains(r.stdout, "made /dev/loop") {
+	img2 := filepath.Join(filepath.Dir(img), "disk2.img")
+	mustRun(t, nil, "truncate", "-s", "16M", img2)
+	r = p.run("", "run", "--rm", "--annotation", containerMode, "--annotation", "io.kiwi-shim.loop.count=2",
+		"-v", img+":/disk.img", "-v", img2+":/disk2.img", "--rootfs", rootfs, "sh", "-c", partScript)
+	if r.code != 0 || !strings.Contains(r.stdout, "made /dev/loop") || !strings.Contains(r.stdout, "remade /dev/loop") {
 		t.Fatalf("partitions in container mode: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	// A device outside the lease cannot be opened even with a node made

@@ -122,10 +122,23 @@ func (ps *partitionSync) sync() {
 		for _, p := range parts {
 			name := fmt.Sprintf("%sp%d", d.Name(), p)
 			present[name] = true
-			if _, ok := ps.known[name]; ok {
+			maj, min, err := partitionNumber(name)
+			if err != nil {
+				continue // gone again since the listing
+			}
+			// Partition numbers (major 259) are given out host-wide as
+			// partitions come: one that went and came back between two
+			// looks (a re-read partition table) may have another number
+			// now, and a node with the old one answers ENXIO.
+			old, ok := ps.known[name]
+			if ok && old == blockRule(maj, min) {
 				continue
 			}
-			rule, err := ps.add(name)
+			if ok {
+				ps.remove(name, old)
+				delete(ps.known, name)
+			}
+			rule, err := ps.add(name, maj, min)
 			if err != nil {
 				ps.log.Warn("partition node", "node", name, "err", err)
 				continue
@@ -168,12 +181,11 @@ func (ps *partitionSync) containerDev() (int, error) {
 	})
 }
 
-func (ps *partitionSync) add(name string) (string, error) {
-	maj, min, err := partitionNumber(name)
-	if err != nil {
-		return "", err
-	}
-	rule := fmt.Sprintf("b %d:%d rwm", maj, min)
+// blockRule is the devices cgroup rule for one block device.
+func blockRule(maj, min uint32) string { return fmt.Sprintf("b %d:%d rwm", maj, min) }
+
+func (ps *partitionSync) add(name string, maj, min uint32) (string, error) {
+	rule := blockRule(maj, min)
 	dev, err := ps.containerDev()
 	if err != nil {
 		return "", err
