@@ -94,7 +94,7 @@ const (
 )
 
 // FSOptions returns go-fuse's options for serving an export with o: the
-// cache timeouts and 1 MiB writes.
+// cache timeouts, 1 MiB writes and modes reported as they are.
 func FSOptions(o Options) (*fs.Options, error) {
 	var d time.Duration
 	switch o.Cache {
@@ -116,6 +116,14 @@ func FSOptions(o Options) (*fs.Options, error) {
 	opts := &fs.Options{EntryTimeout: &d, AttrTimeout: &d, NegativeTimeout: &neg}
 	opts.MaxWrite = 1 << 20
 	opts.DisableXAttrs = !o.Xattr
+	// Report the permission bits the host has, 0000 included. Without
+	// this, go-fuse's node bridge turns a zero permission into 0644 (0755
+	// for a directory) in every reply that carries attributes; the
+	// client's kernel checks access against what we report
+	// (default_permissions: the host mount asks for it, virtio-fs always
+	// has it) and the daemon then acts as root, so a mode-0000 file was
+	// readable, and a mode-0000 directory listable, by anyone.
+	opts.NullPermissions = true
 	opts.Name = "kiwi-sharefs"
 	return opts, nil
 }

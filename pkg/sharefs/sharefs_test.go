@@ -256,3 +256,91 @@ func TestOpenFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestNullModes: an inode whose permission bits are 0000 is reported as
+// 0000 by every reply that carries attributes (lookup, getattr, create,
+// mkdir, mknod, setattr), never as a default: the client's kernel checks
+// access against the reported mode, and the daemon (root) would then open
+// what the caller may not (issue 24).
+func TestNullModes(t *testing.T) {
+	j := newJail(t, Options{})
+	os.WriteFile(filepath.Join(j.export, "zero"), []byte("secret"), 0o600)
+	os.Chmod(filepath.Join(j.export, "zero"), 0)
+	os.Mkdir(filepath.Join(j.export, "zerodir"), 0)
+	os.Chmod(filepath.Join(j.export, "zerodir"), 0)
+	unix.Mkfifo(filepath.Join(j.export, "zerofifo"), 0)
+	// mode of a reply; each case makes or finds an inode of type typ.
+	for _, c := range []struct {
+		name string
+		typ  uint32
+		do   func(t *testing.T) (fuse.Attr, fuse.Status)
+	}{
+		{"lookup file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zero", &eo)
+			return eo.Attr, st
+		}},
+		{"lookup dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zerodir", &eo)
+			return eo.Attr, st
+		}},
+		{"lookup fifo", unix.S_IFIFO, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zerofifo", &eo)
+			return eo.Attr, st
+		}},
+		{"getattr file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "zero")
+			var ao fuse.AttrOut
+			st := j.raw.GetAttr(nil, &fuse.GetAttrIn{InHeader: *hdr(id)}, &ao)
+			return ao.Attr, st
+		}},
+		{"getattr dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "zerodir")
+			var ao fuse.AttrOut
+			st := j.raw.GetAttr(nil, &fuse.GetAttrIn{InHeader: *hdr(id)}, &ao)
+			return ao.Attr, st
+		}},
+		{"create", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var co fuse.CreateOut
+			st := j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0}, "created", &co)
+			if st == fuse.OK {
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(co.NodeId), Fh: co.Fh})
+			}
+			return co.Attr, st
+		}},
+		{"mkdir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0}, "made", &eo)
+			return eo.Attr, st
+		}},
+		{"mknod fifo", unix.S_IFIFO, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: unix.S_IFIFO}, "fifo", &eo)
+			return eo.Attr, st
+		}},
+		{"chmod file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "file")
+			var ao fuse.AttrOut
+			st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0}}, &ao)
+			return ao.Attr, st
+		}},
+		{"chmod dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "dir")
+			var ao fuse.AttrOut
+			st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0}}, &ao)
+			return ao.Attr, st
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			a, st := c.do(t)
+			if st != fuse.OK {
+				t.Fatal(st)
+			}
+			if a.Mode != c.typ {
+				t.Errorf("reported mode %#o, want %#o (type only, permissions 0000)", a.Mode, c.typ)
+			}
+		})
+	}
+}
