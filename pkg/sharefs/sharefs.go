@@ -283,10 +283,15 @@ func (n *node) handleFor(f fs.FileHandle) (int, func(), syscall.Errno) {
 // component, reaches exactly that inode.
 func procPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
-// checkName refuses names that are not a single directory entry.
+// checkName refuses names that are not a single directory entry (EINVAL)
+// and names longer than NAME_MAX bytes (ENAMETOOLONG, as the host's
+// calls and the client's own file systems answer).
 func checkName(name string) syscall.Errno {
-	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255 {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
 		return syscall.EINVAL
+	}
+	if len(name) > unix.NAME_MAX {
+		return syscall.ENAMETOOLONG
 	}
 	return 0
 }

@@ -3,6 +3,7 @@ package sharefs
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -342,5 +343,69 @@ func TestNullModes(t *testing.T) {
 				t.Errorf("reported mode %#o, want %#o (type only, permissions 0000)", a.Mode, c.typ)
 			}
 		})
+	}
+}
+
+// TestNameLength: a name of 255 bytes (NAME_MAX) works in every call that
+// takes one; a longer one is ENAMETOOLONG, as on the host, not EINVAL.
+func TestNameLength(t *testing.T) {
+	enametoolong := fuse.Status(syscall.ENAMETOOLONG)
+	j := newJail(t, Options{})
+	fileID, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	hostFile := func(name string) { os.WriteFile(filepath.Join(j.export, name), nil, 0o644) }
+	hostDir := func(name string) { os.Mkdir(filepath.Join(j.export, name), 0o755) }
+	var eo fuse.EntryOut
+	for i, c := range []struct {
+		op    string
+		setup func(name string) // makes what the call needs, on the host
+		call  func(name string) fuse.Status
+	}{
+		{"lookup", hostFile, func(name string) fuse.Status { return j.raw.Lookup(nil, hdr(1), name, &eo) }},
+		{"create", nil, func(name string) fuse.Status {
+			var co fuse.CreateOut
+			st := j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0o644}, name, &co)
+			if st == fuse.OK {
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(co.NodeId), Fh: co.Fh})
+			}
+			return st
+		}},
+		{"mkdir", nil, func(name string) fuse.Status {
+			return j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0o755}, name, &eo)
+		}},
+		{"mknod", nil, func(name string) fuse.Status {
+			return j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: unix.S_IFIFO | 0o644}, name, &eo)
+		}},
+		{"symlink", nil, func(name string) fuse.Status { return j.raw.Symlink(nil, hdr(1), "file", name, &eo) }},
+		{"link", nil, func(name string) fuse.Status {
+			return j.raw.Link(nil, &fuse.LinkIn{InHeader: *hdr(1), Oldnodeid: fileID}, name, &eo)
+		}},
+		{"rename from", hostFile, func(name string) fuse.Status {
+			return j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, name, "renamed-"+strconv.Itoa(len(name)))
+		}},
+		{"rename to", nil, func(name string) fuse.Status {
+			src := "src-" + strconv.Itoa(len(name))
+			hostFile(src)
+			return j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, src, name)
+		}},
+		{"unlink", hostFile, func(name string) fuse.Status { return j.raw.Unlink(nil, hdr(1), name) }},
+		{"rmdir", hostDir, func(name string) fuse.Status { return j.raw.Rmdir(nil, hdr(1), name) }},
+	} {
+		for _, l := range []struct {
+			n    int
+			want fuse.Status
+		}{{255, fuse.OK}, {256, enametoolong}} {
+			t.Run(c.op+"/"+strconv.Itoa(l.n), func(t *testing.T) {
+				name := strings.Repeat(string(rune('a'+i)), l.n)
+				if c.setup != nil && l.n <= 255 {
+					c.setup(name)
+				}
+				if st := c.call(name); st != l.want {
+					t.Errorf("%s of a %d-byte name: %v, want %v", c.op, l.n, st, l.want)
+				}
+			})
+		}
 	}
 }
