@@ -26,8 +26,9 @@
 //
 // Device nodes are never opened and never created: a guest that could
 // make a block device node in a shared directory would hand every host
-// user who can reach the directory the host's disks. ioctl is refused.
-// A read-only export refuses every change with EROFS.
+// user who can reach the directory the host's disks. ioctl is refused
+// on files and directories; STATX is left to GETATTR. A read-only export
+// refuses every change with EROFS.
 package sharefs
 
 import (
@@ -227,7 +228,24 @@ var (
 	_ fs.NodeRemovexattrer  = (*node)(nil)
 	_ fs.NodeListxattrer    = (*node)(nil)
 	_ fs.NodeOnForgetter    = (*node)(nil)
+	_ fs.NodeIoctler        = (*node)(nil)
+	_ fs.NodeStatxer        = (*node)(nil)
 )
+
+// Ioctl is refused on every inode, before go-fuse would hand it to an
+// open handle: its directory stream passes any command to the host's
+// descriptor (FIFREEZE, run by the root daemon, would freeze the host's
+// file system; FS_IOC_SETFLAGS would make a host directory immutable).
+func (n *node) Ioctl(ctx context.Context, f fs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	return 0, syscall.ENOTTY
+}
+
+// Statx is not offered (the client falls back to GETATTR): go-fuse would
+// otherwise answer it from an open file's descriptor with the host's
+// attributes, past the id mapping that Getattr applies.
+func (n *node) Statx(ctx context.Context, f fs.FileHandle, flags, mask uint32, out *fuse.StatxOut) syscall.Errno {
+	return syscall.ENOSYS
+}
 
 // OnForget closes the descriptor once the client forgot the inode.
 func (n *node) OnForget() {

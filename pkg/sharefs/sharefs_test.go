@@ -409,3 +409,68 @@ func TestNameLength(t *testing.T) {
 		}
 	}
 }
+
+// TestIoctlRefused: no ioctl reaches the host, on a file or on a
+// directory (go-fuse's directory stream passes any command to the host's
+// descriptor: FIFREEZE there would freeze the host's file system).
+func TestIoctlRefused(t *testing.T) {
+	j := newJail(t, Options{})
+	dirID, st := j.lookup(t, 1, "dir")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	fileID, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	var oo fuse.OpenOut
+	if st := j.raw.OpenDir(nil, &fuse.OpenIn{InHeader: *hdr(dirID)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	dirFh := oo.Fh
+	defer j.raw.ReleaseDir(&fuse.ReleaseIn{InHeader: *hdr(dirID), Fh: dirFh})
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(fileID), Flags: uint32(os.O_RDONLY)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	defer j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(fileID), Fh: oo.Fh})
+	for _, c := range []struct {
+		name     string
+		node, fh uint64
+	}{{"dir", dirID, dirFh}, {"file", fileID, oo.Fh}, {"root without handle", 1, 0}} {
+		var out fuse.IoctlOut
+		in := &fuse.IoctlIn{InHeader: *hdr(c.node), Fh: c.fh, Cmd: unix.FS_IOC_GETFLAGS, OutSize: 8}
+		if st := j.raw.Ioctl(nil, in, nil, &out, make([]byte, 8)); st != fuse.Status(syscall.ENOTTY) {
+			t.Errorf("FS_IOC_GETFLAGS on %s: %v, want ENOTTY", c.name, st)
+		}
+	}
+}
+
+// TestStatxRefused: STATX, which go-fuse would answer from an open file's
+// host descriptor past the id mapping, is ENOSYS (the client then sends
+// GETATTR), with or without a handle.
+func TestStatxRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to give a file to another user")
+	}
+	j := newJail(t, Options{UIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}, GIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}})
+	os.Chown(filepath.Join(j.export, "file"), 1000, 1000) // unmapped: 65534 for the client
+	id, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	var oo fuse.OpenOut
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDONLY)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	defer j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+	for _, fh := range []uint64{oo.Fh, 0} {
+		var so fuse.StatxOut
+		in := &fuse.StatxIn{InHeader: *hdr(id), Fh: fh, SxFlags: unix.AT_EMPTY_PATH, SxMask: unix.STATX_BASIC_STATS}
+		if fh != 0 {
+			in.GetattrFlags = fuse.FUSE_GETATTR_FH
+		}
+		if st := j.raw.Statx(nil, in, &so); st != fuse.ENOSYS {
+			t.Errorf("STATX (fh %d): %v, uid %d, want ENOSYS", fh, st, so.Uid)
+		}
+	}
+}
