@@ -26,7 +26,9 @@
 //
 // Device nodes are never opened and never created: a guest that could
 // make a block device node in a shared directory would hand every host
-// user who can reach the directory the host's disks. ioctl is refused
+// user who can reach the directory the host's disks. A mapped export
+// (Options.Mapped, mapped.go) shows the client the nodes it made, kept
+// as plain files with an extended attribute. ioctl is refused
 // on files and directories; STATX is left to GETATTR. A read-only export
 // refuses every change with EROFS.
 package sharefs
