@@ -63,6 +63,7 @@ var checks = []check{
 	{"mode-0000", modeZero},
 	{"access-unprivileged", accessUnprivileged},
 	{"name-max", nameMax},
+	{"mknod-devices", mknodDevices},
 }
 
 func main() {
@@ -923,4 +924,95 @@ func nameMax(dir string) error {
 		return errors.New(strings.Join(bad, "; "))
 	}
 	return nil
+}
+
+// mknodDevices: as root, character and block devices, FIFOs and sockets
+// can be made and show their type, mode and device number; rename, link,
+// chmod, chown and unlink work on them; opening the character device
+// reaches the caller's own /dev/null (1:3), unless the file system is
+// mounted nodev, where it is EACCES. (A kiwi-sharefs share does this in
+// mapped mode, keeping plain files on the host.)
+func mknodDevices(dir string) error {
+	if os.Geteuid() != 0 {
+		return nil // no CAP_MKNOD
+	}
+	nodes := []struct {
+		name string
+		mode uint32
+		dev  int
+	}{
+		{"chr", unix.S_IFCHR | 0o644, int(unix.Mkdev(1, 3))},
+		{"blk", unix.S_IFBLK | 0o640, int(unix.Mkdev(7, 300))},
+		{"fifo", unix.S_IFIFO | 0o600, 0},
+		{"sock", unix.S_IFSOCK | 0o755, 0},
+	}
+	// stat checks name's mode, device, owner and link count.
+	stat := func(name string, mode uint32, dev int, owner string, nlink int) error {
+		var st unix.Stat_t
+		if err := unix.Lstat(filepath.Join(dir, name), &st); err != nil {
+			return err
+		}
+		got := fmt.Sprintf("mode %o dev %d:%d owner %d:%d nlink %d", st.Mode, unix.Major(st.Rdev), unix.Minor(st.Rdev), st.Uid, st.Gid, st.Nlink)
+		return expect(got, fmt.Sprintf("mode %o dev %d:%d owner %s nlink %d", mode, unix.Major(uint64(dev)), unix.Minor(uint64(dev)), owner, nlink), name)
+	}
+	for _, n := range nodes {
+		if err := unix.Mknod(filepath.Join(dir, n.name), n.mode, n.dev); err != nil {
+			return fmt.Errorf("mknod %s: %v", n.name, err)
+		}
+		if err := stat(n.name, n.mode, n.dev, "0:0", 1); err != nil {
+			return err
+		}
+		a, b, c := filepath.Join(dir, n.name), filepath.Join(dir, n.name+"-renamed"), filepath.Join(dir, n.name+"-link")
+		if err := os.Rename(a, b); err != nil {
+			return err
+		}
+		if err := os.Link(b, c); err != nil {
+			return err
+		}
+		// chown first: it drops set-user-ID bits.
+		if err := os.Lchown(b, 1234, 5678); err != nil {
+			return err
+		}
+		if err := unix.Chmod(c, 0o4710); err != nil {
+			return err
+		}
+		mode := n.mode&unix.S_IFMT | 0o4710
+		if err := stat(n.name+"-link", mode, n.dev, "1234:5678", 2); err != nil {
+			return err
+		}
+		if err := os.Remove(b); err != nil {
+			return err
+		}
+		if err := stat(n.name+"-link", mode, n.dev, "1234:5678", 1); err != nil {
+			return err
+		}
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil {
+		return err
+	}
+	os.Chmod(filepath.Join(dir, "chr-link"), 0o666)
+	f, err := os.OpenFile(filepath.Join(dir, "chr-link"), os.O_WRONLY, 0)
+	if sfs.Flags&unix.ST_NODEV != 0 {
+		if err == nil {
+			f.Close()
+			return errors.New("opened a device node on a nodev file system")
+		}
+		if !errors.Is(err, unix.EACCES) {
+			return fmt.Errorf("open a device node on a nodev file system: %v, want EACCES", err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open the character device: %v", err)
+	}
+	defer f.Close()
+	if _, err := f.Write([]byte("into the null device")); err != nil {
+		return fmt.Errorf("write to the character device: %v", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	return expect(st.Size, 0, "size after writing to the null device")
 }
