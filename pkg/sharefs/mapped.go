@@ -40,6 +40,12 @@ import (
 // name (exports without Mapped included): a client that could set it
 // would make itself set-user-ID files.
 //
+// File capabilities (security.capability) work like a set-user-ID bit,
+// so a mapped export keeps the client's under the same prefix
+// (trusted.kiwi-sharefs.security.capability); the client reads, lists
+// and removes them as security.capability, and still sees capabilities
+// the host gave a file when it set none itself.
+//
 // The value is text: "MODE MAJOR MINOR UID GID", MODE in octal with the
 // file type bits, UID and GID host ids (the client sees them through
 // the id maps).
@@ -48,6 +54,18 @@ const (
 	mapAttrRootless = "user.kiwi-sharefs.mode"
 	mapAttrPrefixes = "trusted.kiwi-sharefs.\x00user.kiwi-sharefs."
 )
+
+// fileCaps is the attribute of file capabilities.
+const fileCaps = "security.capability"
+
+// capAttr is the host name of a mapped export's file capabilities.
+func (ex *export) capAttr() string {
+	return strings.TrimSuffix(ex.mapAttr(), "mode") + fileCaps
+}
+
+// mapsCaps reports whether the client's attribute attr is file
+// capabilities that the export keeps under capAttr.
+func (ex *export) mapsCaps(attr string) bool { return ex.opts.Mapped && attr == fileCaps }
 
 // setID are the bits mapped mode keeps off host files.
 const setID = unix.S_ISUID | unix.S_ISGID

@@ -292,3 +292,40 @@ func TestCreateExisting(t *testing.T) {
 		t.Errorf("existing file changed: uid %d->%d, mode %#o->%#o, mapping %q", before.Uid, after.Uid, before.Mode, after.Mode, attr)
 	}
 }
+
+// TestMappedCapabilities: file capabilities a client gives a file of a
+// mapped export are kept under the mapping prefix, never as the host's
+// security.capability; the client reads, lists and removes them as its
+// own.
+func TestMappedCapabilities(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for security.* and trusted.* attributes")
+	}
+	j := newJail(t, Options{Mapped: true, Xattr: true})
+	id, _ := j.lookup(t, 1, "file")
+	p := filepath.Join(j.export, "file")
+	// struct vfs_cap_data, revision 2: cap_net_raw permitted, effective.
+	caps := []byte{1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	if st := j.raw.SetXAttr(nil, &fuse.SetXAttrIn{InHeader: *hdr(id), Size: uint32(len(caps))}, fileCaps, caps); st != fuse.OK {
+		t.Fatal(st)
+	}
+	if _, err := unix.Getxattr(p, fileCaps, make([]byte, 64)); err != unix.ENODATA {
+		t.Errorf("host file capabilities: %v, want none", err)
+	}
+	buf := make([]byte, 64)
+	if k, err := unix.Getxattr(p, "trusted.kiwi-sharefs."+fileCaps, buf); err != nil || string(buf[:k]) != string(caps) {
+		t.Errorf("mapped capabilities on the host: %x %v", buf[:k], err)
+	}
+	if k, st := j.raw.GetXAttr(nil, hdr(id), fileCaps, buf); st != fuse.OK || string(buf[:k]) != string(caps) {
+		t.Errorf("client reads %x %v", buf[:k], st)
+	}
+	if k, st := j.raw.ListXAttr(nil, hdr(id), buf); st != fuse.OK || string(buf[:k]) != fileCaps+"\x00" {
+		t.Errorf("client lists %q %v", buf[:k], st)
+	}
+	if st := j.raw.RemoveXAttr(nil, hdr(id), fileCaps); st != fuse.OK {
+		t.Fatal(st)
+	}
+	if _, st := j.raw.GetXAttr(nil, hdr(id), fileCaps, buf); st != fuse.ENOATTR {
+		t.Errorf("after removal: %v, want ENODATA", st)
+	}
+}

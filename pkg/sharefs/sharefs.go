@@ -37,6 +37,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -974,6 +975,12 @@ func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, 
 	}
 	var k int
 	e := n.xattr(false, func(p string) (err error) {
+		if n.ex.mapsCaps(attr) {
+			// The client's own, else the host's.
+			if k, err = unix.Getxattr(p, n.ex.capAttr(), dest); err != unix.ENODATA {
+				return err
+			}
+		}
 		k, err = unix.Getxattr(p, attr, dest)
 		return err
 	})
@@ -986,6 +993,9 @@ func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uin
 	if isMapAttr(attr) {
 		return syscall.EPERM
 	}
+	if n.ex.mapsCaps(attr) {
+		attr = n.ex.capAttr()
+	}
 	return n.xattr(true, func(p string) error { return unix.Setxattr(p, attr, data, int(flags)) })
 }
 
@@ -994,7 +1004,14 @@ func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
 	if isMapAttr(attr) {
 		return syscall.EPERM
 	}
-	return n.xattr(true, func(p string) error { return unix.Removexattr(p, attr) })
+	return n.xattr(true, func(p string) error {
+		if n.ex.mapsCaps(attr) {
+			if err := unix.Removexattr(p, n.ex.capAttr()); err != unix.ENODATA {
+				return err
+			}
+		}
+		return unix.Removexattr(p, attr)
+	})
 }
 
 // Listxattr lists extended attribute names, but the mapping attributes.
@@ -1019,7 +1036,11 @@ func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errn
 			break
 		}
 		var kept []byte
-		for _, name := range strings.SplitAfter(string(list), "\x00") {
+		names := strings.SplitAfter(string(list), "\x00")
+		for _, name := range names {
+			if n.ex.opts.Mapped && name == n.ex.capAttr()+"\x00" && !slices.Contains(names, fileCaps+"\x00") {
+				name = fileCaps + "\x00"
+			}
 			if name != "" && !isMapAttr(name) {
 				kept = append(kept, name...)
 			}
