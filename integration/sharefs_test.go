@@ -3,9 +3,11 @@ package integration
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -66,10 +68,11 @@ func isMounted(dir string) bool {
 	return false
 }
 
-// runSuite runs posixsuite on dir and returns its verdict lines.
-func runSuite(t testing.TB, dir string) []string {
+// runSuite runs posixsuite on dir (after its flags, if any) and returns
+// its verdict lines.
+func runSuite(t testing.TB, dir string, flags ...string) []string {
 	t.Helper()
-	out, err := exec.Command(posixsuite, dir).CombinedOutput()
+	out, err := exec.Command(posixsuite, append(flags, dir)...).CombinedOutput()
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	if err != nil {
 		t.Errorf("posixsuite %s: %v\n%s", dir, err, out)
@@ -78,17 +81,96 @@ func runSuite(t testing.TB, dir string) []string {
 }
 
 // TestShareFSPosix: the POSIX suite gives the same verdicts natively and
-// on a kiwi-sharefs mount of the same kind of directory.
+// on a kiwi-sharefs mount of the same kind of directory, in mapped mode
+// (device nodes) and without it (where mknod of a device is EPERM by
+// design, so that check is skipped).
 func TestShareFSPosix(t *testing.T) {
 	leaveClean(t, "")
 	native := runSuite(t, t.TempDir())
-	src := t.TempDir()
-	mounted := runSuite(t, sharefsMount(t, src, "--xattr"))
-	if strings.Join(native, "\n") != strings.Join(mounted, "\n") {
-		t.Fatalf("verdicts differ\nnative:\n%s\nkiwi-sharefs:\n%s", strings.Join(native, "\n"), strings.Join(mounted, "\n"))
+	for _, c := range []struct {
+		name string
+		args []string
+		skip string
+	}{
+		{"mapped", []string{"--xattr", "--mapped"}, ""},
+		{"unmapped", []string{"--xattr"}, "mknod-devices"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			want := native
+			var flags []string
+			if c.skip != "" {
+				flags = []string{"-skip", c.skip}
+				want = slices.Clone(native)
+				for i, l := range want {
+					if strings.HasSuffix(l, " "+c.skip) || strings.Contains(l, " "+c.skip+":") {
+						want[i] = "skip " + c.skip
+					}
+				}
+			}
+			src := t.TempDir()
+			mounted := runSuite(t, sharefsMount(t, src, c.args...), flags...)
+			if strings.Join(want, "\n") != strings.Join(mounted, "\n") {
+				t.Fatalf("verdicts differ\nnative:\n%s\nkiwi-sharefs:\n%s", strings.Join(want, "\n"), strings.Join(mounted, "\n"))
+			}
+			if left, _ := os.ReadDir(src); len(left) != 0 {
+				t.Fatalf("the suite left %d entries in the export", len(left))
+			}
+		})
 	}
-	if left, _ := os.ReadDir(src); len(left) != 0 {
-		t.Fatalf("the suite left %d entries in the export", len(left))
+}
+
+// TestShareFSMapped: through a --mapped mount, device nodes, FIFOs and
+// set-user-ID bits are what the client made, while the export holds
+// plain files without set-id bits; the device cannot be opened on the
+// host (the mount is nodev).
+func TestShareFSMapped(t *testing.T) {
+	src := t.TempDir()
+	mnt := sharefsMount(t, src, "--mapped")
+	if err := unix.Mknod(filepath.Join(mnt, "sda"), unix.S_IFBLK|0o644, int(unix.Mkdev(8, 0))); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mkfifo(filepath.Join(mnt, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "su"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(mnt, "su"), 0o4755|os.ModeSetuid); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]uint32{"sda": unix.S_IFBLK | 0o644, "fifo": unix.S_IFIFO | 0o644, "su": unix.S_IFREG | 0o4755} {
+		var seen, host unix.Stat_t
+		if err := unix.Lstat(filepath.Join(mnt, name), &seen); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Lstat(filepath.Join(src, name), &host); err != nil {
+			t.Fatal(err)
+		}
+		if seen.Mode != want {
+			t.Errorf("%s: mount shows mode %#o, want %#o", name, seen.Mode, want)
+		}
+		if host.Mode&unix.S_IFMT != unix.S_IFREG || host.Mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
+			t.Errorf("%s: the export holds mode %#o, want a plain file", name, host.Mode)
+		}
+	}
+	var st unix.Stat_t
+	unix.Lstat(filepath.Join(mnt, "sda"), &st)
+	if st.Rdev != unix.Mkdev(8, 0) {
+		t.Errorf("sda: device %d:%d, want 8:0", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	}
+	if f, err := os.Open(filepath.Join(mnt, "sda")); err == nil {
+		f.Close()
+		t.Fatal("opened a mapped block device on the host")
+	}
+	// Without --mapped, the mapping is a plain file's attribute, and
+	// device nodes are refused.
+	plain := sharefsMount(t, src)
+	unix.Lstat(filepath.Join(plain, "sda"), &st)
+	if st.Mode != unix.S_IFREG|0o600 {
+		t.Errorf("sda without --mapped: mode %#o, want a plain 0600 file", st.Mode)
+	}
+	if err := unix.Mknod(filepath.Join(plain, "sdb"), unix.S_IFBLK|0o666, int(unix.Mkdev(8, 16))); !errors.Is(err, unix.EPERM) {
+		t.Errorf("mknod of a block device without --mapped: %v, want EPERM", err)
 	}
 }
 

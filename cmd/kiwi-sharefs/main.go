@@ -54,13 +54,14 @@ var exportFlags = []cli.Flag{
 	cli.BoolFlag{Name: "read-only", Usage: "refuse every change (EROFS)"},
 	cli.StringFlag{Name: "cache", Value: sharefs.CacheAuto, Usage: "client caching: auto, always, metadata (no file data) or never"},
 	cli.BoolFlag{Name: "xattr", Usage: "serve extended attributes"},
+	cli.BoolFlag{Name: "mapped", Usage: "keep the client's device nodes, FIFOs, sockets and set-id bits in an extended attribute of a plain file (like 9p's mapped-xattr) instead of refusing devices"},
 	cli.StringSliceFlag{Name: "uid-map", Usage: "CLIENT:HOST:COUNT uid mapping (repeatable; default identity, or the daemon's user when not root)"},
 	cli.StringSliceFlag{Name: "gid-map", Usage: "CLIENT:HOST:COUNT gid mapping (repeatable)"},
 }
 
 func exportOptions(ctx *cli.Context) (string, sharefs.Options, error) {
 	o := sharefs.Options{
-		ReadOnly: ctx.Bool("read-only"), Xattr: ctx.Bool("xattr"), Cache: ctx.String("cache"),
+		ReadOnly: ctx.Bool("read-only"), Xattr: ctx.Bool("xattr"), Cache: ctx.String("cache"), Mapped: ctx.Bool("mapped"),
 		// Not root: files can only belong to the daemon's user.
 		Squash: os.Geteuid() != 0,
 	}

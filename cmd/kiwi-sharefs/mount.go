@@ -47,7 +47,10 @@ var mountCommand = cli.Command{
 		opts.Debug = ctx.GlobalBool("trace")
 		// The kernel checks permissions against the modes and owners we
 		// report, as for any local file system.
-		opts.Options = append(opts.Options, "default_permissions")
+		// No device node or set-user-ID bit of the tree takes effect on
+		// the host (go-fuse's default too, said here on purpose): with
+		// --mapped the tree shows the nodes a guest made.
+		opts.Options = append(opts.Options, "default_permissions", "nodev", "nosuid")
 		if os.Geteuid() == 0 {
 			opts.AllowOther = true
 			opts.DirectMount = true

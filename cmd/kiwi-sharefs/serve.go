@@ -22,7 +22,7 @@ var serveCommand = cli.Command{
 	Description: `One export: --source DIR --socket PATH [--tag T] and the export flags.
    Several (one daemon per VM): --exports FILE, a JSON list of
    {"tag", "source", "socket", "options": {"ReadOnly", "Xattr", "Squash",
-   "UIDMap", "GIDMap", "Cache"}}.
+   "UIDMap", "GIDMap", "Cache", "Mapped"}}.
 
    The sockets exist when the daemon prints "ready" on stdout (or, with
    --ready-fd N, writes it to descriptor N); start QEMU after that. The

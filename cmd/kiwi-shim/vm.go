@@ -156,20 +156,23 @@ func initBinary(arch string) ([]byte, error) {
 
 // virtiofsExports turns the VM's shares into kiwi-sharefs exports, each
 // with its socket in the state directory dir; bind mounts get the cache
-// mode bindCache, the container's root is cached entirely.
-func virtiofsExports(dir string, shares []vm.Share, bin, bindCache string, debug bool) (*vm.ShareFS, []vm.VirtioFS) {
+// mode bindCache and, with mapped, mapped mode (sharefs.Options.Mapped);
+// the container's root is cached entirely and never mapped.
+func virtiofsExports(dir string, shares []vm.Share, bin, bindCache string, mapped, debug bool) (*vm.ShareFS, []vm.VirtioFS) {
 	sf := &vm.ShareFS{Binary: bin, Debug: debug}
 	var devs []vm.VirtioFS
 	for i, sh := range shares {
-		cache := bindCache
+		cache, m := bindCache, mapped
 		if sh.Tag == vm.RootTag {
 			// The container's root is its own while it runs, and its
-			// programs are mapped: cache everything.
-			cache = sharefs.CacheAlways
+			// programs are mapped: cache everything. Its set-user-ID
+			// programs and device nodes are its own too, real as in
+			// container mode (kept in the engine's storage).
+			cache, m = sharefs.CacheAlways, false
 		}
 		e := vmshare.Export{
 			Tag: sh.Tag, Source: sh.Path, Socket: vm.SocketPath(dir, fmt.Sprintf("v%d.sock", i)),
-			Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: !rootless.CanChown()},
+			Options: sharefs.Options{ReadOnly: sh.ReadOnly, Xattr: true, Cache: cache, Squash: !rootless.CanChown(), Mapped: m},
 		}
 		sf.Exports = append(sf.Exports, e)
 		devs = append(devs, vm.VirtioFS{Tag: sh.Tag, Socket: e.Socket})
@@ -350,7 +353,15 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		if cache == "" {
 			cache = sharefs.CacheMetadata
 		}
-		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, cache, ctx.GlobalBool("debug"))
+		// Bind mounts are host directories that host users may reach:
+		// by default a guest's device nodes and set-user-ID bits are
+		// kept in extended attributes there, never made real (see
+		// sharefs.Options.Mapped), and the guest still sees them.
+		mapped := true
+		if s.ShareMapped != nil {
+			mapped = *s.ShareMapped
+		}
+		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, cache, mapped, ctx.GlobalBool("debug"))
 		shares = nil
 	}
 	var taps []*os.File

@@ -7,7 +7,10 @@
 //
 // It prints one line per check ("ok NAME" or "FAIL NAME: why") and exits
 // 1 when a check failed. It only touches DIR/posixsuite.*, which it
-// removes at the end.
+// removes at the end. Run as root, it also checks what an unprivileged
+// caller (uid and gid 65534) may do: it runs itself again as that user
+// (-probe, below), relative to a directory descriptor it passes, so that
+// the directories above DIR need not be open to that user.
 package main
 
 import (
@@ -16,10 +19,12 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -55,11 +60,20 @@ var checks = []check{
 	{"mmap-shared-read", mmapSharedRead},
 	{"unlink-open-file", unlinkOpen},
 	{"statfs", statfs},
+	{"mode-0000", modeZero},
+	{"access-unprivileged", accessUnprivileged},
+	{"name-max", nameMax},
+	{"mknod-devices", mknodDevices},
 }
 
 func main() {
 	skip := flag.String("skip", "", "comma-separated checks not to run")
+	probe := flag.Bool("probe", false, "internal: run the probes OP:NAME... relative to descriptor 3 and print one errno a line")
 	flag.Parse()
+	if *probe {
+		runProbes(flag.Args())
+		return
+	}
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: posixsuite [-skip NAME,...] DIR")
 		os.Exit(2)
@@ -659,4 +673,346 @@ func statfs(dir string) error {
 		return fmt.Errorf("statfs blocks %d bsize %d", s.Blocks, s.Bsize)
 	}
 	return nil
+}
+
+// modeZero: a file and a directory of mode 0000 show 0000, and root may
+// still read the file and list and traverse the directory (root bypasses
+// permission bits, except that executing needs an x bit somewhere).
+func modeZero(dir string) error {
+	f, d := filepath.Join(dir, "f0"), filepath.Join(dir, "d0")
+	w, err := os.OpenFile(f, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write([]byte("zero"))
+	w.Close()
+	if err != nil {
+		return fmt.Errorf("write through the creating open: %v", err)
+	}
+	if err := unix.Mkdir(d, 0); err != nil {
+		return err
+	}
+	// Before unprivileged readers can stop the suite's own cleanup.
+	defer os.Chmod(d, 0o700)
+	g := filepath.Join(dir, "g")
+	os.WriteFile(g, nil, 0o644)
+	if err := os.Chmod(g, 0); err != nil {
+		return err
+	}
+	for _, p := range []string{f, d, g} {
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return err
+		}
+		if err := expect(fmt.Sprintf("%o", st.Mode&07777), "0", filepath.Base(p)+" mode"); err != nil {
+			return err
+		}
+	}
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	if b, err := os.ReadFile(f); err != nil || string(b) != "zero" {
+		return fmt.Errorf("root reading a mode-0000 file: %q %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(d, "x"), []byte("in"), 0o644); err != nil {
+		return fmt.Errorf("root creating in a mode-0000 directory: %v", err)
+	}
+	ents, err := os.ReadDir(d)
+	if err != nil || len(ents) != 1 {
+		return fmt.Errorf("root listing a mode-0000 directory: %v %v", ents, err)
+	}
+	if err := unix.Access(f, unix.X_OK); !errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("root may execute a mode-0000 file: %v, want EACCES", err)
+	}
+	if err := unix.Access(d, unix.X_OK); err != nil {
+		return fmt.Errorf("root may not search a mode-0000 directory: %v", err)
+	}
+	return nil
+}
+
+// unprivileged is the caller accessUnprivileged probes as: nobody.
+const unprivileged = 65534
+
+// accessUnprivileged: an unprivileged caller gets EACCES for what the
+// permission bits deny it (mode-0000 and root-owned 0600 files, a
+// mode-0000 directory's listing and entries) and gets the rest, so that
+// access through a share is never wider (or narrower) than natively.
+func accessUnprivileged(dir string) error {
+	if os.Geteuid() != 0 {
+		return nil // cannot become another user
+	}
+	for name, mode := range map[string]os.FileMode{"pub": 0o644, "f0": 0, "f600": 0o600} {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("data"), 0o600); err != nil {
+			return err
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			return err
+		}
+	}
+	for name, mode := range map[string]os.FileMode{"dpub": 0o755, "d0": 0} {
+		p := filepath.Join(dir, name)
+		if err := os.Mkdir(p, 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(p, "x"), []byte("data"), 0o644); err != nil {
+			return err
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			return err
+		}
+	}
+	defer os.Chmod(filepath.Join(dir, "d0"), 0o755)
+	want := []struct{ probe, result string }{
+		// What the caller may do, lest EACCES come from elsewhere.
+		{"read:pub", "ok"}, {"list:dpub", "ok"}, {"read:dpub/x", "ok"}, {"stat:d0", "ok"}, {"stat:f0", "ok"},
+		{"read:f0", "EACCES"}, {"write:f0", "EACCES"}, {"read:f600", "EACCES"}, {"write:pub", "EACCES"},
+		{"list:d0", "EACCES"}, {"stat:d0/x", "EACCES"}, {"read:d0/x", "EACCES"}, {"create:d0/new", "EACCES"},
+		{"create:new", "EACCES"},
+	}
+	var probes []string
+	for _, w := range want {
+		probes = append(probes, w.probe)
+	}
+	got, err := probeAs(dir, unprivileged, probes)
+	if err != nil {
+		return err
+	}
+	var bad []string
+	for i, w := range want {
+		if got[i] != w.result {
+			bad = append(bad, fmt.Sprintf("%s: %s, want %s", w.probe, got[i], w.result))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("as uid %d: %s", unprivileged, strings.Join(bad, "; "))
+	}
+	return nil
+}
+
+// probeAs runs the probes (see runProbes) relative to dir as uid and gid
+// id, in a new process, and returns one result per probe.
+func probeAs(dir string, id uint32, probes []string) ([]string, error) {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	// /proc/self/exe names this program to the child as well, even when
+	// the directory it lies in is closed to the user it becomes.
+	cmd := exec.Command("/proc/self/exe", append([]string{"-probe"}, probes...)...)
+	cmd.ExtraFiles = []*os.File{d}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id, Gid: id, Groups: []uint32{}}}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("probes as uid %d: %v %s", id, err, stderr.String())
+	}
+	got := strings.Fields(string(out))
+	if len(got) != len(probes) {
+		return nil, fmt.Errorf("probes as uid %d: %d results for %d probes: %q", id, len(got), len(probes), out)
+	}
+	return got, nil
+}
+
+// runProbes runs each probe OP:NAME, NAME relative to descriptor 3, and
+// prints "ok" or the error's name (EACCES, ...). OP is read (open and
+// read a byte), write (open for writing), create (O_CREAT|O_EXCL), list
+// (open a directory and read its entries) or stat.
+func runProbes(probes []string) {
+	const dir = 3
+	for _, p := range probes {
+		op, name, _ := strings.Cut(p, ":")
+		var err error
+		switch op {
+		case "read", "write", "create", "list":
+			flags := map[string]int{"read": unix.O_RDONLY, "write": unix.O_WRONLY, "create": unix.O_WRONLY | unix.O_CREAT | unix.O_EXCL, "list": unix.O_RDONLY | unix.O_DIRECTORY}[op]
+			var fd int
+			if fd, err = unix.Openat(dir, name, flags|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o644); err == nil {
+				buf := make([]byte, 4096)
+				switch op {
+				case "read":
+					_, err = unix.Read(fd, buf)
+				case "list":
+					_, err = unix.Getdents(fd, buf)
+				}
+				unix.Close(fd)
+			}
+		case "stat":
+			var st unix.Stat_t
+			err = unix.Fstatat(dir, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+		default:
+			err = fmt.Errorf("unknown probe %q", p)
+		}
+		fmt.Println(errName(err))
+	}
+}
+
+// errName is "ok" for nil and the errno's name (EACCES) otherwise.
+func errName(err error) string {
+	var e unix.Errno
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.As(err, &e) && unix.ErrnoName(e) != "":
+		return unix.ErrnoName(e)
+	}
+	return strings.ReplaceAll(err.Error(), " ", "_")
+}
+
+// nameMax: a name of NAME_MAX (255) bytes works in every call that takes
+// a name; a name of 256 bytes is ENAMETOOLONG in each.
+func nameMax(dir string) error {
+	os.WriteFile(filepath.Join(dir, "f"), []byte("f"), 0o644)
+	os.Mkdir(filepath.Join(dir, "d"), 0o755)
+	var bad []string
+	for _, n := range []int{255, 256} {
+		want := "ok"
+		if n > 255 {
+			want = "ENAMETOOLONG"
+		}
+		// A name per call, of n bytes, in dir.
+		name := func(c byte) string { return filepath.Join(dir, strings.Repeat(string(c), n)) }
+		var st unix.Stat_t
+		for _, c := range []struct {
+			op string
+			fn func() error
+		}{
+			{"creat", func() error {
+				fd, err := unix.Creat(name('c'), 0o644)
+				if err == nil {
+					unix.Close(fd)
+				}
+				return err
+			}},
+			{"stat", func() error { return unix.Lstat(name('c'), &st) }},
+			{"open", func() error {
+				fd, err := unix.Open(name('c'), unix.O_RDONLY, 0)
+				if err == nil {
+					unix.Close(fd)
+				}
+				return err
+			}},
+			{"mkdir", func() error { return unix.Mkdir(name('m'), 0o755) }},
+			{"mknod-fifo", func() error { return unix.Mknod(name('p'), unix.S_IFIFO|0o644, 0) }},
+			{"symlink", func() error { return unix.Symlink("f", name('s')) }},
+			{"link", func() error { return unix.Link(filepath.Join(dir, "f"), name('l')) }},
+			{"rename-to", func() error { return unix.Rename(name('l'), name('r')) }},
+			{"rename-from-old", func() error {
+				if n > 255 {
+					return unix.Rename(name('x'), filepath.Join(dir, "moved"))
+				}
+				return unix.Rename(name('r'), filepath.Join(dir, "moved"))
+			}},
+			{"rename-to-new", func() error { return unix.Rename(filepath.Join(dir, "f"), name('n')) }},
+			{"rename-back", func() error { return unix.Rename(name('n'), filepath.Join(dir, "f")) }},
+			{"unlink", func() error { return unix.Unlink(name('c')) }},
+			{"rmdir", func() error { return unix.Rmdir(name('m')) }},
+		} {
+			err := c.fn()
+			if n > 255 && c.op == "rename-back" {
+				// f stayed f: nothing to move back.
+				continue
+			}
+			if got := errName(err); got != want {
+				bad = append(bad, fmt.Sprintf("%s of a %d-byte name: %s, want %s", c.op, n, got, want))
+			}
+		}
+	}
+	if len(bad) > 0 {
+		return errors.New(strings.Join(bad, "; "))
+	}
+	return nil
+}
+
+// mknodDevices: as root, character and block devices, FIFOs and sockets
+// can be made and show their type, mode and device number; rename, link,
+// chmod, chown and unlink work on them; opening the character device
+// reaches the caller's own /dev/null (1:3), unless the file system is
+// mounted nodev, where it is EACCES. (A kiwi-sharefs share does this in
+// mapped mode, keeping plain files on the host.)
+func mknodDevices(dir string) error {
+	if os.Geteuid() != 0 {
+		return nil // no CAP_MKNOD
+	}
+	nodes := []struct {
+		name string
+		mode uint32
+		dev  int
+	}{
+		{"chr", unix.S_IFCHR | 0o644, int(unix.Mkdev(1, 3))},
+		{"blk", unix.S_IFBLK | 0o640, int(unix.Mkdev(7, 300))},
+		{"fifo", unix.S_IFIFO | 0o600, 0},
+		{"sock", unix.S_IFSOCK | 0o755, 0},
+	}
+	// stat checks name's mode, device, owner and link count.
+	stat := func(name string, mode uint32, dev int, owner string, nlink int) error {
+		var st unix.Stat_t
+		if err := unix.Lstat(filepath.Join(dir, name), &st); err != nil {
+			return err
+		}
+		got := fmt.Sprintf("mode %o dev %d:%d owner %d:%d nlink %d", st.Mode, unix.Major(st.Rdev), unix.Minor(st.Rdev), st.Uid, st.Gid, st.Nlink)
+		return expect(got, fmt.Sprintf("mode %o dev %d:%d owner %s nlink %d", mode, unix.Major(uint64(dev)), unix.Minor(uint64(dev)), owner, nlink), name)
+	}
+	for _, n := range nodes {
+		if err := unix.Mknod(filepath.Join(dir, n.name), n.mode, n.dev); err != nil {
+			return fmt.Errorf("mknod %s: %v", n.name, err)
+		}
+		if err := stat(n.name, n.mode, n.dev, "0:0", 1); err != nil {
+			return err
+		}
+		a, b, c := filepath.Join(dir, n.name), filepath.Join(dir, n.name+"-renamed"), filepath.Join(dir, n.name+"-link")
+		if err := os.Rename(a, b); err != nil {
+			return err
+		}
+		if err := os.Link(b, c); err != nil {
+			return err
+		}
+		// chown first: it drops set-user-ID bits.
+		if err := os.Lchown(b, 1234, 5678); err != nil {
+			return err
+		}
+		if err := unix.Chmod(c, 0o4710); err != nil {
+			return err
+		}
+		mode := n.mode&unix.S_IFMT | 0o4710
+		if err := stat(n.name+"-link", mode, n.dev, "1234:5678", 2); err != nil {
+			return err
+		}
+		if err := os.Remove(b); err != nil {
+			return err
+		}
+		if err := stat(n.name+"-link", mode, n.dev, "1234:5678", 1); err != nil {
+			return err
+		}
+	}
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(dir, &sfs); err != nil {
+		return err
+	}
+	os.Chmod(filepath.Join(dir, "chr-link"), 0o666)
+	f, err := os.OpenFile(filepath.Join(dir, "chr-link"), os.O_WRONLY, 0)
+	if sfs.Flags&unix.ST_NODEV != 0 {
+		if err == nil {
+			f.Close()
+			return errors.New("opened a device node on a nodev file system")
+		}
+		if !errors.Is(err, unix.EACCES) {
+			return fmt.Errorf("open a device node on a nodev file system: %v, want EACCES", err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open the character device: %v", err)
+	}
+	defer f.Close()
+	if _, err := f.Write([]byte("into the null device")); err != nil {
+		return fmt.Errorf("write to the character device: %v", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	return expect(st.Size, 0, "size after writing to the null device")
 }

@@ -25,6 +25,7 @@ const (
 	AnnotationVMDNS       = "io.kiwi-shim.vm.dns"
 	AnnotationShare       = "io.kiwi-shim.share"
 	AnnotationShareCache  = "io.kiwi-shim.share.cache"
+	AnnotationShareMapped = "io.kiwi-shim.share.mapped"
 )
 
 const annotationPrefix = "io.kiwi-shim."
@@ -33,7 +34,7 @@ var knownAnnotations = map[string]bool{
 	AnnotationMode: true, AnnotationLoopCount: true, AnnotationLoopTimeout: true,
 	AnnotationLoopControl: true, AnnotationVMMemory: true, AnnotationVMCPUs: true,
 	AnnotationVMArch: true, AnnotationVMScratch: true, AnnotationVMDNS: true, AnnotationShare: true,
-	AnnotationShareCache: true,
+	AnnotationShareCache: true, AnnotationShareMapped: true,
 }
 
 // Settings are the per-container choices made with annotations. Zero
@@ -53,7 +54,11 @@ type Settings struct {
 	// virtio-fs: a kiwi-sharefs cache mode (auto, always, metadata,
 	// never) or "".
 	ShareCache string
-	VMCPUs     int
+	// ShareMapped chooses whether bind mounts served over virtio-fs keep
+	// device nodes and set-id bits in extended attributes (kiwi-sharefs
+	// --mapped); nil: the default.
+	ShareMapped *bool
+	VMCPUs      int
 	// ScratchSize is the size of the guest-local scratch disk (0: none),
 	// mounted at ScratchPath in the container.
 	ScratchSize int64
@@ -151,9 +156,15 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 				return s, bad(`"auto", "always", "metadata" or "never"`)
 			}
 			s.ShareCache = v
+		case AnnotationShareMapped:
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return s, bad("true or false")
+			}
+			s.ShareMapped = &b
 		default:
 			if !knownAnnotations[k] {
-				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, vm.dns, share, share.cache)", k)
+				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, vm.dns, share, share.cache, share.mapped)", k)
 			}
 		}
 	}

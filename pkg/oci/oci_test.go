@@ -103,6 +103,8 @@ func TestParseAnnotations(t *testing.T) {
 		{"bad arch", map[string]string{AnnotationVMArch: "riscv"}, "vm.arch", nil},
 		{"bad share", map[string]string{AnnotationShare: "nfs"}, "io.kiwi-shim.share", nil},
 		{"bad share cache", map[string]string{AnnotationShareCache: "sometimes"}, "io.kiwi-shim.share.cache", nil},
+		{"share mapped", map[string]string{AnnotationShareMapped: "false"}, "", func(s Settings) bool { return s.ShareMapped != nil && !*s.ShareMapped }},
+		{"bad share mapped", map[string]string{AnnotationShareMapped: "xattr"}, "io.kiwi-shim.share.mapped", nil},
 		{"unknown key", map[string]string{"io.kiwi-shim.modus": "vm"}, "unknown annotation io.kiwi-shim.modus", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

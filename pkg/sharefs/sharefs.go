@@ -26,14 +26,18 @@
 //
 // Device nodes are never opened and never created: a guest that could
 // make a block device node in a shared directory would hand every host
-// user who can reach the directory the host's disks. ioctl is refused.
-// A read-only export refuses every change with EROFS.
+// user who can reach the directory the host's disks. A mapped export
+// (Options.Mapped, mapped.go) shows the client the nodes it made, kept
+// as plain files with an extended attribute. ioctl is refused
+// on files and directories; STATX is left to GETATTR. A read-only export
+// refuses every change with EROFS.
 package sharefs
 
 import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -74,6 +78,11 @@ type Options struct {
 	// passthrough: Linux 6.9 and later, daemon as root). Direct I/O
 	// would override that, so files get it only with CacheNever.
 	Passthrough bool
+	// Mapped keeps device nodes, FIFOs and sockets the client makes, and
+	// the set-id bits it gives regular files, in an extended attribute
+	// of a plain file instead of on the host (see mapped.go); without
+	// it, device nodes are refused with EPERM.
+	Mapped bool
 }
 
 // Cache modes, as virtiofsd names them.
@@ -94,7 +103,7 @@ const (
 )
 
 // FSOptions returns go-fuse's options for serving an export with o: the
-// cache timeouts and 1 MiB writes.
+// cache timeouts, 1 MiB writes and modes reported as they are.
 func FSOptions(o Options) (*fs.Options, error) {
 	var d time.Duration
 	switch o.Cache {
@@ -116,6 +125,14 @@ func FSOptions(o Options) (*fs.Options, error) {
 	opts := &fs.Options{EntryTimeout: &d, AttrTimeout: &d, NegativeTimeout: &neg}
 	opts.MaxWrite = 1 << 20
 	opts.DisableXAttrs = !o.Xattr
+	// Report the permission bits the host has, 0000 included. Without
+	// this, go-fuse's node bridge turns a zero permission into 0644 (0755
+	// for a directory) in every reply that carries attributes; the
+	// client's kernel checks access against what we report
+	// (default_permissions: the host mount asks for it, virtio-fs always
+	// has it) and the daemon then acts as root, so a mode-0000 file was
+	// readable, and a mode-0000 directory listable, by anyone.
+	opts.NullPermissions = true
 	opts.Name = "kiwi-sharefs"
 	return opts, nil
 }
@@ -219,7 +236,24 @@ var (
 	_ fs.NodeRemovexattrer  = (*node)(nil)
 	_ fs.NodeListxattrer    = (*node)(nil)
 	_ fs.NodeOnForgetter    = (*node)(nil)
+	_ fs.NodeIoctler        = (*node)(nil)
+	_ fs.NodeStatxer        = (*node)(nil)
 )
+
+// Ioctl is refused on every inode, before go-fuse would hand it to an
+// open handle: its directory stream passes any command to the host's
+// descriptor (FIFREEZE, run by the root daemon, would freeze the host's
+// file system; FS_IOC_SETFLAGS would make a host directory immutable).
+func (n *node) Ioctl(ctx context.Context, f fs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	return 0, syscall.ENOTTY
+}
+
+// Statx is not offered (the client falls back to GETATTR): go-fuse would
+// otherwise answer it from an open file's descriptor with the host's
+// attributes, past the id mapping that Getattr applies.
+func (n *node) Statx(ctx context.Context, f fs.FileHandle, flags, mask uint32, out *fuse.StatxOut) syscall.Errno {
+	return syscall.ENOSYS
+}
 
 // OnForget closes the descriptor once the client forgot the inode.
 func (n *node) OnForget() {
@@ -275,10 +309,15 @@ func (n *node) handleFor(f fs.FileHandle) (int, func(), syscall.Errno) {
 // component, reaches exactly that inode.
 func procPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
-// checkName refuses names that are not a single directory entry.
+// checkName refuses names that are not a single directory entry (EINVAL)
+// and names longer than NAME_MAX bytes (ENAMETOOLONG, as the host's
+// calls and the client's own file systems answer).
 func checkName(name string) syscall.Errno {
-	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255 {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
 		return syscall.EINVAL
+	}
+	if len(name) > unix.NAME_MAX {
+		return syscall.ENAMETOOLONG
 	}
 	return 0
 }
@@ -304,8 +343,11 @@ func (n *node) stat() (unix.Stat_t, syscall.Errno) {
 		return st, e
 	}
 	defer done()
-	err := unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW)
-	return st, fs.ToErrno(err)
+	if err := unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return st, fs.ToErrno(err)
+	}
+	n.ex.overlay(fd, &st)
+	return st, 0
 }
 
 // ino makes inode numbers unique across the file systems mounted below
@@ -364,6 +406,7 @@ func (n *node) newChild(ctx context.Context, fd int, out *fuse.EntryOut) (*fs.In
 		unix.Close(fd)
 		return nil, fs.ToErrno(err)
 	}
+	n.ex.overlay(fd, &st)
 	child := &node{ex: n.ex, fd: fd, dev: st.Dev, ino: st.Ino}
 	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 		n.ex.open.Add(1)
@@ -411,6 +454,7 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	if e != 0 {
 		return e
 	}
+	n.ex.overlay(fd, &st)
 	n.ex.fillAttr(&st, &out.Attr)
 	return 0
 }
@@ -468,13 +512,35 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 	if e != 0 {
 		return e
 	}
-	isLink := st.Mode&unix.S_IFMT == unix.S_IFLNK
+	m, mapped := n.ex.overlay(fd, &st)
+	special := mapped && m.special()
 	if mode, ok := in.GetMode(); ok {
-		if isLink {
+		switch {
+		case st.Mode&unix.S_IFMT == unix.S_IFLNK:
 			return syscall.EOPNOTSUPP
-		}
-		if err := unix.Chmod(procPath(fd), mode&07777); err != nil {
-			return fs.ToErrno(err)
+		case special:
+			m.mode = m.mode&unix.S_IFMT | mode&07777
+			if e := n.ex.writeMapping(fd, m); e != 0 {
+				return e
+			}
+		case n.ex.opts.Mapped && st.Mode&unix.S_IFMT == unix.S_IFREG:
+			// Set-id bits go to the mapping, the rest to the file.
+			if err := unix.Chmod(procPath(fd), mode&07777&^setID); err != nil {
+				return fs.ToErrno(err)
+			}
+			e := syscall.Errno(0)
+			if mode&setID != 0 {
+				e = n.ex.writeMapping(fd, mapping{mode: unix.S_IFREG | mode&07777, uid: st.Uid, gid: st.Gid})
+			} else if mapped {
+				e = n.ex.removeMapping(fd)
+			}
+			if e != 0 {
+				return e
+			}
+		default:
+			if err := unix.Chmod(procPath(fd), mode&07777); err != nil {
+				return fs.ToErrno(err)
+			}
 		}
 	}
 	uid32, uok := in.GetUID()
@@ -495,7 +561,18 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 			}
 			gid = int(h)
 		}
-		if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if special {
+			// The host file stays the daemon's.
+			if uid >= 0 {
+				m.uid = uint32(uid)
+			}
+			if gid >= 0 {
+				m.gid = uint32(gid)
+			}
+			if e := n.ex.writeMapping(fd, m); e != 0 {
+				return e
+			}
+		} else if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return fs.ToErrno(err)
 		}
 	}
@@ -564,7 +641,8 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		// FIFOs and sockets are the client's business; devices are never
-		// opened (see the package comment).
+		// opened (see the package comment), nor are the files that stand
+		// for the nodes of a mapped export.
 		return nil, 0, syscall.EACCES
 	}
 	f, e := n.openFlags(flags)
@@ -589,6 +667,20 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 		unix.Close(fd)
 		return nil, 0, e
 	}
+	if n.ex.opts.Mapped {
+		pfd, done, e := n.handle()
+		if e != 0 {
+			ds.Close()
+			return nil, 0, e
+		}
+		dup, err := unix.FcntlInt(uintptr(pfd), unix.F_DUPFD_CLOEXEC, 0)
+		done()
+		if err != nil {
+			ds.Close()
+			return nil, 0, fs.ToErrno(err)
+		}
+		return &mappedDir{DirStream: ds, ex: n.ex, fd: dup}, 0, 0
+	}
 	return ds, 0, 0
 }
 
@@ -604,7 +696,10 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if e != 0 {
 		return nil, nil, 0, e
 	}
-	fd, err := unix.Openat(n.fd, name, f|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
+	fd, err := unix.Openat(n.fd, name, f|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, n.ex.hostMode(mode&07777))
+	if err == unix.EEXIST && flags&unix.O_EXCL == 0 {
+		return n.createExisting(ctx, name, f, out)
+	}
 	if err != nil {
 		return nil, nil, 0, fs.ToErrno(err)
 	}
@@ -612,12 +707,52 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
+	if n.ex.opts.Mapped {
+		if e := n.mapSetID(fd, mode); e != 0 {
+			unix.Close(fd)
+			unix.Unlinkat(n.fd, name, 0)
+			return nil, nil, 0, e
+		}
+	}
 	pathFd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(fd), unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
 		unix.Close(fd)
 		return nil, nil, 0, fs.ToErrno(err)
 	}
 	in, e := n.newChild(ctx, pathFd, out)
+	if e != 0 {
+		unix.Close(fd)
+		return nil, nil, 0, e
+	}
+	return in, newFile(fd), n.ex.fopenFlags(f), 0
+}
+
+// createExisting is Create of a name that exists (made on the host since
+// the client looked it up, or a client that sends CREATE for an existing
+// name): the file is opened as Open would open it, never a device or
+// other special file, and its owner and mode stay as they are.
+func (n *node) createExisting(ctx context.Context, name string, f int, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	pfd, e := n.openChild(name)
+	if e != 0 {
+		return nil, nil, 0, e
+	}
+	st, e := fstat(pfd)
+	if e == 0 {
+		n.ex.overlay(pfd, &st)
+		if st.Mode&unix.S_IFMT != unix.S_IFREG {
+			e = syscall.EACCES
+		}
+	}
+	if e != 0 {
+		unix.Close(pfd)
+		return nil, nil, 0, e
+	}
+	fd, err := unix.Open(procPath(pfd), f|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(pfd)
+		return nil, nil, 0, fs.ToErrno(err)
+	}
+	in, e := n.newChild(ctx, pfd, out)
 	if e != 0 {
 		unix.Close(fd)
 		return nil, nil, 0, e
@@ -637,18 +772,37 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 }
 
 // Mknod makes FIFOs, sockets and empty regular files; device nodes are
-// refused with EPERM.
+// refused with EPERM, except in a mapped export, which stores every
+// special file as a plain one (see mapped.go).
 func (n *node) Mknod(ctx context.Context, name string, mode, dev uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	if e := n.checkCreate(name); e != 0 {
 		return nil, e
 	}
 	switch mode & unix.S_IFMT {
-	case unix.S_IFIFO, unix.S_IFSOCK, unix.S_IFREG:
+	case unix.S_IFCHR, unix.S_IFBLK, unix.S_IFIFO, unix.S_IFSOCK:
+		if n.ex.opts.Mapped {
+			return n.mknodMapped(ctx, name, mode, dev, out)
+		}
+		if t := mode & unix.S_IFMT; t == unix.S_IFCHR || t == unix.S_IFBLK {
+			return nil, syscall.EPERM
+		}
+	case unix.S_IFREG:
 	default:
 		return nil, syscall.EPERM
 	}
-	if err := unix.Mknodat(n.fd, name, mode, 0); err != nil {
+	if err := unix.Mknodat(n.fd, name, n.ex.hostMode(mode), 0); err != nil {
 		return nil, fs.ToErrno(err)
+	}
+	if n.ex.opts.Mapped && mode&setID != 0 {
+		fd, e := n.openChild(name)
+		if e == 0 {
+			e = n.mapSetID(fd, mode)
+			unix.Close(fd)
+		}
+		if e != 0 {
+			unix.Unlinkat(n.fd, name, 0)
+			return nil, e
+		}
 	}
 	return n.created(ctx, name, false, out)
 }
@@ -810,32 +964,96 @@ func (n *node) xattr(write bool, fn func(path string) error) syscall.Errno {
 	return fs.ToErrno(fn(procPath(fd)))
 }
 
-// Getxattr reads an extended attribute.
+// Getxattr reads an extended attribute. The mapping attributes (see
+// mapped.go) are not there for the client.
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if isMapAttr(attr) {
+		if !n.ex.opts.Xattr {
+			return 0, syscall.EOPNOTSUPP
+		}
+		return 0, syscall.ENODATA
+	}
 	var k int
 	e := n.xattr(false, func(p string) (err error) {
+		if n.ex.mapsCaps(attr) {
+			// The client's own, else the host's.
+			if k, err = unix.Getxattr(p, n.ex.capAttr(), dest); err != unix.ENODATA {
+				return err
+			}
+		}
 		k, err = unix.Getxattr(p, attr, dest)
 		return err
 	})
 	return uint32(k), e
 }
 
-// Setxattr writes an extended attribute.
+// Setxattr writes an extended attribute; the mapping attributes are the
+// daemon's (EPERM).
 func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
+	if isMapAttr(attr) {
+		return syscall.EPERM
+	}
+	if n.ex.mapsCaps(attr) {
+		attr = n.ex.capAttr()
+	}
 	return n.xattr(true, func(p string) error { return unix.Setxattr(p, attr, data, int(flags)) })
 }
 
-// Removexattr removes an extended attribute.
+// Removexattr removes an extended attribute, not a mapping attribute.
 func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
-	return n.xattr(true, func(p string) error { return unix.Removexattr(p, attr) })
+	if isMapAttr(attr) {
+		return syscall.EPERM
+	}
+	return n.xattr(true, func(p string) error {
+		if n.ex.mapsCaps(attr) {
+			if err := unix.Removexattr(p, n.ex.capAttr()); err != unix.ENODATA {
+				return err
+			}
+		}
+		return unix.Removexattr(p, attr)
+	})
 }
 
-// Listxattr lists extended attribute names.
+// Listxattr lists extended attribute names, but the mapping attributes.
 func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
 	var k int
-	e := n.xattr(false, func(p string) (err error) {
-		k, err = unix.Listxattr(p, dest)
-		return err
+	e := n.xattr(false, func(p string) error {
+		var list []byte
+		for {
+			size, err := unix.Listxattr(p, nil)
+			if err != nil {
+				return err
+			}
+			list = make([]byte, size)
+			size, err = unix.Listxattr(p, list)
+			if err == unix.ERANGE {
+				continue // grew meanwhile
+			}
+			if err != nil {
+				return err
+			}
+			list = list[:size]
+			break
+		}
+		var kept []byte
+		names := strings.SplitAfter(string(list), "\x00")
+		for _, name := range names {
+			if n.ex.opts.Mapped && name == n.ex.capAttr()+"\x00" && !slices.Contains(names, fileCaps+"\x00") {
+				name = fileCaps + "\x00"
+			}
+			if name != "" && !isMapAttr(name) {
+				kept = append(kept, name...)
+			}
+		}
+		k = len(kept)
+		if len(dest) == 0 {
+			return nil // the size is asked for
+		}
+		if len(kept) > len(dest) {
+			return unix.ERANGE
+		}
+		copy(dest, kept)
+		return nil
 	})
 	return uint32(k), e
 }

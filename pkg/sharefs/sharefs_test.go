@@ -3,6 +3,7 @@ package sharefs
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -253,6 +254,223 @@ func TestOpenFlags(t *testing.T) {
 		ex := &export{opts: Options{Cache: c.cache, Passthrough: c.passthrough}}
 		if got := ex.fopenFlags(c.flags); got != c.want {
 			t.Errorf("cache %s, passthrough %v, open flags %#o: FOPEN flags %#x, want %#x", c.cache, c.passthrough, c.flags, got, c.want)
+		}
+	}
+}
+
+// TestNullModes: an inode whose permission bits are 0000 is reported as
+// 0000 by every reply that carries attributes (lookup, getattr, create,
+// mkdir, mknod, setattr), never as a default: the client's kernel checks
+// access against the reported mode, and the daemon (root) would then open
+// what the caller may not (issue 24).
+func TestNullModes(t *testing.T) {
+	j := newJail(t, Options{})
+	os.WriteFile(filepath.Join(j.export, "zero"), []byte("secret"), 0o600)
+	os.Chmod(filepath.Join(j.export, "zero"), 0)
+	os.Mkdir(filepath.Join(j.export, "zerodir"), 0)
+	os.Chmod(filepath.Join(j.export, "zerodir"), 0)
+	unix.Mkfifo(filepath.Join(j.export, "zerofifo"), 0)
+	// mode of a reply; each case makes or finds an inode of type typ.
+	for _, c := range []struct {
+		name string
+		typ  uint32
+		do   func(t *testing.T) (fuse.Attr, fuse.Status)
+	}{
+		{"lookup file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zero", &eo)
+			return eo.Attr, st
+		}},
+		{"lookup dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zerodir", &eo)
+			return eo.Attr, st
+		}},
+		{"lookup fifo", unix.S_IFIFO, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Lookup(nil, hdr(1), "zerofifo", &eo)
+			return eo.Attr, st
+		}},
+		{"getattr file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "zero")
+			var ao fuse.AttrOut
+			st := j.raw.GetAttr(nil, &fuse.GetAttrIn{InHeader: *hdr(id)}, &ao)
+			return ao.Attr, st
+		}},
+		{"getattr dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "zerodir")
+			var ao fuse.AttrOut
+			st := j.raw.GetAttr(nil, &fuse.GetAttrIn{InHeader: *hdr(id)}, &ao)
+			return ao.Attr, st
+		}},
+		{"create", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var co fuse.CreateOut
+			st := j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0}, "created", &co)
+			if st == fuse.OK {
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(co.NodeId), Fh: co.Fh})
+			}
+			return co.Attr, st
+		}},
+		{"mkdir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0}, "made", &eo)
+			return eo.Attr, st
+		}},
+		{"mknod fifo", unix.S_IFIFO, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			var eo fuse.EntryOut
+			st := j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: unix.S_IFIFO}, "fifo", &eo)
+			return eo.Attr, st
+		}},
+		{"chmod file", unix.S_IFREG, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "file")
+			var ao fuse.AttrOut
+			st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0}}, &ao)
+			return ao.Attr, st
+		}},
+		{"chmod dir", unix.S_IFDIR, func(t *testing.T) (fuse.Attr, fuse.Status) {
+			id, _ := j.lookup(t, 1, "dir")
+			var ao fuse.AttrOut
+			st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0}}, &ao)
+			return ao.Attr, st
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			a, st := c.do(t)
+			if st != fuse.OK {
+				t.Fatal(st)
+			}
+			if a.Mode != c.typ {
+				t.Errorf("reported mode %#o, want %#o (type only, permissions 0000)", a.Mode, c.typ)
+			}
+		})
+	}
+}
+
+// TestNameLength: a name of 255 bytes (NAME_MAX) works in every call that
+// takes one; a longer one is ENAMETOOLONG, as on the host, not EINVAL.
+func TestNameLength(t *testing.T) {
+	enametoolong := fuse.Status(syscall.ENAMETOOLONG)
+	j := newJail(t, Options{})
+	fileID, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	hostFile := func(name string) { os.WriteFile(filepath.Join(j.export, name), nil, 0o644) }
+	hostDir := func(name string) { os.Mkdir(filepath.Join(j.export, name), 0o755) }
+	var eo fuse.EntryOut
+	for i, c := range []struct {
+		op    string
+		setup func(name string) // makes what the call needs, on the host
+		call  func(name string) fuse.Status
+	}{
+		{"lookup", hostFile, func(name string) fuse.Status { return j.raw.Lookup(nil, hdr(1), name, &eo) }},
+		{"create", nil, func(name string) fuse.Status {
+			var co fuse.CreateOut
+			st := j.raw.Create(nil, &fuse.CreateIn{InHeader: *hdr(1), Flags: uint32(os.O_WRONLY), Mode: 0o644}, name, &co)
+			if st == fuse.OK {
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(co.NodeId), Fh: co.Fh})
+			}
+			return st
+		}},
+		{"mkdir", nil, func(name string) fuse.Status {
+			return j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(1), Mode: 0o755}, name, &eo)
+		}},
+		{"mknod", nil, func(name string) fuse.Status {
+			return j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: unix.S_IFIFO | 0o644}, name, &eo)
+		}},
+		{"symlink", nil, func(name string) fuse.Status { return j.raw.Symlink(nil, hdr(1), "file", name, &eo) }},
+		{"link", nil, func(name string) fuse.Status {
+			return j.raw.Link(nil, &fuse.LinkIn{InHeader: *hdr(1), Oldnodeid: fileID}, name, &eo)
+		}},
+		{"rename from", hostFile, func(name string) fuse.Status {
+			return j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, name, "renamed-"+strconv.Itoa(len(name)))
+		}},
+		{"rename to", nil, func(name string) fuse.Status {
+			src := "src-" + strconv.Itoa(len(name))
+			hostFile(src)
+			return j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1}, src, name)
+		}},
+		{"unlink", hostFile, func(name string) fuse.Status { return j.raw.Unlink(nil, hdr(1), name) }},
+		{"rmdir", hostDir, func(name string) fuse.Status { return j.raw.Rmdir(nil, hdr(1), name) }},
+	} {
+		for _, l := range []struct {
+			n    int
+			want fuse.Status
+		}{{255, fuse.OK}, {256, enametoolong}} {
+			t.Run(c.op+"/"+strconv.Itoa(l.n), func(t *testing.T) {
+				name := strings.Repeat(string(rune('a'+i)), l.n)
+				if c.setup != nil && l.n <= 255 {
+					c.setup(name)
+				}
+				if st := c.call(name); st != l.want {
+					t.Errorf("%s of a %d-byte name: %v, want %v", c.op, l.n, st, l.want)
+				}
+			})
+		}
+	}
+}
+
+// TestIoctlRefused: no ioctl reaches the host, on a file or on a
+// directory (go-fuse's directory stream passes any command to the host's
+// descriptor: FIFREEZE there would freeze the host's file system).
+func TestIoctlRefused(t *testing.T) {
+	j := newJail(t, Options{})
+	dirID, st := j.lookup(t, 1, "dir")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	fileID, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	var oo fuse.OpenOut
+	if st := j.raw.OpenDir(nil, &fuse.OpenIn{InHeader: *hdr(dirID)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	dirFh := oo.Fh
+	defer j.raw.ReleaseDir(&fuse.ReleaseIn{InHeader: *hdr(dirID), Fh: dirFh})
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(fileID), Flags: uint32(os.O_RDONLY)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	defer j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(fileID), Fh: oo.Fh})
+	for _, c := range []struct {
+		name     string
+		node, fh uint64
+	}{{"dir", dirID, dirFh}, {"file", fileID, oo.Fh}, {"root without handle", 1, 0}} {
+		var out fuse.IoctlOut
+		in := &fuse.IoctlIn{InHeader: *hdr(c.node), Fh: c.fh, Cmd: unix.FS_IOC_GETFLAGS, OutSize: 8}
+		if st := j.raw.Ioctl(nil, in, nil, &out, make([]byte, 8)); st != fuse.Status(syscall.ENOTTY) {
+			t.Errorf("FS_IOC_GETFLAGS on %s: %v, want ENOTTY", c.name, st)
+		}
+	}
+}
+
+// TestStatxRefused: STATX, which go-fuse would answer from an open file's
+// host descriptor past the id mapping, is ENOSYS (the client then sends
+// GETATTR), with or without a handle.
+func TestStatxRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to give a file to another user")
+	}
+	j := newJail(t, Options{UIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}, GIDMap: []IDMap{{Client: 0, Host: 100000, Size: 65536}}})
+	os.Chown(filepath.Join(j.export, "file"), 1000, 1000) // unmapped: 65534 for the client
+	id, st := j.lookup(t, 1, "file")
+	if st != fuse.OK {
+		t.Fatal(st)
+	}
+	var oo fuse.OpenOut
+	if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(os.O_RDONLY)}, &oo); st != fuse.OK {
+		t.Fatal(st)
+	}
+	defer j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+	for _, fh := range []uint64{oo.Fh, 0} {
+		var so fuse.StatxOut
+		in := &fuse.StatxIn{InHeader: *hdr(id), Fh: fh, SxFlags: unix.AT_EMPTY_PATH, SxMask: unix.STATX_BASIC_STATS}
+		if fh != 0 {
+			in.GetattrFlags = fuse.FUSE_GETATTR_FH
+		}
+		if st := j.raw.Statx(nil, in, &so); st != fuse.ENOSYS {
+			t.Errorf("STATX (fh %d): %v, uid %d, want ENOSYS", fh, st, so.Uid)
 		}
 	}
 }

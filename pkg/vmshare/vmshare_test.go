@@ -143,3 +143,43 @@ func TestQuick(t *testing.T) {
 		}
 	}
 }
+
+// TestNullModes: what a guest sees of a mode-0000 file and directory is
+// mode 0000 (issue 24: go-fuse reported 0644 and 0755, and the guest's
+// kernel let anyone read and list them).
+func TestNullModes(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "zero"), []byte("secret"), 0)
+	os.Chmod(filepath.Join(src, "zero"), 0)
+	os.Mkdir(filepath.Join(src, "zerodir"), 0)
+	os.Chmod(filepath.Join(src, "zerodir"), 0)
+	ps, err := NewProtocolServer(Export{Source: src}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 4096)
+	ps.HandleRequest([][]byte{initRequest()}, [][]byte{out})
+	for i, c := range []struct {
+		name string
+		want uint32
+	}{{"zero", 0o100000}, {"zerodir", 0o40000}} {
+		// fuse_out_header (16 bytes), fuse_entry_out: 40 bytes, then
+		// fuse_attr with its mode at offset 60.
+		n, st := ps.HandleRequest([][]byte{request(1, uint64(10+i), 1, []byte(c.name+"\x00"))}, [][]byte{out})
+		if st != fuse.OK || n < 16+40+64 {
+			t.Fatalf("LOOKUP %s: %d bytes, %v", c.name, n, st)
+		}
+		if got := binary.LittleEndian.Uint32(out[16+40+60:]); got != c.want {
+			t.Errorf("LOOKUP %s: mode %#o, want %#o", c.name, got, c.want)
+		}
+		// GETATTR: fuse_attr_out is 16 bytes before fuse_attr.
+		node := binary.LittleEndian.Uint64(out[16:])
+		n, st = ps.HandleRequest([][]byte{request(3, uint64(20+i), node, make([]byte, 16))}, [][]byte{out})
+		if st != fuse.OK || n < 16+16+64 {
+			t.Fatalf("GETATTR %s: %d bytes, %v", c.name, n, st)
+		}
+		if got := binary.LittleEndian.Uint32(out[16+16+60:]); got != c.want {
+			t.Errorf("GETATTR %s: mode %#o, want %#o", c.name, got, c.want)
+		}
+	}
+}
