@@ -78,6 +78,19 @@ func Signal(stateDir string, sig int, all bool) error {
 	return err
 }
 
+// Pause stops the VM's vCPUs: the container's processes stop where they
+// are, as under runc's freezer.
+func Pause(stateDir string) error {
+	_, err := request(stateDir, vmproto.TPause, nil)
+	return err
+}
+
+// Resume continues a paused VM.
+func Resume(stateDir string) error {
+	_, err := request(stateDir, vmproto.TResume, nil)
+	return err
+}
+
 // ExecIO is where an exec'd process's stdio goes.
 type ExecIO struct {
 	Stdin          io.Reader

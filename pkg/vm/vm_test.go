@@ -14,7 +14,7 @@ import (
 
 func TestMachineArgs(t *testing.T) {
 	m := Machine{Arch: "x86_64", Accel: "tcg", MemoryMiB: 2048, CPUs: 2, Kernel: "/k", Initrd: "/i",
-		ControlSocket: "/s/guest.sock", ConsoleLog: "/s/console.log", Network: NetUser,
+		ControlSocket: "/s/guest.sock", QMPSocket: "/s/qmp.sock", ConsoleLog: "/s/console.log", Network: NetUser,
 		Shares: []Share{{Tag: "rootfs", Path: "/r", ReadOnly: true}, {Tag: "kiwi1", Path: "/d"}}}
 	args, err := m.Args()
 	if err != nil {
@@ -24,7 +24,8 @@ func TestMachineArgs(t *testing.T) {
 	for _, want := range []string{
 		"-accel tcg", "-cpu max", "-m 2048M", "-smp 2", "-kernel /k", "-initrd /i", "-no-reboot",
 		"path=/r,security_model=passthrough,multidevs=remap,readonly=on", "mount_tag=rootfs", "mount_tag=kiwi1",
-		"socket,id=ctl,path=/s/guest.sock", "name=org.kiwi-shim.ctl", "user,id=net0", "mac=" + userMAC,
+		"socket,id=ctl,path=/s/guest.sock", "name=org.kiwi-shim.ctl",
+		"socket,id=qmp,path=/s/qmp.sock -mon chardev=qmp,mode=control", "user,id=net0", "mac=" + userMAC,
 	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("args lack %q:\n%s", want, joined)

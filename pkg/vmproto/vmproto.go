@@ -50,7 +50,9 @@ const (
 	TError    Type = 13 // any: Error
 	TState    Type = 14 // C->H: ask; H->C: State
 	TPoweroff Type = 15 // H->G: stop everything and power off
-	maxType   Type = 15
+	TPause    Type = 16 // C->H: stop the VM's vCPUs; H->C: done
+	TResume   Type = 17 // C->H: continue them; H->C: done
+	maxType   Type = 17
 )
 
 // Frame is one message.

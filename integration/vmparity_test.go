@@ -1,0 +1,106 @@
+package integration
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// shimState returns the status kiwi-shim's own `state` reports for a
+// container podman runs (podman uses kiwi-shim's default root).
+func shimState(t testing.TB, id string) string {
+	t.Helper()
+	r := run(t, nil, shim(), "state", id)
+	if r.code != 0 {
+		return "error: " + strings.TrimSpace(r.stderr)
+	}
+	for _, l := range strings.Split(r.stdout, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), `"status": "`); ok {
+			return strings.TrimSuffix(strings.TrimSuffix(v, ","), `"`)
+		}
+	}
+	return "no status in " + r.stdout
+}
+
+// logLines counts the lines of a container's log.
+func (p *podman) logLines(id string) int {
+	return strings.Count(p.must("logs", id), "\n")
+}
+
+// TestVMPause: podman pause stops a VM container's guest (its vCPUs, so
+// its output stops) and podman unpause continues it; podman and
+// kiwi-shim's state report paused and then running. The runtime refuses
+// to pause what does not run and to resume what is not paused, as runc
+// does, and a paused container ends with SIGKILL (137) and with podman
+// rm -f.
+func TestVMPause(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	share := t.TempDir()
+	id := p.must("run", "-d", "-v", share+":/share", "--rootfs", rootfs, "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done")
+	eventually(t, 60*time.Second, "output", func() bool { return p.logLines(id) > 2 })
+
+	if r := run(t, nil, shim(), "resume", id); r.code == 0 || !strings.Contains(r.stderr, "not paused") {
+		t.Fatalf("resume of a running container: exit %d, stderr %q; want an error (not paused)", r.code, r.stderr)
+	}
+	p.must("pause", id)
+	if got := p.must("ps", "-a", "--filter", "id="+id, "--format", "{{.Status}}"); got != "Paused" {
+		t.Fatalf("podman ps status %q, want Paused", got)
+	}
+	if got := p.must("inspect", id, "--format", "{{.State.Status}}"); got != "paused" {
+		t.Fatalf("podman inspect %q, want paused", got)
+	}
+	if got := shimState(t, id); got != "paused" {
+		t.Fatalf("kiwi-shim state %q, want paused", got)
+	}
+	// Lines already on their way may land; then nothing.
+	time.Sleep(time.Second)
+	n := p.logLines(id)
+	time.Sleep(3 * time.Second)
+	if m := p.logLines(id); m != n {
+		t.Fatalf("the paused container went on: %d log lines, then %d", n, m)
+	}
+	if r := run(t, nil, shim(), "pause", id); r.code == 0 {
+		t.Fatal("pause of a paused container succeeded")
+	}
+	if r := run(t, nil, shim(), "exec", id, "true"); r.code == 0 || !strings.Contains(r.stderr, "paused") {
+		t.Fatalf("exec in a paused container: exit %d, stderr %q; want refused", r.code, r.stderr)
+	}
+	p.must("unpause", id)
+	if got := p.must("ps", "--filter", "id="+id, "--format", "{{.Status}}"); !strings.HasPrefix(got, "Up") {
+		t.Fatalf("podman ps status %q after unpause, want Up", got)
+	}
+	if got := shimState(t, id); got != "running" {
+		t.Fatalf("kiwi-shim state %q after unpause, want running", got)
+	}
+	eventually(t, 30*time.Second, "output after unpause", func() bool { return p.logLines(id) > n+2 })
+	// The shares (virtio-fs, whose rings QEMU stopped and restarted)
+	// work after the pause.
+	if got := p.must("exec", id, "sh", "-c", "echo resumed > /share/f && cat /share/f"); got != "resumed" {
+		t.Fatalf("exec after unpause: %q", got)
+	}
+
+	// SIGKILL ends a paused VM (the runtime's kill, as containerd's
+	// shim or podman on cgroup v2 sends it without unpausing).
+	p.must("pause", id)
+	if r := run(t, nil, shim(), "kill", id, "KILL"); r.code != 0 {
+		t.Fatalf("kill of a paused container: exit %d, stderr %q", r.code, r.stderr)
+	}
+	eventually(t, 60*time.Second, "the killed container exited", func() bool {
+		return p.must("inspect", id, "--format", "{{.State.Status}}") == "exited"
+	})
+	if got := p.must("inspect", id, "--format", "{{.State.ExitCode}}"); got != "137" {
+		t.Fatalf("exit code %s after SIGKILL of the paused container, want 137", got)
+	}
+	p.must("rm", id)
+
+	// podman rm -f of a paused container.
+	id = p.must("run", "-d", "--rootfs", rootfs, "sleep", "600")
+	p.must("pause", id)
+	p.must("rm", "-f", "-t", "0", id)
+	if out := p.must("ps", "-a", "--filter", "id="+id, "--format", "{{.ID}}"); out != "" {
+		t.Fatalf("container still listed after rm -f: %q", out)
+	}
+}
