@@ -104,3 +104,52 @@ func TestVMPause(t *testing.T) {
 		t.Fatalf("container still listed after rm -f: %q", out)
 	}
 }
+
+// startErrorCases are programs that cannot be started, with the status
+// podman gives and runc's words for them.
+var startErrorCases = []struct {
+	name, prog string
+	code       int
+	msg        string
+}{
+	{"directory", "/etc", 126, `exec: "/etc": permission denied`},
+	{"not executable", "/etc/passwd", 126, `exec: "/etc/passwd": permission denied`},
+	{"not in PATH", "no-such-program", 127, `exec: "no-such-program": executable file not found in $PATH`},
+	{"missing", "/no/such-program", 127, `exec: "/no/such-program": stat /no/such-program: no such file or directory`},
+}
+
+// TestStartErrors: podman run and podman exec of a program that cannot be
+// started fail with 126 (not executable) or 127 (not found) and runc's
+// message, in VM mode as in container mode (runc itself).
+func TestStartErrors(t *testing.T) {
+	guestRelease(t)
+	for _, mode := range []string{"vm", "container"} {
+		t.Run(mode, func(t *testing.T) {
+			p := newPodman(t, 2, "")
+			noVMLeft(t)
+			rootfs := busyboxRootfs(t)
+			ann := "io.kiwi-shim.mode=" + mode
+			for _, tc := range startErrorCases {
+				r := p.run("", "run", "--rm", "--annotation", ann, "--rootfs", rootfs, tc.prog)
+				if r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
+					t.Errorf("run %s (%s): exit %d, stderr %q; want %d and %q", tc.prog, tc.name, r.code, r.stderr, tc.code, tc.msg)
+				}
+			}
+			id := p.must("run", "-d", "--annotation", ann, "--rootfs", rootfs, "sleep", "600")
+			for _, tc := range startErrorCases {
+				r := p.run("", "exec", id, tc.prog)
+				if r.code != tc.code || !strings.Contains(r.stderr, "exec failed: unable to start container process: "+tc.msg) {
+					t.Errorf("exec %s (%s): exit %d, stderr %q; want %d and %q", tc.prog, tc.name, r.code, r.stderr, tc.code, tc.msg)
+				}
+			}
+			// A detached exec that starts still runs to its end.
+			if r := p.run("", "exec", "-d", id, "sh", "-c", "echo detached > /tmp/d"); r.code != 0 {
+				t.Errorf("exec -d: exit %d, stderr %q", r.code, r.stderr)
+			}
+			eventually(t, 30*time.Second, "the detached exec's file", func() bool {
+				return p.run("", "exec", id, "cat", "/tmp/d").stdout == "detached\n"
+			})
+			p.must("rm", "-f", "-t", "0", id)
+		})
+	}
+}

@@ -155,15 +155,27 @@ func (g *guest) signal(stream uint32, sig unix.Signal, all bool) {
 	}
 }
 
-// spawn starts a process and its stdio relays. A process that cannot be
-// started ends at once with status 127 (126 when not executable), the
-// error on its stderr, as a shell would report it.
+// spawn starts a process and its stdio relays. An exec'd process whose
+// program is missing or not executable is refused with an Error on its
+// stream, in runc's words (exec: "foo": executable file not found in
+// $PATH), then an Exit of 127 (126 when not executable), so that the
+// host's exec fails as runc's does. A process that cannot be started
+// otherwise, or the container's first one (its program was checked at
+// create), ends at once with that status and the error on its stderr, as
+// a shell would report it.
 func (g *guest) spawn(stream uint32, p vmproto.Process) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if _, dup := g.procs[stream]; dup {
 		g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: "stream in use"})
 		return
+	}
+	if stream != 0 {
+		if err := checkProgram(p); err != nil {
+			g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: err.Error()})
+			g.w.WriteJSON(vmproto.TExit, stream, vmproto.Exit{Status: startStatus(err)})
+			return
+		}
 	}
 	pr := &proc{stream: stream}
 	files, err := g.stdio(pr, p)
@@ -174,10 +186,7 @@ func (g *guest) spawn(stream uint32, p vmproto.Process) {
 		f.Close() // the child has its copies
 	}
 	if err != nil {
-		status := 127
-		if errors.Is(err, os.ErrPermission) {
-			status = 126
-		}
+		status := startStatus(err)
 		g.w.Write(vmproto.TStderr, stream, []byte("kiwi-box-init: "+err.Error()+"\n"))
 		g.w.Write(vmproto.TStdout, stream, nil)
 		g.w.Write(vmproto.TStderr, stream, nil)
@@ -342,8 +351,24 @@ func idMaps(ms []vmproto.IDMap) []syscall.SysProcIDMap {
 	return out
 }
 
+// startStatus is the shell's status for a program that could not be
+// started: 126 when it is not executable, else 127 (not found).
+func startStatus(err error) int {
+	if errors.Is(err, os.ErrPermission) {
+		return 126
+	}
+	return 127
+}
+
+// errNotInPath is lookPath's error, in Go's and runc's words.
+var errNotInPath = errors.New("executable file not found in $PATH")
+
 // checkProgram checks that the process's program exists in the
-// container's root (its mounts made) and is a regular file.
+// container's root (its mounts made) and can be executed: a regular file
+// with an execute bit, as runc checks it before its exec. The errors are
+// runc's: exec: "/etc": permission denied (wrapping os.ErrPermission),
+// exec: "/x": stat /x: no such file or directory, exec: "foo":
+// executable file not found in $PATH.
 func checkProgram(p vmproto.Process) error {
 	if len(p.Args) == 0 {
 		return errors.New("no command given")
@@ -359,13 +384,14 @@ func checkProgram(p vmproto.Process) error {
 	switch {
 	case err != nil:
 		return fmt.Errorf("exec: %q: %w", p.Args[0], err)
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("exec: %q: not a regular file", p.Args[0])
+	case !fi.Mode().IsRegular() || fi.Mode()&0o111 == 0:
+		return fmt.Errorf("exec: %q: %w", p.Args[0], os.ErrPermission)
 	}
 	return nil
 }
 
-// lookPath finds a command in the container's PATH.
+// lookPath finds a command in the container's PATH; a name with a slash
+// is returned as it is.
 func lookPath(name string, env []string) (string, error) {
 	if strings.Contains(name, "/") {
 		return name, nil
@@ -382,7 +408,7 @@ func lookPath(name string, env []string) (string, error) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("%s: executable file not found in $PATH", name)
+	return "", fmt.Errorf("exec: %q: %w", name, errNotInPath)
 }
 
 // reap collects every exited child, as PID 1 must, and reports the ones
