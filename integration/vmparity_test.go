@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -152,4 +154,40 @@ func TestStartErrors(t *testing.T) {
 			p.must("rm", "-f", "-t", "0", id)
 		})
 	}
+}
+
+// TestPreserveFds: podman run --preserve-fds hands descriptors to a
+// container-mode container (runc); VM mode refuses it at create, naming
+// the option, rather than starting a box in which the descriptors are
+// bad. podman exec --preserve-fds likewise.
+func TestPreserveFds(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	withFd := func(args ...string) result {
+		f, err := os.Open(filepath.Join(rootfs, "etc/group"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cmd := p.cmd(args...)
+		cmd.ExtraFiles = []*os.File{f} // fd 3
+		return runCmd(t, cmd, "")
+	}
+	r := withFd("run", "--rm", "--preserve-fds", "1", "--annotation", containerMode, "--rootfs", rootfs, "sh", "-c", "head -1 <&3")
+	if r.code != 0 || r.stdout != "root:x:0:\n" {
+		t.Fatalf("container mode: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	const msg = "--preserve-fds 1 is not supported in VM mode"
+	r = withFd("run", "--rm", "--preserve-fds", "1", "--rootfs", rootfs, "sh", "-c", "head -1 <&3")
+	if r.code == 0 || !strings.Contains(r.stderr, msg) {
+		t.Fatalf("VM mode: exit %d, stdout %q, stderr %q; want a failure saying %q", r.code, r.stdout, r.stderr, msg)
+	}
+	id := p.must("run", "-d", "--rootfs", rootfs, "sleep", "600")
+	r = withFd("exec", "--preserve-fds", "1", id, "sh", "-c", "head -1 <&3")
+	if r.code == 0 || !strings.Contains(r.stderr, msg) {
+		t.Fatalf("VM mode exec: exit %d, stdout %q, stderr %q; want a failure saying %q", r.code, r.stdout, r.stderr, msg)
+	}
+	p.must("rm", "-f", "-t", "0", id)
 }

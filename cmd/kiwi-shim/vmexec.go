@@ -27,6 +27,9 @@ import (
 // conmon and containerd wait on the pid they are given. With --detach that
 // relay is a child left running (conmon, a subreaper, adopts it).
 func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
+	if err := vmPreserveFds(ctx.Int("preserve-fds")); err != nil {
+		return err
+	}
 	p, err := execProcess(ctx, rec)
 	if err != nil {
 		return err
