@@ -191,3 +191,42 @@ func TestPreserveFds(t *testing.T) {
 	}
 	p.must("rm", "-f", "-t", "0", id)
 }
+
+// TestVMPidNamespace: with the PID namespace podman asks for, the
+// container's process is PID 1 of its own namespace in the guest, as
+// under runc: exec'd processes join it, /proc is that namespace's (with
+// its masked and read-only paths), and podman stop of a process without a
+// TERM handler ends with SIGKILL after the timeout (137). --pid host
+// leaves the process in the guest's namespace.
+func TestVMPidNamespace(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	id := p.must("run", "-d", "--rootfs", rootfs, "sleep", "600")
+	out := p.must("exec", id, "sh", "-c", `tr '\0' ' ' </proc/1/cmdline; echo; echo "guest $(ps -o comm= | grep -c -e kthreadd -e '^init')"; echo "kcore $(wc -c </proc/kcore)"; awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo`)
+	for _, want := range []string{
+		"sleep 600 \n", // PID 1
+		"guest 0\n",    // none of the guest's processes (kernel threads, init)
+		"kcore 0\n",    // masked on the namespace's /proc
+		"procsys ro,",  // read-only there
+	} {
+		if !strings.Contains(out+"\n", want) {
+			t.Errorf("want %q in\n%s", want, out)
+		}
+	}
+	start := time.Now()
+	p.must("stop", "-t", "3", id)
+	if got := p.must("inspect", id, "--format", "{{.State.Status}} {{.State.ExitCode}}"); got != "exited 137" {
+		t.Fatalf("after stop: %q, want exited 137 (SIGTERM ignored by PID 1, then SIGKILL)", got)
+	}
+	if d := time.Since(start); d < 3*time.Second {
+		t.Fatalf("stop took %s: SIGTERM ended PID 1 before the timeout", d)
+	}
+	p.must("rm", id)
+
+	r := p.run("", "run", "--rm", "--pid", "host", "--rootfs", rootfs, "sh", "-c", "echo $$")
+	if r.code != 0 || strings.TrimSpace(r.stdout) == "1" || strings.TrimSpace(r.stdout) == "" {
+		t.Fatalf("--pid host: exit %d, stdout %q, stderr %q; want a guest pid other than 1", r.code, r.stdout, r.stderr)
+	}
+}

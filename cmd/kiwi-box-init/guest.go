@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,16 @@ type guest struct {
 
 	// userNS, when set, is the user namespace every process gets.
 	userNS *vmproto.UserNS
+	// pidNS puts the first process in a PID namespace of its own, and
+	// in a mount namespace of its own where that namespace's /proc
+	// replaces the guest's (nsFlags says which); nsFD, a pidfd of that
+	// process once it runs (else -1), is how exec'd processes join them.
+	// procPaths are the masked and read-only paths under /proc, made
+	// again on the namespace's own /proc.
+	pidNS     bool
+	nsFD      int
+	nsFlags   int
+	procPaths procPaths
 
 	mu    sync.Mutex
 	procs map[uint32]*proc // by stream
@@ -42,13 +53,15 @@ type proc struct {
 }
 
 func newGuest(ctl *os.File) *guest {
-	return &guest{ctl: ctl, w: vmproto.NewWriter(ctl), procs: map[uint32]*proc{}, byPid: map[int]*proc{}, done: make(chan struct{})}
+	return &guest{ctl: ctl, w: vmproto.NewWriter(ctl), procs: map[uint32]*proc{}, byPid: map[int]*proc{}, done: make(chan struct{}), nsFD: -1}
 }
 
 // serve handles the host's requests until the container's first process
 // has ended or the host asks for poweroff.
 func (g *guest) serve(cfg *vmproto.Config) error {
 	g.userNS = cfg.UserNS
+	g.pidNS = cfg.PidNS
+	g.procPaths = procPathsOf(cfg)
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs, unix.SIGCHLD)
 	go func() {
@@ -171,7 +184,9 @@ func (g *guest) spawn(stream uint32, p vmproto.Process) {
 		return
 	}
 	if stream != 0 {
-		if err := checkProgram(p); err != nil {
+		// In the container's mount namespace: the program may be on a
+		// file system the container mounted.
+		if err := g.inContainer(stream, func() error { return checkProgram(p) }); err != nil {
 			g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: err.Error()})
 			g.w.WriteJSON(vmproto.TExit, stream, vmproto.Exit{Status: startStatus(err)})
 			return
@@ -256,7 +271,11 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	if len(p.Args) == 0 {
 		return errors.New("no command given")
 	}
-	path, err := lookPath(p.Args[0], p.Env)
+	var path string
+	err := g.inContainer(pr.stream, func() (err error) {
+		path, err = lookPath(p.Args[0], p.Env)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -285,9 +304,42 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 		attr.Sys.GidMappings = idMaps(ns.GIDMappings)
 		attr.Sys.GidMappingsEnableSetgroups = true
 	}
-	if p.Capabilities == nil && !p.NoNewPrivileges && p.OOMScoreAdj == nil {
+	first := pr.stream == 0 && g.pidNS
+	var remount *procPaths
+	pidfd := -1
+	if first {
+		// The container's PID 1, as under runc: signals it has no
+		// handler for do not reach it (SIGKILL does).
+		g.nsFlags = unix.CLONE_NEWPID
+		if g.userNS == nil && g.procPaths.mounted {
+			// In a mount namespace of its own, the PID namespace's
+			// /proc replaces the guest's. Not with a user namespace:
+			// there the copied mounts would be locked, a masked /proc
+			// is not fully visible (the kernel refuses a new proc mount
+			// then), and shared mounts would become slaves; the
+			// guest's /proc stays.
+			g.nsFlags |= unix.CLONE_NEWNS
+			remount = &g.procPaths
+		}
+		attr.Sys.Cloneflags |= uintptr(g.nsFlags)
+		attr.Sys.PidFD = &pidfd
+	}
+	fork := func(name string, argv []string) (*os.Process, error) {
+		var proc *os.Process
+		err := g.inContainer(pr.stream, func() (err error) {
+			proc, err = os.StartProcess(name, argv, attr)
+			return err
+		})
+		return proc, err
+	}
+	defer func() {
+		if pidfd >= 0 {
+			g.nsFD = pidfd // kept for the container's lifetime
+		}
+	}()
+	if p.Capabilities == nil && !p.NoNewPrivileges && p.OOMScoreAdj == nil && remount == nil {
 		attr.Sys.Credential = &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups}
-		proc, err := os.StartProcess(path, p.Args, attr)
+		proc, err := fork(path, p.Args)
 		if err != nil {
 			return err
 		}
@@ -300,6 +352,7 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	hc, err := json.Marshal(helperConfig{
 		Path: path, Args: p.Args, UID: p.UID, GID: p.GID, Groups: groups,
 		Capabilities: p.Capabilities, NoNewPrivileges: p.NoNewPrivileges,
+		Proc: remount,
 	})
 	if err != nil {
 		return err
@@ -317,7 +370,7 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	}
 	// /proc/self/exe: this binary, wherever the container's root put it
 	// (it lives in the initramfs, outside the container's root).
-	proc, err := os.StartProcess("/proc/self/exe", []string{execHelperName}, attr)
+	proc, err := fork("/proc/self/exe", []string{execHelperName})
 	if err != nil {
 		cfgW.Close()
 		return fmt.Errorf("start %s (needs /proc in the container): %w", path, err)
@@ -340,6 +393,33 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	// The reaper waits for it; os.Process must not.
 	proc.Release()
 	return nil
+}
+
+// inContainer runs fn in the container's PID (and mount) namespaces when
+// the first process has its own and stream is an exec'd process's: on a
+// thread of its own that enters them (a thread that unshared its file
+// system attributes may join a mount namespace, which a multi-threaded
+// process as a whole may not), so that fn's file lookups resolve in the
+// container's mounts and the processes fn forks are born in its PID
+// namespace. The thread is never given back: it ends with fn.
+func (g *guest) inContainer(stream uint32, fn func() error) error {
+	if stream == 0 || g.nsFD < 0 {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // and never unlocked: the thread goes
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			errc <- fmt.Errorf("unshare file system attributes: %w", err)
+			return
+		}
+		if err := unix.Setns(g.nsFD, g.nsFlags); err != nil {
+			errc <- fmt.Errorf("join the container's namespaces: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
 }
 
 // idMaps converts mappings for os.StartProcess.

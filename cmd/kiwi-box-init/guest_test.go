@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
@@ -44,5 +45,21 @@ func TestCheckProgram(t *testing.T) {
 		if s := startStatus(err); s != tc.status {
 			t.Errorf("%s: status %d, want %d", tc.prog, s, tc.status)
 		}
+	}
+}
+
+func TestProcPathsOf(t *testing.T) {
+	cfg := &vmproto.Config{
+		Mounts:        []vmproto.Mount{{Destination: "/proc", Type: "proc"}, {Destination: "/dev", Type: "devtmpfs"}},
+		MaskedPaths:   []string{"/proc/kcore", "/sys/firmware", "/procfoo", "/proc/timer_list"},
+		ReadonlyPaths: []string{"/proc/sys", "/sys/fs"},
+	}
+	pp := procPathsOf(cfg)
+	if !pp.mounted || strings.Join(pp.Masked, " ") != "/proc/kcore /proc/timer_list" || strings.Join(pp.Readonly, " ") != "/proc/sys" {
+		t.Fatalf("%+v", pp)
+	}
+	cfg.Mounts = cfg.Mounts[1:]
+	if procPathsOf(cfg).mounted {
+		t.Fatal("no /proc mount, yet mounted")
 	}
 }

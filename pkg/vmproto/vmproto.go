@@ -196,6 +196,11 @@ type Config struct {
 	// UserNS, when set, puts every process of the container (the first
 	// and the exec'd ones) in a user namespace with these mappings.
 	UserNS *UserNS `json:"userNS,omitempty"`
+	// PidNS puts the container's first process in a PID namespace of its
+	// own, as its PID 1 (without a user namespace also in a mount
+	// namespace, where /proc is that namespace's); exec'd processes join
+	// them.
+	PidNS bool `json:"pidNS,omitempty"`
 }
 
 // Device is a device node or fifo, as the OCI spec's linux.devices.
