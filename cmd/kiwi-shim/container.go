@@ -125,7 +125,7 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		return m.Delete(context.Background(), rec, force)
 	}
 	dir := e.store().Dir(rec.ID)
-	if st := vmState(rec, dir); (st.Status == "running" || st.Status == "creating") && !force {
+	if st := vmState(rec, dir); (st.Status == "running" || st.Status == "creating" || st.Status == "paused") && !force {
 		return fmt.Errorf("cannot delete container %s that is %s: stop it first or use --force", rec.ID, st.Status)
 	}
 	if err := e.releaseVM(rec, dir); err != nil {

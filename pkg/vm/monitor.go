@@ -38,6 +38,7 @@ const (
 	MonitorConfigFile = "monitor.json"
 	MonitorSocket     = "monitor.sock"
 	guestSocket       = "guest.sock"
+	qmpSocket         = "qmp.sock"
 	consoleLog        = "console.log"
 	qemuLog           = "qemu.log"
 	qemuPidFile       = "qemu.pid"
@@ -82,6 +83,7 @@ type ShareFS struct {
 // Paths fills the machine's socket and log paths for a state directory.
 func (c *MonitorConfig) Paths(stateDir string) {
 	c.Machine.ControlSocket = SocketPath(stateDir, guestSocket)
+	c.Machine.QMPSocket = SocketPath(stateDir, qmpSocket)
 	c.Machine.ConsoleLog = filepath.Join(stateDir, consoleLog)
 }
 
@@ -96,14 +98,26 @@ type monitor struct {
 	tty      *os.File  // pty slave when the process has a terminal
 
 	mu          sync.Mutex
-	status      string // creating, created, running, stopped
+	status      string // creating, created, running, paused, stopped
+	pausedFrom  string // created or running: the status resume goes back to
+	qmp         *qmp   // QEMU's machine protocol, once QEMU has connected
+	qmpErr      error  // why there is no qmp
+	qemu        *os.Process
 	exit        int
 	exitSeen    bool
 	clients     map[uint32]*vmproto.Writer
 	next        uint32
 	started     chan struct{} // closed when the guest has started the process (or failed to)
 	startedOnce sync.Once
+	// pauseMu orders pause, resume and the resume a SIGKILL or a stop
+	// of a paused VM does first; it is held across the QMP command, m.mu
+	// is not.
+	pauseMu sync.Mutex
 }
+
+// qmpTimeout bounds one QMP command. A stop waits for the virtio-fs back
+// end to finish the requests in flight.
+const qmpTimeout = 20 * time.Second
 
 // errAbandoned ends a boot whose create went away.
 var errAbandoned = errors.New("create went away during the boot")
@@ -153,6 +167,11 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 		return fail(fmt.Errorf("control socket: %w", err))
 	}
 	defer gl.Close()
+	ql, err := listenIn(dir, qmpSocket)
+	if err != nil {
+		return fail(fmt.Errorf("qmp socket: %w", err))
+	}
+	defer ql.Close()
 	ml, err := listenIn(dir, MonitorSocket)
 	if err != nil {
 		return fail(fmt.Errorf("monitor socket: %w", err))
@@ -175,6 +194,10 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 	if err != nil {
 		return fail(err)
 	}
+	m.mu.Lock()
+	m.qemu = qemu.Process
+	m.mu.Unlock()
+	go m.acceptQMP(ql)
 	conn, err := m.boot(gl, qemuDone, creatorGone)
 	if err != nil {
 		qemu.Process.Kill()
@@ -223,6 +246,11 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 	case s := <-sigs:
 		log.Debug("monitor stopping", "id", m.cfg.ID, "signal", s)
 		m.setExit(128+int(s.(syscall.Signal)), false)
+		// A paused guest cannot power off: continue it first (a VM
+		// that cannot be continued is killed below).
+		if err := m.resumeIfPaused(); err != nil {
+			log.Warn("stopping a paused VM: continue failed", "id", m.cfg.ID, "err", err)
+		}
 		m.guest.Write(vmproto.TPoweroff, 0, nil)
 		select {
 		case <-qemuDone:
@@ -509,14 +537,23 @@ func (m *monitor) client(c net.Conn) {
 		m.mu.Unlock()
 		w.WriteJSON(vmproto.TState, 0, st)
 	case vmproto.TStart:
+		// Not while a pause is under way: it would stop a guest that
+		// has just been told to start (and then wait for it).
+		m.pauseMu.Lock()
 		m.mu.Lock()
 		if m.status != "created" {
+			msg := "container is " + m.status + ", not created"
+			if m.status == "paused" {
+				msg = "cannot start a container in the paused state" // runc's words
+			}
 			m.mu.Unlock()
-			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not created"})
+			m.pauseMu.Unlock()
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: msg})
 			return
 		}
 		m.status = "running"
 		m.mu.Unlock()
+		m.pauseMu.Unlock()
 		if err := m.guest.Write(vmproto.TStart, 0, nil); err != nil {
 			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 			return
@@ -535,8 +572,26 @@ func (m *monitor) client(c net.Conn) {
 		if vmproto.Decode(f.Payload, &s) != nil {
 			return
 		}
+		if s.Signal == int(unix.SIGKILL) {
+			// A paused guest would only take the signal when resumed:
+			// continue it, so that SIGKILL ends the container now, as
+			// it ends a frozen one under runc (with its data synced by
+			// the guest's shutdown, and 137 reported by the guest).
+			if err := m.resumeIfPaused(); err != nil {
+				m.log.Warn("SIGKILL to a paused VM: continue failed, killing QEMU", "id", m.cfg.ID, "err", err)
+				m.setExit(128+s.Signal, false)
+				m.killQEMU()
+				w.Write(vmproto.TSignal, 0, nil)
+				return
+			}
+		}
 		m.mu.Lock()
 		status := m.status
+		if status == "paused" {
+			// Other signals wait in the control port until resume, as
+			// they stay pending for a frozen process.
+			status = m.pausedFrom
+		}
 		m.mu.Unlock()
 		if status == "creating" {
 			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is creating: delete --force ends it"})
@@ -559,6 +614,123 @@ func (m *monitor) client(c net.Conn) {
 		}
 	case vmproto.TExec:
 		m.exec(c, w, f.Payload)
+	case vmproto.TPause:
+		if err := m.pause(); err != nil {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return
+		}
+		w.Write(vmproto.TPause, 0, nil)
+	case vmproto.TResume:
+		if err := m.resume(); err != nil {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return
+		}
+		w.Write(vmproto.TResume, 0, nil)
+	}
+}
+
+// acceptQMP takes QEMU's connection to the QMP socket, which it makes at
+// start, and negotiates; pause and resume need it.
+func (m *monitor) acceptQMP(l net.Listener) {
+	c, err := l.Accept()
+	var q *qmp
+	if err == nil {
+		q, err = newQMP(c, qmpTimeout)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.qmp, m.qmpErr = q, err
+	if err != nil {
+		m.log.Warn("no QMP connection to QEMU: pause and resume will fail", "id", m.cfg.ID, "err", err)
+	}
+}
+
+// qmpCommand runs a QMP command without arguments.
+func (m *monitor) qmpCommand(command string) error {
+	m.mu.Lock()
+	q, qerr := m.qmp, m.qmpErr
+	m.mu.Unlock()
+	if q == nil {
+		if qerr == nil {
+			qerr = errors.New("QEMU has not connected its QMP socket yet")
+		}
+		return qerr
+	}
+	_, err := q.execute(command, qmpTimeout)
+	return err
+}
+
+// pause stops the guest's vCPUs: a created or running container becomes
+// paused (runc pauses both, by freezing the cgroup).
+func (m *monitor) pause() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	m.mu.Lock()
+	status := m.status
+	m.mu.Unlock()
+	if status != "running" && status != "created" {
+		return errors.New("container not running") // runc's words
+	}
+	if err := m.qmpCommand("stop"); err != nil {
+		return fmt.Errorf("pause: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.status != "running" && m.status != "created" {
+		// The VM ended while QEMU stopped it: nothing is paused.
+		return errors.New("container not running")
+	}
+	m.status, m.pausedFrom = "paused", m.status
+	return nil
+}
+
+// resume continues a paused guest.
+func (m *monitor) resume() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	m.mu.Lock()
+	paused := m.status == "paused"
+	m.mu.Unlock()
+	if !paused {
+		return errors.New("container not paused") // runc's words
+	}
+	return m.cont()
+}
+
+// resumeIfPaused continues the guest if it is paused.
+func (m *monitor) resumeIfPaused() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	m.mu.Lock()
+	paused := m.status == "paused"
+	m.mu.Unlock()
+	if !paused {
+		return nil
+	}
+	return m.cont()
+}
+
+// cont continues the vCPUs and restores the status the pause left; the
+// caller holds pauseMu.
+func (m *monitor) cont() error {
+	if err := m.qmpCommand("cont"); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.status == "paused" {
+		m.status = m.pausedFrom
+	}
+	return nil
+}
+
+// killQEMU kills QEMU; Run sees it end.
+func (m *monitor) killQEMU() {
+	m.mu.Lock()
+	p := m.qemu
+	m.mu.Unlock()
+	if p != nil {
+		p.Kill()
 	}
 }
 
@@ -567,8 +739,12 @@ func (m *monitor) client(c net.Conn) {
 func (m *monitor) exec(c net.Conn, w *vmproto.Writer, payload []byte) {
 	m.mu.Lock()
 	if m.status != "running" {
+		msg := "container is " + m.status + ", not running"
+		if m.status == "paused" {
+			msg = "cannot exec in a paused container" // runc's words
+		}
 		m.mu.Unlock()
-		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not running"})
+		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: msg})
 		return
 	}
 	id := m.next
