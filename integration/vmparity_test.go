@@ -9,10 +9,11 @@ import (
 )
 
 // shimState returns the status kiwi-shim's own `state` reports for a
-// container podman runs (podman uses kiwi-shim's default root).
-func shimState(t testing.TB, id string) string {
-	t.Helper()
-	r := run(t, nil, shim(), "state", id)
+// container podman runs (through the test's runtime wrapper, which names
+// the test's --root).
+func (p *podman) shimState(id string) string {
+	p.t.Helper()
+	r := run(p.t, nil, p.runtime, "state", id)
 	if r.code != 0 {
 		return "error: " + strings.TrimSpace(r.stderr)
 	}
@@ -44,7 +45,7 @@ func TestVMPause(t *testing.T) {
 	id := p.must("run", "-d", "-v", share+":/share", "--rootfs", rootfs, "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done")
 	eventually(t, 60*time.Second, "output", func() bool { return p.logLines(id) > 2 })
 
-	if r := run(t, nil, shim(), "resume", id); r.code == 0 || !strings.Contains(r.stderr, "not paused") {
+	if r := run(t, nil, p.runtime, "resume", id); r.code == 0 || !strings.Contains(r.stderr, "not paused") {
 		t.Fatalf("resume of a running container: exit %d, stderr %q; want an error (not paused)", r.code, r.stderr)
 	}
 	p.must("pause", id)
@@ -54,7 +55,7 @@ func TestVMPause(t *testing.T) {
 	if got := p.must("inspect", id, "--format", "{{.State.Status}}"); got != "paused" {
 		t.Fatalf("podman inspect %q, want paused", got)
 	}
-	if got := shimState(t, id); got != "paused" {
+	if got := p.shimState(id); got != "paused" {
 		t.Fatalf("kiwi-shim state %q, want paused", got)
 	}
 	// Lines already on their way may land; then nothing.
@@ -64,17 +65,17 @@ func TestVMPause(t *testing.T) {
 	if m := p.logLines(id); m != n {
 		t.Fatalf("the paused container went on: %d log lines, then %d", n, m)
 	}
-	if r := run(t, nil, shim(), "pause", id); r.code == 0 {
+	if r := run(t, nil, p.runtime, "pause", id); r.code == 0 {
 		t.Fatal("pause of a paused container succeeded")
 	}
-	if r := run(t, nil, shim(), "exec", id, "true"); r.code == 0 || !strings.Contains(r.stderr, "paused") {
+	if r := run(t, nil, p.runtime, "exec", id, "true"); r.code == 0 || !strings.Contains(r.stderr, "paused") {
 		t.Fatalf("exec in a paused container: exit %d, stderr %q; want refused", r.code, r.stderr)
 	}
 	p.must("unpause", id)
 	if got := p.must("ps", "--filter", "id="+id, "--format", "{{.Status}}"); !strings.HasPrefix(got, "Up") {
 		t.Fatalf("podman ps status %q after unpause, want Up", got)
 	}
-	if got := shimState(t, id); got != "running" {
+	if got := p.shimState(id); got != "running" {
 		t.Fatalf("kiwi-shim state %q after unpause, want running", got)
 	}
 	eventually(t, 30*time.Second, "output after unpause", func() bool { return p.logLines(id) > n+2 })
@@ -87,7 +88,7 @@ func TestVMPause(t *testing.T) {
 	// SIGKILL ends a paused VM (the runtime's kill, as containerd's
 	// shim or podman on cgroup v2 sends it without unpausing).
 	p.must("pause", id)
-	if r := run(t, nil, shim(), "kill", id, "KILL"); r.code != 0 {
+	if r := run(t, nil, p.runtime, "kill", id, "KILL"); r.code != 0 {
 		t.Fatalf("kill of a paused container: exit %d, stderr %q", r.code, r.stderr)
 	}
 	eventually(t, 60*time.Second, "the killed container exited", func() bool {
