@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
@@ -88,6 +90,126 @@ func TestHooks(t *testing.T) {
 				}
 				if stage == "prestart" && st.Pid <= 0 {
 					t.Errorf("prestart: pid %d", st.Pid)
+				}
+			}
+		})
+	}
+}
+
+// TestHooksRuntime drives kiwi-shim's CLI with hooks in config.json, as
+// containerd and runtime-tools do: prestart, createRuntime, poststart and
+// poststop run in that order with the caller's bundle; a failing
+// createRuntime hook fails create with its stderr, runs poststop and
+// leaves nothing; VM mode refuses createContainer hooks.
+func TestHooksRuntime(t *testing.T) {
+	guestRelease(t)
+	for _, mode := range []string{"vm", "container"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			leaveClean(t, dir)
+			root := filepath.Join(dir, "root")
+			env := loopEnv(t, 2)
+			bundle := busyboxBundle(t, dir, `"true"`, fmt.Sprintf(`{"io.kiwi-shim.mode": %q}`, mode), false)
+			logFile := filepath.Join(dir, "hooks.log")
+			hook := filepath.Join(dir, "hook.sh")
+			body := fmt.Sprintf("#!/bin/sh\nstate=$(cat)\necho \"$1 $state\" >>%q\n[ \"$2\" = fail ] && { echo hook-said-no >&2; exit 5; }\nexit 0\n", logFile)
+			if err := os.WriteFile(hook, []byte(body), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			h := func(stage string, extra ...string) []specs.Hook {
+				return []specs.Hook{{Path: hook, Args: append([]string{"hook.sh", stage}, extra...)}}
+			}
+			setHooks := func(hs *specs.Hooks) {
+				t.Helper()
+				p := filepath.Join(bundle, "config.json")
+				b, err := os.ReadFile(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var s specs.Spec
+				if err := json.Unmarshal(b, &s); err != nil {
+					t.Fatal(err)
+				}
+				s.Hooks = hs
+				b, _ = json.Marshal(&s)
+				if err := os.WriteFile(p, b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				os.Remove(logFile)
+			}
+			k := func(args ...string) result {
+				return run(t, env, shim(), append([]string{"--root", root}, args...)...)
+			}
+			create := func(id string) (string, error) {
+				out, _ := os.Create(filepath.Join(dir, id+".out"))
+				defer out.Close()
+				cmd := exec.Command(shim(), "--root", root, "create", "--bundle", bundle, id)
+				cmd.Env = append(os.Environ(), env...)
+				cmd.Stdout, cmd.Stderr = out, out
+				err := cmd.Run()
+				b, _ := os.ReadFile(out.Name())
+				return string(b), err
+			}
+			stagesRun := func() []string {
+				t.Helper()
+				b, _ := os.ReadFile(logFile)
+				t.Logf("hook log:\n%s", b)
+				var got []string
+				for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+					stage, js, ok := strings.Cut(l, " ")
+					if !ok {
+						continue
+					}
+					var st specs.State
+					if err := json.Unmarshal([]byte(js), &st); err != nil {
+						t.Fatalf("%s: state %q: %v", stage, js, err)
+					}
+					if st.Bundle != bundle {
+						t.Errorf("%s: bundle %q, want %q", stage, st.Bundle, bundle)
+					}
+					got = append(got, stage)
+				}
+				return got
+			}
+
+			setHooks(&specs.Hooks{Prestart: h("prestart"), CreateRuntime: h("createRuntime"), Poststart: h("poststart"), Poststop: h("poststop")}) //nolint:staticcheck
+			if out, err := create("h1"); err != nil {
+				t.Fatalf("create: %v\n%s", err, out)
+			}
+			t.Cleanup(func() { k("delete", "--force", "h1") })
+			if r := k("start", "h1"); r.code != 0 {
+				t.Fatalf("start: %s", r.stderr)
+			}
+			eventually(t, 60*time.Second, "stopped", func() bool { return strings.Contains(k("state", "h1").stdout, `"status": "stopped"`) })
+			if r := k("delete", "h1"); r.code != 0 {
+				t.Fatalf("delete: %s", r.stderr)
+			}
+			if got, want := strings.Join(stagesRun(), " "), "prestart createRuntime poststart poststop"; got != want {
+				t.Errorf("stages %q, want %q", got, want)
+			}
+
+			setHooks(&specs.Hooks{CreateRuntime: h("createRuntime", "fail"), Poststop: h("poststop")})
+			out, err := create("h2")
+			if err == nil {
+				k("delete", "--force", "h2")
+				t.Fatal("create succeeded with a failing createRuntime hook")
+			}
+			if !strings.Contains(out, "hook-said-no") {
+				t.Errorf("create's error lacks the hook's stderr:\n%s", out)
+			}
+			if got, want := strings.Join(stagesRun(), " "), "createRuntime poststop"; got != want {
+				t.Errorf("after a failing createRuntime: stages %q, want %q", got, want)
+			}
+			if r := k("state", "h2"); r.code == 0 {
+				t.Errorf("state after failed create: %s", r.stdout)
+			}
+
+			if mode == "vm" {
+				setHooks(&specs.Hooks{CreateContainer: h("createContainer")})
+				out, err := create("h3")
+				if err == nil || !strings.Contains(out, "createContainer hooks") || !strings.Contains(out, "not supported in VM mode") {
+					k("delete", "--force", "h3")
+					t.Errorf("createContainer in VM mode: %v\n%s", err, out)
 				}
 			}
 		})
