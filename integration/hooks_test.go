@@ -215,3 +215,44 @@ func TestHooksRuntime(t *testing.T) {
 		})
 	}
 }
+
+// TestVMKillDuringBoot: `kill` of a VM container that is still booting
+// (create has not returned) ends it with the signal, and create says so
+// instead of the guest console's last line; nothing is left.
+func TestVMKillDuringBoot(t *testing.T) {
+	guestRelease(t)
+	dir := t.TempDir()
+	leaveClean(t, dir)
+	root := filepath.Join(dir, "root")
+	bundle := busyboxBundle(t, dir, `"true"`, `{"io.kiwi-shim.mode": "vm"}`, false)
+	k := func(args ...string) result {
+		return run(t, nil, shim(), append([]string{"--root", root}, args...)...)
+	}
+	out, _ := os.Create(filepath.Join(dir, "create.out"))
+	defer out.Close()
+	create := exec.Command(shim(), "--root", root, "create", "--bundle", bundle, "kb")
+	create.Stdout, create.Stderr = out, out
+	if err := create.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k("delete", "--force", "kb") })
+	eventually(t, 60*time.Second, "creating", func() bool { return strings.Contains(k("state", "kb").stdout, `"status": "creating"`) })
+	// QEMU is up (the firmware or the kernel is running).
+	eventually(t, 60*time.Second, "QEMU started", func() bool {
+		_, err := os.Stat(filepath.Join(root, "containers", "kb", "qemu.pid"))
+		return err == nil
+	})
+	time.Sleep(time.Second)
+	if r := k("kill", "kb", "KILL"); r.code != 0 {
+		t.Fatalf("kill during boot: %s", r.stderr)
+	}
+	err := create.Wait()
+	b, _ := os.ReadFile(out.Name())
+	if err == nil || !strings.Contains(string(b), "stopped by SIGKILL during its boot") || strings.Contains(string(b), "console") {
+		t.Fatalf("create: %v\n%s", err, b)
+	}
+	t.Logf("create: %v: %s", err, b)
+	if r := k("state", "kb"); r.code == 0 {
+		t.Errorf("state after the failed create: %s", r.stdout)
+	}
+}
