@@ -1,5 +1,7 @@
 package integration
 
+//lint:file-ignore SA1019 prestart hooks are deprecated, but engines still use them
+
 import (
 	"encoding/json"
 	"fmt"
@@ -172,7 +174,7 @@ func TestHooksRuntime(t *testing.T) {
 				return got
 			}
 
-			setHooks(&specs.Hooks{Prestart: h("prestart"), CreateRuntime: h("createRuntime"), Poststart: h("poststart"), Poststop: h("poststop")}) //nolint:staticcheck
+			setHooks(&specs.Hooks{Prestart: h("prestart"), CreateRuntime: h("createRuntime"), Poststart: h("poststart"), Poststop: h("poststop")})
 			if out, err := create("h1"); err != nil {
 				t.Fatalf("create: %v\n%s", err, out)
 			}

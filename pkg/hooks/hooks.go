@@ -41,7 +41,8 @@ func Of(h *specs.Hooks, stage string) []specs.Hook {
 	}
 	switch stage {
 	case Prestart:
-		return h.Prestart //nolint:staticcheck // deprecated, still used by engines
+		//lint:ignore SA1019 deprecated, but podman and nerdctl still use it
+		return h.Prestart
 	case CreateRuntime:
 		return h.CreateRuntime
 	case CreateContainer:

@@ -33,7 +33,8 @@ func RelayHooks(h *specs.Hooks, self, bundle string) {
 	if h == nil {
 		return
 	}
-	for _, list := range []*[]specs.Hook{&h.Prestart, &h.CreateRuntime, &h.Poststart, &h.Poststop} { //nolint:staticcheck // prestart is deprecated, still used
+	//lint:ignore SA1019 prestart is deprecated, but engines still use it
+	for _, list := range []*[]specs.Hook{&h.Prestart, &h.CreateRuntime, &h.Poststart, &h.Poststop} {
 		for i, hk := range *list {
 			(*list)[i] = relayed(hk, self, bundle)
 		}

@@ -1,5 +1,7 @@
 package hooks
 
+//lint:file-ignore SA1019 prestart hooks are deprecated, but engines still use them
+
 import (
 	"context"
 	"encoding/json"
@@ -34,7 +36,7 @@ func TestRelayHooks(t *testing.T) {
 	}
 	RelayHooks(h, "/bin/kiwi-shim", "/b")
 	want := specs.Hook{Path: "/bin/kiwi-shim", Args: []string{"/bin/kiwi-shim", RelayCommand, "/b", "/p", "--", "p0", "x"}, Env: []string{"A=1"}, Timeout: &ten}
-	if got := h.Prestart[0]; fmt.Sprint(got.Args) != fmt.Sprint(want.Args) || got.Path != want.Path || got.Timeout != &ten || got.Env[0] != "A=1" { //nolint:staticcheck
+	if got := h.Prestart[0]; fmt.Sprint(got.Args) != fmt.Sprint(want.Args) || got.Path != want.Path || got.Timeout != &ten || got.Env[0] != "A=1" {
 		t.Errorf("prestart = %+v", got)
 	}
 	for _, hk := range [][]specs.Hook{h.CreateRuntime, h.Poststart, h.Poststop} {
