@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -104,8 +105,13 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if !sandbox && count > m.Alloc.Capacity() {
 		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, count, m.Alloc.Capacity())
 	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("hooks: %w", err)
+	}
 	return m.Create(context.Background(), containermode.CreateOptions{
-		ID: id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
+		Self: self,
+		ID:   id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
 		PidFile: ctx.String("pid-file"), ConsoleSocket: ctx.String("console-socket"),
 		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
 		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),

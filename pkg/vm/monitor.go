@@ -105,6 +105,7 @@ type monitor struct {
 	qemu        *os.Process
 	exit        int
 	exitSeen    bool
+	bootStop    int // the signal that stopped the box during its boot
 	clients     map[uint32]*vmproto.Writer
 	next        uint32
 	started     chan struct{} // closed when the guest has started the process (or failed to)
@@ -190,19 +191,31 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 		return fail(err)
 	}
 	defer m.stopShareFS(sfs, sfsDone)
+	// A stop (SIGTERM, SIGINT, SIGHUP to the monitor) at any moment of
+	// the boot ends the box with the signal's status, as a kill does.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	qemu, qemuDone, err := m.startQEMU()
 	if err != nil {
 		return fail(err)
 	}
 	m.mu.Lock()
 	m.qemu = qemu.Process
+	stopped := m.bootStop != 0
 	m.mu.Unlock()
+	if stopped {
+		qemu.Process.Kill() // killed before QEMU was there
+	}
 	go m.acceptQMP(ql)
-	conn, err := m.boot(gl, qemuDone, creatorGone)
+	conn, err := m.boot(gl, qemu, qemuDone, creatorGone, sigs)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
-		return fail(err)
+		code, abandoned := fail(err)
+		if sig := m.bootSignal(); sig != 0 {
+			code = 128 + sig
+		}
+		return code, abandoned
 	}
 	defer conn.Close()
 	m.mu.Lock()
@@ -216,8 +229,6 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 	}
 	ready.Close()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	go m.readGuest(conn, func() { qemu.Process.Kill() })
 	if m.tty != nil {
 		go m.watchWinsize()
@@ -344,7 +355,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 
 // boot waits for the guest to say hello, sends it the configuration and
 // waits until the container's root is set up.
-func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (net.Conn, error) {
+func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -353,14 +364,22 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 		}
 	}()
 	var conn net.Conn
-	select {
-	case conn = <-accepted:
-	case <-qemuDone:
-		return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
-	case <-creatorGone:
-		return nil, errAbandoned
-	case <-time.After(30 * time.Second):
-		return nil, errors.New("qemu did not connect the control port within 30s")
+	connectBy := time.After(30 * time.Second)
+	for conn == nil {
+		select {
+		case conn = <-accepted:
+		case <-qemuDone:
+			if err := m.qemuGone(qemu); err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
+		case <-creatorGone:
+			return nil, errAbandoned
+		case s := <-sigs:
+			m.stopBoot(int(s.(syscall.Signal))) // QEMU goes: qemuDone follows
+		case <-connectBy:
+			return nil, errors.New("qemu did not connect the control port within 30s")
+		}
 	}
 	type result struct {
 		f   vmproto.Frame
@@ -369,15 +388,33 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 	read := func(timeout time.Duration) (vmproto.Frame, error) {
 		ch := make(chan result, 1)
 		go func() { f, err := vmproto.ReadFrame(conn); ch <- result{f, err} }()
-		select {
-		case r := <-ch:
-			return r.f, r.err
-		case <-qemuDone:
-			return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
-		case <-creatorGone:
-			return vmproto.Frame{}, errAbandoned
-		case <-time.After(timeout):
-			return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
+		deadline := time.After(timeout)
+		for {
+			select {
+			case r := <-ch:
+				if r.err != nil {
+					// The guest's end went with QEMU, maybe stopped.
+					select {
+					case <-qemuDone:
+						if err := m.qemuGone(qemu); err != nil {
+							return vmproto.Frame{}, err
+						}
+					case <-time.After(time.Second):
+					}
+				}
+				return r.f, r.err
+			case <-qemuDone:
+				if err := m.qemuGone(qemu); err != nil {
+					return vmproto.Frame{}, err
+				}
+				return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+			case <-creatorGone:
+				return vmproto.Frame{}, errAbandoned
+			case s := <-sigs:
+				m.stopBoot(int(s.(syscall.Signal))) // QEMU goes: qemuDone follows
+			case <-deadline:
+				return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
+			}
 		}
 	}
 	f, err := read(m.cfg.BootTimeout)
@@ -413,6 +450,57 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 		conn.Close()
 		return nil, fmt.Errorf("unexpected frame %d from guest during setup", f.Type)
 	}
+}
+
+// stopBoot ends a box that is still booting because of signal sig (a
+// kill, or a stop of the monitor): the box's status becomes 128+sig and
+// QEMU is killed, since there is no guest to power off yet. It reports
+// false when the boot is over (the signal is then the guest's).
+func (m *monitor) stopBoot(sig int) bool {
+	m.mu.Lock()
+	if m.status != "creating" {
+		m.mu.Unlock()
+		return false
+	}
+	if m.bootStop == 0 {
+		m.exit, m.exitSeen, m.bootStop = 128+sig, true, sig
+	}
+	m.mu.Unlock()
+	m.log.Info("stopped during boot", "id", m.cfg.ID, "signal", sig)
+	m.killQEMU()
+	return true
+}
+
+// bootSignal is the signal that stopped the boot, or 0.
+func (m *monitor) bootSignal() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bootStop
+}
+
+// qemuGone explains a QEMU that ended during the boot, when something
+// other than the guest ended it: a stop or kill of the box (its status is
+// then 128+signal), or a signal to QEMU itself. The guest's console says
+// nothing useful then (it may still show the firmware's banner).
+func (m *monitor) qemuGone(qemu *exec.Cmd) error {
+	if sig := m.bootSignal(); sig != 0 {
+		return bootStopped(sig)
+	}
+	if ps := qemu.ProcessState; ps != nil {
+		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return fmt.Errorf("QEMU was killed by %s during the boot (by the host: not the guest)", unix.SignalName(ws.Signal()))
+		}
+	}
+	return nil
+}
+
+// bootStopped is the error of a boot that a signal ended.
+func bootStopped(sig int) error {
+	name := unix.SignalName(syscall.Signal(sig))
+	if name == "" {
+		name = fmt.Sprintf("signal %d", sig)
+	}
+	return fmt.Errorf("the container was stopped by %s during its boot (status %d)", name, 128+sig)
 }
 
 // tail returns the last line of a log file, for error messages.
@@ -585,6 +673,10 @@ func (m *monitor) client(c net.Conn) {
 				return
 			}
 		}
+		if m.stopBoot(s.Signal) {
+			w.Write(vmproto.TSignal, 0, nil)
+			return
+		}
 		m.mu.Lock()
 		status := m.status
 		if status == "paused" {
@@ -593,10 +685,6 @@ func (m *monitor) client(c net.Conn) {
 			status = m.pausedFrom
 		}
 		m.mu.Unlock()
-		if status == "creating" {
-			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is creating: delete --force ends it"})
-			return
-		}
 		if status == "created" {
 			// Nothing runs yet: a signal to a created container ends it.
 			m.setExit(128+s.Signal, false)
