@@ -774,28 +774,31 @@ func (m *monitor) pause() error {
 
 // resume continues a paused guest.
 func (m *monitor) resume() error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	m.mu.Lock()
-	paused := m.status == "paused"
-	m.mu.Unlock()
+	paused, err := m.continueIfPaused()
 	if !paused {
 		return errors.New("container not paused") // runc's words
 	}
-	return m.cont()
+	return err
 }
 
 // resumeIfPaused continues the guest if it is paused.
 func (m *monitor) resumeIfPaused() error {
+	_, err := m.continueIfPaused()
+	return err
+}
+
+// continueIfPaused continues the guest if it is paused, and says whether
+// it was.
+func (m *monitor) continueIfPaused() (paused bool, err error) {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
 	m.mu.Lock()
-	paused := m.status == "paused"
+	paused = m.status == "paused"
 	m.mu.Unlock()
 	if !paused {
-		return nil
+		return false, nil
 	}
-	return m.cont()
+	return true, m.cont()
 }
 
 // cont continues the vCPUs and restores the status the pause left; the
