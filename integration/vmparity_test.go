@@ -3,6 +3,7 @@ package integration
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -83,6 +84,18 @@ func TestVMPause(t *testing.T) {
 	// work after the pause.
 	if got := p.must("exec", id, "sh", "-c", "echo resumed > /share/f && cat /share/f"); got != "resumed" {
 		t.Fatalf("exec after unpause: %q", got)
+	}
+
+	// update: CPU controls reach the cgroup of the VM's host processes
+	// (the monitor, the state's pid), as runc writes them to the
+	// container's; a memory limit other than the container's is refused.
+	p.must("update", "--cpu-shares", "512", id)
+	pid := p.must("inspect", id, "--format", "{{.State.Pid}}")
+	if got := cgroupFile(t, pid, "cpu", "cpu.shares", "cpu.weight"); got != "512" && got != "20" {
+		t.Errorf("after podman update --cpu-shares 512 the VM's cgroup has %q", got)
+	}
+	if r := p.run("", "update", "--memory", "64m", id); r.code == 0 || !strings.Contains(r.stderr, "cannot change") {
+		t.Errorf("podman update --memory of a VM: exit %d, stderr %q; want refused", r.code, r.stderr)
 	}
 
 	// SIGKILL ends a paused VM (the runtime's kill, as containerd's
@@ -230,4 +243,35 @@ func TestVMPidNamespace(t *testing.T) {
 	if r.code != 0 || strings.TrimSpace(r.stdout) == "1" || strings.TrimSpace(r.stdout) == "" {
 		t.Fatalf("--pid host: exit %d, stdout %q, stderr %q; want a guest pid other than 1", r.code, r.stdout, r.stderr)
 	}
+}
+
+// cgroupFile reads a control file of process pid's cgroup: v1's file in
+// the controller's hierarchy, or v2's file (the weight for shares, which
+// the kernel converts: 512 shares are weight 20).
+func cgroupFile(t *testing.T, pid, controller, v1, v2 string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + pid + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var path string
+		switch {
+		case f[0] == "0" && f[1] == "":
+			path = filepath.Join("/sys/fs/cgroup", f[2], v2)
+		case slices.Contains(strings.Split(f[1], ","), controller):
+			path = filepath.Join("/sys/fs/cgroup", controller, f[2], v1)
+		default:
+			continue
+		}
+		if c, err := os.ReadFile(path); err == nil {
+			return strings.TrimSpace(string(c))
+		}
+	}
+	t.Fatalf("no %s cgroup file for pid %s:\n%s", controller, pid, b)
+	return ""
 }

@@ -111,7 +111,7 @@ var updateCommand = passthrough("update", "update a container's resource limits"
 		cli.StringFlag{Name: "kernel-memory-tcp", Usage: "kernel TCP memory limit"},
 		cli.StringFlag{Name: "l3-cache-schema", Usage: "L3 cache schema"},
 		cli.StringFlag{Name: "mem-bw-schema", Usage: "memory bandwidth schema"},
-	}, nil)
+	}, vmUpdate)
 
 // withKiwiCapabilities rewrites exec's --process file (as conmon and
 // containerd pass it) into the state directory with KIWI's capabilities

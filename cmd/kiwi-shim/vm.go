@@ -17,6 +17,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/urfave/cli"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
@@ -41,7 +42,7 @@ var vmMonitorCommand = cli.Command{
 	Flags:  []cli.Flag{cli.StringFlag{Name: "state-dir"}},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
 		dir := ctx.String("state-dir")
-		code, abandoned := vm.Run(dir, os.NewFile(3, "ready"), e.log)
+		code, abandoned := vm.Run(dir, os.NewFile(3, "ready"), os.NewFile(vm.GoFD, "go-ahead"), e.log)
 		if abandoned {
 			// create went away before the VM was ready: no engine knows
 			// this container, and none will delete it.
@@ -276,16 +277,17 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		return err
 	}
 	netPlan := vm.PlanNetwork(spec)
-	e.log.Info("vm network", "id", id, "mode", netPlan.Mode, "why", netPlan.Why)
+	newNS := vm.NewNamespaces(spec)
 	var scratchPath string
 	if s.ScratchSize > 0 {
 		scratchPath = s.ScratchPath
 	}
-	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, scratchPath, netPlan)
-	if err != nil {
+	// Checked before anything is made. The guest's configuration is made
+	// again after the hooks, which may write files that travel into the
+	// guest by value (nerdctl's /etc/hosts, say).
+	if _, _, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, scratchPath, netPlan); err != nil {
 		return err
 	}
-	guest.DirectDNS = s.VMDNS == "direct"
 
 	rec := &state.Container{ID: id, Bundle: bundle, Mode: config.ModeVM, Created: time.Now().UTC(), Annotations: spec.Annotations, Hooks: spec.Hooks}
 	store := e.store()
@@ -342,6 +344,14 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 			if err := store.Save(rec); err != nil {
 				return err
 			}
+			// CPU controls bound the VM's host processes as runc's
+			// bound the container's; values the kernel refuses fail
+			// create, as with runc.
+			if r := spec.Linux.Resources; r != nil {
+				if err := hostcgroup.SetCPU(cgroup, r.CPU); err != nil {
+					return err
+				}
+			}
 		}
 	}
 	var disks []vm.Disk
@@ -355,6 +365,63 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		}
 		disks = append(disks, vm.Disk{Path: rec.Scratch, Serial: vm.ScratchSerial})
 	}
+	// The monitor first, born in the namespaces the spec asks for: it is
+	// the container's process on the host, the pid that hooks and tools
+	// see. It waits for the go-ahead on fd 4 before it boots anything.
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer readyR.Close()
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		readyW.Close()
+		return err
+	}
+	// Closed without the go-ahead (create failed), it ends the monitor.
+	defer goW.Close()
+	self, err := os.Executable()
+	if err != nil {
+		readyW.Close()
+		goR.Close()
+		return err
+	}
+	monitor = exec.Command(self, append(globalArgs(ctx), "vm-monitor", "--state-dir", dir)...)
+	// The monitor's stdio is the container's: conmon's pipes.
+	monitor.Stdin, monitor.Stdout, monitor.Stderr = os.Stdin, os.Stdout, os.Stderr
+	// fd 3: the ready pipe; fd vm.GoFD: the go-ahead pipe.
+	monitor.ExtraFiles = []*os.File{readyW, goR}
+	monitor.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
+	err = fdutil.WithInheritedHidden(monitor.Start)
+	readyW.Close()
+	goR.Close()
+	if err != nil {
+		return fmt.Errorf("start VM monitor: %w", err)
+	}
+	rec.Pid = monitor.Process.Pid
+	// The host side of the box exists: prestart and createRuntime run
+	// here, on the host, in kiwi-shim's namespaces, with the monitor as
+	// the container's process. A failure fails create, and the deferred
+	// cleanup takes the box.
+	hookState := vmHookState(rec, specs.StateCreated)
+	hooksRan = true
+	for _, stage := range []string{hooks.Prestart, hooks.CreateRuntime} {
+		if err := hooks.Run(context.Background(), stage, hooks.Of(spec.Hooks, stage), hookState); err != nil {
+			return err
+		}
+	}
+	ownNetNS := newNS&unix.CLONE_NEWNET != 0
+	if ownNetNS {
+		// What the hooks put into the monitor's new namespace (a CNI
+		// network, say) moves into the guest.
+		netPlan = vm.PlanNetworkAt(fmt.Sprintf("/proc/%d/ns/net", rec.Pid))
+	}
+	e.log.Info("vm network", "id", id, "mode", netPlan.Mode, "why", netPlan.Why)
+	guest, shares, err := vm.GuestConfig(spec, oci.RootPath(bundle, spec), share, scratchPath, netPlan)
+	if err != nil {
+		return err
+	}
+	guest.DirectDNS = s.VMDNS == "direct"
 	var shareFS *vm.ShareFS
 	var virtiofs []vm.VirtioFS
 	if share == "virtiofs" {
@@ -377,34 +444,13 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		shareFS, virtiofs = virtiofsExports(dir, shares, shareFSBin, cache, mapped, ctx.GlobalBool("debug"))
 		shares = nil
 	}
-	var taps []*os.File
-	var tapMACs []string
-	if netPlan.Mode == vm.NetTap {
-		var st *vmnet.State
-		st, taps, err = vmnet.Setup(netPlan.NetNS)
-		if err != nil {
-			return fmt.Errorf("container network: %w", err)
-		}
-		defer func() {
-			for _, t := range taps {
-				t.Close() // the monitor and QEMU hold their own
-			}
-		}()
-		if err := vmnet.Save(dir, st); err != nil {
-			vmnet.Teardown(st)
-			return err
-		}
-		guest.Network = st.Guest()
-		for _, ifc := range st.Interfaces {
-			tapMACs = append(tapMACs, ifc.MAC)
-		}
-	}
 	mc := vm.MonitorConfig{
 		ID: id, QEMU: qemu, Guest: guest, ConsoleSocket: ctx.String("console-socket"),
 		BootTimeout: 3 * time.Minute, ShareFS: shareFS, Cgroup: rec.Cgroup,
+		NetNS: netPlan.NetNS, NetNSOwned: ownNetNS,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, TapMACs: tapMACs, Disks: disks,
+			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
 		},
 	}
 	mc.Paths(dir)
@@ -415,27 +461,10 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err := os.WriteFile(filepath.Join(dir, vm.MonitorConfigFile), b, 0o600); err != nil {
 		return err
 	}
-
-	readyR, readyW, err := os.Pipe()
-	if err != nil {
-		return err
+	if _, err := fmt.Fprintln(goW, "go"); err != nil {
+		return fmt.Errorf("VM monitor: go-ahead: %w", err)
 	}
-	defer readyR.Close()
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	monitor = exec.Command(self, append(globalArgs(ctx), "vm-monitor", "--state-dir", dir)...)
-	// The monitor's stdio is the container's: conmon's pipes.
-	monitor.Stdin, monitor.Stdout, monitor.Stderr = os.Stdin, os.Stdout, os.Stderr
-	// fd 3: the ready pipe; fds vm.TapFD...: the taps.
-	monitor.ExtraFiles = append([]*os.File{readyW}, taps...)
-	monitor.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	err = fdutil.WithInheritedHidden(monitor.Start)
-	readyW.Close()
-	if err != nil {
-		return fmt.Errorf("start VM monitor: %w", err)
-	}
+	goW.Close()
 	line, _ := bufio.NewReader(readyR).ReadString('\n')
 	line = strings.TrimSpace(line)
 	if msg, ok := strings.CutPrefix(line, "error "); ok {
@@ -447,19 +476,8 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		monitor.Wait()
 		return fmt.Errorf("VM monitor died during boot (guest console: %s)", filepath.Join(dir, "console.log"))
 	}
-	rec.Pid = monitor.Process.Pid
 	if err := store.Save(rec); err != nil {
 		return err
-	}
-	// The host side is ready and the box is created: prestart and
-	// createRuntime run here, on the host, in kiwi-shim's namespaces.
-	// A failure fails create, and the deferred cleanup takes the box.
-	st := vmHookState(rec, specs.StateCreated)
-	hooksRan = true
-	for _, stage := range []string{hooks.Prestart, hooks.CreateRuntime} {
-		if err := hooks.Run(context.Background(), stage, hooks.Of(spec.Hooks, stage), st); err != nil {
-			return err
-		}
 	}
 	if p := ctx.String("pid-file"); p != "" {
 		if err := state.WritePidFile(p, rec.Pid); err != nil {

@@ -4,7 +4,15 @@
 // the container (`ctr task metrics`, crictl stats, a kubelet's pod cgroup)
 // covers the VM that runs it. It creates, joins and removes cgroups with
 // containerd's cgroups library, on cgroup v1 (every mounted controller) and
-// v2 alike. Limits are not written: they size the VM instead.
+// v2 alike.
+//
+// Of the spec's limits, the CPU controls are written (shares or weight,
+// quota and period, realtime budget, cpuset): they bound the VM's host
+// processes as they would bound runc's, and the guest's CPU count follows
+// the quota as well. Memory and PID limits are not written: the guest's
+// memory is sized from the memory limit and its kernel enforces it and
+// the PID limit inside the box, while QEMU's own memory and threads on
+// the host exceed what the container's processes use.
 package hostcgroup
 
 import (
@@ -57,6 +65,61 @@ func Create(p string) error {
 		return fmt.Errorf("create cgroup %s: %w", p, err)
 	}
 	return nil
+}
+
+// SetCPU writes the CPU controls of cpu (shares or weight, quota and
+// period, realtime budget, cpuset) into the cgroup p, made by Create.
+// A nil cpu writes nothing.
+func SetCPU(p string, cpu *specs.LinuxCPU) error {
+	cpu = setCPUFields(cpu)
+	if cpu == nil {
+		return nil
+	}
+	res := &specs.LinuxResources{CPU: cpu}
+	if cgroups.Mode() == cgroups.Unified {
+		// NewManager of an existing cgroup enables the controllers the
+		// resources need in its parents and writes them.
+		if _, err := cgroup2.NewManager(unifiedRoot, p, cgroup2.ToResources(res)); err != nil {
+			return fmt.Errorf("cgroup %s: cpu controls: %w", p, err)
+		}
+		return nil
+	}
+	cg, err := cgroup1.Load(cgroup1.StaticPath(p))
+	if err == nil {
+		err = cg.Update(res)
+	}
+	if err != nil {
+		return fmt.Errorf("cgroup %s: cpu controls: %w", p, err)
+	}
+	return nil
+}
+
+// setCPUFields returns the CPU controls of cpu that are set, as runc
+// reads them: a zero value means "leave it" (engines send zero shares or
+// realtime periods for "unset", which the kernel refuses as values), and
+// nil when none is set.
+func setCPUFields(cpu *specs.LinuxCPU) *specs.LinuxCPU {
+	if cpu == nil {
+		return nil
+	}
+	c := *cpu
+	for _, u := range []**uint64{&c.Shares, &c.Period, &c.RealtimePeriod, &c.Burst} {
+		if *u != nil && **u == 0 {
+			*u = nil
+		}
+	}
+	for _, i := range []**int64{&c.Quota, &c.RealtimeRuntime} {
+		if *i != nil && **i == 0 {
+			*i = nil
+		}
+	}
+	if c.Idle != nil && *c.Idle == 0 {
+		c.Idle = nil
+	}
+	if c == (specs.LinuxCPU{}) {
+		return nil
+	}
+	return &c
 }
 
 // Join moves process pid into the cgroup p, made by Create.

@@ -44,9 +44,15 @@ func TestStopDuringBoot(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer r.Close()
+			goR, goW, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			goW.WriteString("go\n")
+			goW.Close()
 			done := make(chan int, 1)
 			go func() {
-				code, _ := Run(dir, w, slog.New(slog.NewTextHandler(io.Discard, nil)))
+				code, _ := Run(dir, w, goR, slog.New(slog.NewTextHandler(io.Discard, nil)))
 				w.Close()
 				done <- code
 			}()

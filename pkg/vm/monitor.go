@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmnet"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
@@ -44,9 +46,13 @@ const (
 	qemuPidFile       = "qemu.pid"
 )
 
-// TapFD is the first descriptor at which the monitor inherits the tap
-// devices of NetTap (after the ready pipe at 3).
-const TapFD = 4
+// GoFD is the descriptor at which the monitor inherits the read end of
+// create's go-ahead pipe (after the ready pipe at 3).
+const GoFD = 4
+
+// goAhead is the line create writes to the go-ahead pipe once the
+// monitor's configuration is written.
+const goAhead = "go"
 
 // MonitorConfig is what create hands the monitor.
 type MonitorConfig struct {
@@ -68,6 +74,16 @@ type MonitorConfig struct {
 	// monitor joins before it starts kiwi-sharefs and QEMU, so that they
 	// are accounted to the container.
 	Cgroup string `json:"cgroup,omitempty"`
+	// NetNS is the network namespace whose interfaces the guest takes
+	// over when Machine.Network is NetTap (see package vmnet). The
+	// monitor moves them onto taps itself, so that they can be set up
+	// in its own namespace, after the hooks that made them.
+	NetNS string `json:"netns,omitempty"`
+	// NetNSOwned says that NetNS is the monitor's own namespace, made
+	// for the container: it goes with the monitor's processes, so its
+	// taps need no teardown and no record (a /proc path outlives its
+	// process and could name another's namespace).
+	NetNSOwned bool `json:"netnsOwned,omitempty"`
 }
 
 // ShareFS is the kiwi-sharefs daemon serving a VM's virtio-fs exports.
@@ -93,9 +109,10 @@ type monitor struct {
 	dir      string
 	log      *slog.Logger
 	guest    *vmproto.Writer
-	out, err io.Writer // container stdout/stderr targets
-	in       io.Reader // container stdin source
-	tty      *os.File  // pty slave when the process has a terminal
+	out, err io.Writer  // container stdout/stderr targets
+	in       io.Reader  // container stdin source
+	tty      *os.File   // pty slave when the process has a terminal
+	taps     []*os.File // QEMU's tap devices of NetTap, in Machine.TapMACs order
 
 	mu          sync.Mutex
 	status      string // creating, created, running, paused, stopped
@@ -124,14 +141,27 @@ const qmpTimeout = 20 * time.Second
 var errAbandoned = errors.New("create went away during the boot")
 
 // Run runs the monitor for the state directory dir and returns the exit
-// status the process should exit with. It writes "ok" or "error MSG" to
-// ready, the write end of a pipe that create reads, once the guest is set
-// up (or failed to). If create goes away before that (killed, say, with
-// the containerd shim that ran it), nobody will learn of the container:
-// the boot is abandoned, and Run reports it so that the caller can remove
-// the container.
-func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool) {
+// status the process should exit with.
+//
+// The monitor is started before its configuration exists: it is the
+// container's process on the host (the pid of its state), born in the
+// namespaces the spec asks for, and create runs the prestart and
+// createRuntime hooks against it first (a CNI hook, say, sets up the
+// network namespace the guest's interfaces come from). Create then
+// writes the configuration and the line "go" to goAhead; the monitor
+// reads it there and boots. It writes "ok" or "error MSG" to ready, the
+// write end of a pipe that create reads, once the guest is set up (or
+// failed to). If create goes away before that (killed, say, with the
+// containerd shim that ran it), nobody will learn of the container: the
+// boot is abandoned, and Run reports it so that the caller can remove the
+// container.
+func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, abandoned bool) {
 	m := &monitor{dir: dir, log: log, status: "creating", clients: map[uint32]*vmproto.Writer{}, next: 1, started: make(chan struct{})}
+	if !waitGoAhead(goAhead) {
+		// create failed or went away before it wrote the configuration:
+		// there is no container to run or to report to.
+		return 1, false
+	}
 	creatorGone := watchReader(ready)
 	fail := func(err error) (int, bool) {
 		_, werr := fmt.Fprintf(ready, "error %s\n", oneLine(err.Error()))
@@ -156,6 +186,16 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 		if err := hostcgroup.Join(m.cfg.Cgroup, os.Getpid()); err != nil {
 			return fail(err)
 		}
+	}
+	if m.cfg.Machine.Network == NetTap {
+		if err := m.setupNetwork(); err != nil {
+			return fail(fmt.Errorf("container network: %w", err))
+		}
+		defer func() {
+			for _, t := range m.taps {
+				t.Close()
+			}
+		}()
 	}
 	m.in, m.out, m.err = os.Stdin, os.Stdout, os.Stderr
 	if m.cfg.Guest.Process.Terminal {
@@ -313,6 +353,42 @@ func watchReader(w *os.File) <-chan struct{} {
 	return gone
 }
 
+// waitGoAhead waits for create's go-ahead line on r and closes r. It
+// reports false when create closed the pipe without it (it failed, or
+// died, before the configuration was written).
+func waitGoAhead(r *os.File) bool {
+	defer r.Close()
+	line, err := bufio.NewReader(io.LimitReader(r, 64)).ReadString('\n')
+	return err == nil && strings.TrimSpace(line) == goAhead
+}
+
+// setupNetwork moves the interfaces of the container's network
+// namespace onto taps for QEMU and fills in the guest's side. A
+// namespace that is not the monitor's own is recorded in the state
+// directory, so that delete can give its interfaces back.
+func (m *monitor) setupNetwork() error {
+	st, taps, err := vmnet.Setup(m.cfg.NetNS)
+	if err != nil {
+		return err
+	}
+	if !m.cfg.NetNSOwned {
+		if err := vmnet.Save(m.dir, st); err != nil {
+			for _, t := range taps {
+				t.Close()
+			}
+			vmnet.Teardown(st)
+			return err
+		}
+	}
+	m.taps = taps
+	m.cfg.Guest.Network = st.Guest()
+	m.cfg.Machine.TapMACs = nil
+	for _, ifc := range st.Interfaces {
+		m.cfg.Machine.TapMACs = append(m.cfg.Machine.TapMACs, ifc.MAC)
+	}
+	return nil
+}
+
 func oneLine(s string) string {
 	b := []byte(s)
 	for i, c := range b {
@@ -338,11 +414,8 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 	cmd.Dir = m.dir // socket names may be relative to it (SocketPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	// The taps create handed the monitor (fds 4, 5, ...) become QEMU's
-	// fds 3, 4, ... (Machine.Args).
-	for i := range m.cfg.Machine.TapMACs {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, os.NewFile(uintptr(TapFD+i), "tap"))
-	}
+	// The taps become QEMU's fds 3, 4, ... (Machine.Args).
+	cmd.ExtraFiles = m.taps
 	err = fdutil.WithInheritedHidden(cmd.Start)
 	if err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", m.cfg.QEMU, err)

@@ -56,14 +56,50 @@ func PlanNetwork(spec *specs.Spec) NetworkPlan {
 	case ns.Path == "":
 		return NetworkPlan{Mode: NetNone, Why: "new empty network namespace: loopback only"}
 	}
-	ifs, err := interfacesIn(ns.Path)
+	return PlanNetworkAt(ns.Path)
+}
+
+// PlanNetworkAt decides the VM's network from the network namespace at
+// path as it is now: its interfaces other than loopback move into the
+// guest. A new namespace made for the container (whose path create
+// learns only once the monitor lives in it) is planned this way after
+// the hooks that may have set it up.
+func PlanNetworkAt(path string) NetworkPlan {
+	ifs, err := interfacesIn(path)
 	if err != nil {
-		return NetworkPlan{Mode: NetUser, Why: fmt.Sprintf("cannot inspect %s (%v): using QEMU user-mode networking", ns.Path, err)}
+		return NetworkPlan{Mode: NetUser, Why: fmt.Sprintf("cannot inspect %s (%v): using QEMU user-mode networking", path, err)}
 	}
 	if len(ifs) <= 1 {
 		return NetworkPlan{Mode: NetNone, Why: "network namespace has loopback only"}
 	}
-	return NetworkPlan{Mode: NetTap, Why: "the container's interfaces move into the guest (tap + tc mirred)", NetNS: ns.Path}
+	return NetworkPlan{Mode: NetTap, Why: "the container's interfaces move into the guest (tap + tc mirred)", NetNS: path}
+}
+
+// NewNamespaces returns the clone flags of the namespaces the spec asks
+// to be made new (no path) that the VM's host-side process can live in
+// without a change to what it does: network, UTS and IPC. The monitor is
+// born in them, so that the state's pid shows the container's
+// namespaces to hooks and tools on the host (a CNI hook sets up the
+// network namespace of that pid).
+func NewNamespaces(spec *specs.Spec) uintptr {
+	if spec.Linux == nil {
+		return 0
+	}
+	var flags uintptr
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Path != "" {
+			continue
+		}
+		switch ns.Type {
+		case specs.NetworkNamespace:
+			flags |= unix.CLONE_NEWNET
+		case specs.UTSNamespace:
+			flags |= unix.CLONE_NEWUTS
+		case specs.IPCNamespace:
+			flags |= unix.CLONE_NEWIPC
+		}
+	}
+	return flags
 }
 
 // interfacesIn lists the interfaces of the network namespace at path.
