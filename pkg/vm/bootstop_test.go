@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
 )
 
 // TestStopDuringBoot: a kill at any moment of the boot ends the box with
@@ -84,5 +86,57 @@ func TestStopDuringBoot(t *testing.T) {
 				t.Errorf("create got %q", line)
 			}
 		})
+	}
+}
+
+// TestShareFSDiesDuringBoot: a kiwi-sharefs that dies while the guest
+// boots ends the boot at once with that reason, instead of leaving the
+// guest to wait on its root until the boot timeout.
+func TestShareFSDiesDuringBoot(t *testing.T) {
+	dir, err := os.MkdirTemp("/tmp", "kbs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	qemu := filepath.Join(dir, "qemu")
+	os.WriteFile(qemu, []byte("#!/bin/sh\nexec sleep 60\n"), 0o755)
+	// Ready, then gone: as when it is killed once the VM is booting.
+	sfs := filepath.Join(dir, "kiwi-sharefs")
+	os.WriteFile(sfs, []byte("#!/bin/sh\necho ready >&3\nsleep 0.2\nexit 1\n"), 0o755)
+	mc := MonitorConfig{ID: "t", QEMU: qemu, BootTimeout: time.Minute,
+		ShareFS: &ShareFS{Binary: sfs, Exports: []vmshare.Export{{Tag: "root", Source: dir, Socket: "root.sock"}}},
+		Machine: Machine{QEMU: qemu, Arch: HostArch(), Accel: "tcg", MemoryMiB: 128, CPUs: 1, Kernel: "/k", Initrd: "/i"}}
+	mc.Paths(dir)
+	b, _ := json.Marshal(mc)
+	if err := os.WriteFile(filepath.Join(dir, MonitorConfigFile), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	goW.WriteString("go\n")
+	goW.Close()
+	start := time.Now()
+	done := make(chan int, 1)
+	go func() {
+		code, _ := Run(dir, w, goR, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		w.Close()
+		done <- code
+	}()
+	select {
+	case code := <-done:
+		line, _ := bufio.NewReader(r).ReadString('\n')
+		if code == 0 || !strings.Contains(line, "kiwi-sharefs") || !strings.Contains(line, "died during boot") {
+			t.Errorf("status %d, ready line %q; want a failure naming kiwi-sharefs", code, line)
+		}
+		t.Logf("ended after %s: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(line))
+	case <-time.After(30 * time.Second):
+		t.Fatal("the boot went on without its file server")
 	}
 }

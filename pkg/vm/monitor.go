@@ -247,7 +247,7 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		qemu.Process.Kill() // killed before QEMU was there
 	}
 	go m.acceptQMP(ql)
-	conn, err := m.boot(gl, qemu, qemuDone, creatorGone, sigs)
+	conn, err := m.boot(gl, qemu, qemuDone, sfsDone, creatorGone, sigs)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
@@ -428,7 +428,14 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 
 // boot waits for the guest to say hello, sends it the configuration and
 // waits until the container's root is set up.
-func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
+//
+// A kiwi-sharefs that dies meanwhile (sfsDone; nil without virtio-fs)
+// ends the boot at once: without its file server the guest would wait
+// on its root until the boot timeout.
+func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, sfsDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
+	sfsDied := func() error {
+		return fmt.Errorf("kiwi-sharefs, the box's file server, died during boot (log: %s)", filepath.Join(m.dir, shareFSLog))
+	}
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -446,6 +453,8 @@ func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, creatorGone <-c
 				return nil, err
 			}
 			return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
+		case <-sfsDone:
+			return nil, sfsDied()
 		case <-creatorGone:
 			return nil, errAbandoned
 		case s := <-sigs:
@@ -481,6 +490,8 @@ func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, creatorGone <-c
 					return vmproto.Frame{}, err
 				}
 				return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+			case <-sfsDone:
+				return vmproto.Frame{}, sfsDied()
 			case <-creatorGone:
 				return vmproto.Frame{}, errAbandoned
 			case s := <-sigs:
