@@ -20,9 +20,10 @@ import (
 // and attaches it in place of the old one with opencontainers/cgroups, the
 // code runc itself uses: when exactly one program is attached (runc's, or
 // our earlier one) the kernel swaps it atomically (BPF_F_REPLACE);
-// when systemd added one of its own beside it, the new one is attached
-// first and the old ones detached after, so there is never a moment
-// without a filter either way.
+// when systemd added one of its own beside it (it does whenever it
+// applies the unit's properties), the new one is attached first and the
+// old ones detached after, so there is never a moment without a filter
+// either way.
 type V2 struct {
 	dir  string
 	base []*config.Rule
