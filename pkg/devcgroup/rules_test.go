@@ -7,9 +7,9 @@ import (
 	"github.com/opencontainers/cgroups/devices/config"
 )
 
-// runcBase is what runc 1.1 records for a kiwi-shim container whose
+// runcBase is what runc 1.1.5 records for a kiwi-shim container whose
 // spec denies everything and allows its leased /dev/loop3: the spec's
-// rules, then runc's default devices.
+// rules, then runc's default devices (testdata/runc-1.1.5-state.json).
 func runcBase() []*config.Rule {
 	r := func(t config.Type, maj, min int64, p string, allow bool) *config.Rule {
 		return &config.Rule{Type: t, Major: maj, Minor: min, Permissions: config.Permissions(p), Allow: allow}
@@ -27,6 +27,7 @@ func runcBase() []*config.Rule {
 		r('c', 1, 9, "rwm", true),
 		r('c', 136, -1, "rwm", true),
 		r('c', 5, 2, "rwm", true),
+		r('c', 10, 200, "rwm", true),
 	}
 }
 
