@@ -1,10 +1,12 @@
 package integration
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -91,6 +93,13 @@ func TestVMPause(t *testing.T) {
 	// container's; a memory limit other than the container's is refused.
 	p.must("update", "--cpu-shares", "512", id)
 	pid := p.must("inspect", id, "--format", "{{.State.Pid}}")
+	// The state's pid (the monitor) is in the container's network
+	// namespace, as runc's container process is: nsenter -t PID -n
+	// reaches podman's network of the container.
+	sandbox := p.must("inspect", id, "--format", "{{.NetworkSettings.SandboxKey}}")
+	if a, b := nsOf(t, "/proc/"+pid+"/ns/net"), nsOf(t, sandbox); a != b {
+		t.Errorf("the state's pid %s is in network namespace %s, podman's is %s (%s)", pid, a, b, sandbox)
+	}
 	if got := cgroupFile(t, pid, "cpu", "cpu.shares", "cpu.weight"); got != "512" && got != "20" {
 		t.Errorf("after podman update --cpu-shares 512 the VM's cgroup has %q", got)
 	}
@@ -274,4 +283,15 @@ func cgroupFile(t *testing.T, pid, controller, v1, v2 string) string {
 	}
 	t.Fatalf("no %s cgroup file for pid %s:\n%s", controller, pid, b)
 	return ""
+}
+
+// nsOf identifies the namespace at path (a /proc/PID/ns link or a bind
+// mount of one) by its device and inode.
+func nsOf(t *testing.T, path string) string {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatalf("stat %s: %v", path, err)
+	}
+	return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
 }

@@ -278,6 +278,10 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	}
 	netPlan := vm.PlanNetwork(spec)
 	newNS := vm.NewNamespaces(spec)
+	joinNS, err := vm.NamespacePaths(spec)
+	if err != nil {
+		return err
+	}
 	var scratchPath string
 	if s.ScratchSize > 0 {
 		scratchPath = s.ScratchPath
@@ -365,9 +369,10 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		}
 		disks = append(disks, vm.Disk{Path: rec.Scratch, Serial: vm.ScratchSerial})
 	}
-	// The monitor first, born in the namespaces the spec asks for: it is
-	// the container's process on the host, the pid that hooks and tools
-	// see. It waits for the go-ahead on fd 4 before it boots anything.
+	// The monitor first, born in the network, UTS and IPC namespaces the
+	// spec asks for (new, or joined by path): it is the container's
+	// process on the host, the pid that hooks and tools see. It waits
+	// for the go-ahead on fd 4 before it boots anything.
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
 		return err
@@ -392,7 +397,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	// fd 3: the ready pipe; fd vm.GoFD: the go-ahead pipe.
 	monitor.ExtraFiles = []*os.File{readyW, goR}
 	monitor.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: newNS}
-	err = fdutil.WithInheritedHidden(monitor.Start)
+	err = vm.StartIn(joinNS, func() error { return fdutil.WithInheritedHidden(monitor.Start) })
 	readyW.Close()
 	goR.Close()
 	if err != nil {

@@ -75,33 +75,6 @@ func PlanNetworkAt(path string) NetworkPlan {
 	return NetworkPlan{Mode: NetTap, Why: "the container's interfaces move into the guest (tap + tc mirred)", NetNS: path}
 }
 
-// NewNamespaces returns the clone flags of the namespaces the spec asks
-// to be made new (no path) that the VM's host-side process can live in
-// without a change to what it does: network, UTS and IPC. The monitor is
-// born in them, so that the state's pid shows the container's
-// namespaces to hooks and tools on the host (a CNI hook sets up the
-// network namespace of that pid).
-func NewNamespaces(spec *specs.Spec) uintptr {
-	if spec.Linux == nil {
-		return 0
-	}
-	var flags uintptr
-	for _, ns := range spec.Linux.Namespaces {
-		if ns.Path != "" {
-			continue
-		}
-		switch ns.Type {
-		case specs.NetworkNamespace:
-			flags |= unix.CLONE_NEWNET
-		case specs.UTSNamespace:
-			flags |= unix.CLONE_NEWUTS
-		case specs.IPCNamespace:
-			flags |= unix.CLONE_NEWIPC
-		}
-	}
-	return flags
-}
-
 // interfacesIn lists the interfaces of the network namespace at path.
 func interfacesIn(path string) ([]net.Interface, error) {
 	type result struct {
