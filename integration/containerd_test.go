@@ -279,6 +279,15 @@ func TestContainerdTask(t *testing.T) {
 	if out := c.must("task", "metrics", "vm2"); !strings.Contains(out, "memory") {
 		t.Fatalf("task metrics:\n%s", out)
 	}
+	// pause and resume through the shim: the VM's vCPUs stop and go on.
+	c.must("task", "pause", "vm2")
+	if out := c.must("task", "ls"); !strings.Contains(out, "PAUSED") {
+		t.Fatalf("task ls after pause:\n%s", out)
+	}
+	c.must("task", "resume", "vm2")
+	if out := c.must("task", "exec", "--exec-id", "e3", "vm2", "echo", "resumed"); out != "resumed\n" {
+		t.Fatalf("exec after resume printed %q", out)
+	}
 	c.must("task", "kill", "vm2")
 	eventually(t, 60*time.Second, "task stopped", func() bool {
 		return strings.Contains(c.must("task", "ls"), "STOPPED")
