@@ -53,9 +53,9 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [engine]
 runtime_supports_json = ["crun", "runc", "kiwi-shim"]
-[engine.runtimes]
+%s[engine.runtimes]
 kiwi-shim = [%q]
-%s`, p.runtime, cgroupManagerConf())
+`, cgroupManagerConf(), p.runtime)
 	shimConf := fmt.Sprintf("[loop]\ndir = %q\ncapacity = %d\n%s", loopDir, capacity, extraConfig)
 	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
