@@ -107,9 +107,9 @@ printf 'label: dos\n,8M,L\n' | /usr/sbin/sfdisk -q "$dev"
 /usr/sbin/partx -a "$dev"
 i=0; while [ ! -b "${dev}p1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo "nodes: $(ls /dev | grep '^loop' | tr '\n' ' ')"
-echo "sys: $(ls /sys/class/block/$(basename $dev))"
+echo "kernel's partitions: $(cd /sys/class/block/$(basename $dev) && ls -d $(basename $dev)p*)"
 if /usr/sbin/mke2fs -q -t ext2 "${dev}p1"; then echo "made ${dev}p1"; else echo "partition unusable"; fi
-mknod /tmp/foreign b ` + majMin + `
+rm -f /tmp/foreign; mknod /tmp/foreign b ` + majMin + `
 if cat /tmp/foreign > /dev/null; then echo "foreign opened"; else echo "foreign refused"; fi
 echo ready
 exec sleep 600
