@@ -15,7 +15,7 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-system-arm qemu-utils fuse3 netavark aardvark-dns \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps kernel box test test-e2e test-parallel test-conformance test-unit test-integration lint bench fuzz soak install clean demo
+.PHONY: all build deps kernel box test test-e2e test-cgroup2 test-parallel test-conformance test-unit test-integration lint bench fuzz soak install clean demo
 
 all: build
 
@@ -79,6 +79,14 @@ test: deps build kernel lint test-unit test-integration
 # End to end: the bootable description built in VM mode, then booted.
 test-e2e: deps build kernel
 	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags e2e -count=1 -p 1 -timeout 180m -v -run 'TestE2E' ./integration/
+
+# Container mode on a real cgroup v2 host: a Debian 12 VM (systemd, the
+# unified hierarchy, podman, runc; image cached under
+# /var/cache/kiwi-shim-test) booted with QEMU, running the container-mode
+# tests and a KIWI oem build with each podman cgroup manager. Outside
+# make test: far too slow under TCG (see README, Testing).
+test-cgroup2: deps build box
+	KIWI_SHIM_BIN=$(BIN) GO=$(GO) ./contrib/cgroup2/run
 
 # Three VM-mode and three container-mode real KIWI builds at once (loop
 # capacity below the demand), then one after another; about an hour

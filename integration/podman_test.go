@@ -53,9 +53,9 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [engine]
 runtime_supports_json = ["crun", "runc", "kiwi-shim"]
-[engine.runtimes]
+%s[engine.runtimes]
 kiwi-shim = [%q]
-`, p.runtime)
+`, cgroupManagerConf(), p.runtime)
 	shimConf := fmt.Sprintf("[loop]\ndir = %q\ncapacity = %d\n%s", loopDir, capacity, extraConfig)
 	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -81,6 +81,19 @@ kiwi-shim = [%q]
 	})
 	leaveClean(t, dir)
 	return p
+}
+
+// cgroupManagerEnv names podman's cgroup manager (systemd or cgroupfs)
+// for the tests' podman; unset, podman's default for the host. make
+// test-cgroup2 runs the container-mode tests once with each.
+const cgroupManagerEnv = "KIWI_SHIM_TEST_CGROUP_MANAGER"
+
+// cgroupManagerConf is the [engine] line that sets it, if any.
+func cgroupManagerConf() string {
+	if m := os.Getenv(cgroupManagerEnv); m != "" {
+		return fmt.Sprintf("cgroup_manager = %q\n", m)
+	}
+	return ""
 }
 
 func (p *podman) cmd(args ...string) *exec.Cmd {
