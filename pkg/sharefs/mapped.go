@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
 // Mapped mode (Options.Mapped), like 9p's security_model=mapped-xattr:
@@ -34,9 +37,11 @@ import (
 // trusted.* attribute, so no host user can forge a device node or a
 // set-user-ID bit that the client would honour (with user.*, anyone who
 // may write a file of the export could), and the copies ordinary users
-// make do not carry it. A daemon that is not root cannot use trusted.*
-// and takes user.kiwi-sharefs.mode: its files all belong to its user,
-// who could write them anyway. Clients can neither read nor set either
+// make do not carry it. A daemon that is not real root (an ordinary
+// user, or root of a user namespace, as under rootless podman) cannot
+// use trusted.* and takes user.kiwi-sharefs.mode: its files all belong
+// to its user (or the user's subordinate ids), who could write them
+// anyway. Clients can neither read nor set either
 // name (exports without Mapped included): a client that could set it
 // would make itself set-user-ID files.
 //
@@ -121,11 +126,18 @@ func parseMapping(b []byte) (mapping, bool) {
 
 // mapAttr is the name of the export's mapping attribute.
 func (ex *export) mapAttr() string {
-	if ex.opts.Squash || unix.Geteuid() != 0 {
+	if ex.opts.Squash || !realRoot() {
 		return mapAttrRootless
 	}
 	return mapAttrRoot
 }
+
+// realRoot reports whether the daemon may use trusted.* attributes:
+// whether it is root of the initial user namespace. Root of another
+// user namespace (rootless podman runs kiwi-sharefs as root of its own)
+// may not: the kernel wants CAP_SYS_ADMIN in the initial namespace for
+// trusted.*, and answers EPERM to every set and ENODATA to every get.
+var realRoot = sync.OnceValue(func() bool { return !rootless.Detect() })
 
 // isMapAttr reports whether a client's attribute name is one of the
 // mapping attributes, which clients may not touch.
