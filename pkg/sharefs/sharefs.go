@@ -37,9 +37,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -203,15 +205,84 @@ type export struct {
 	rootDev uint64
 	// open counts descriptors held, for tests and leak checks.
 	open atomic.Int64
+
+	mu sync.Mutex
+	// dirs holds the descriptor of each directory below the root that
+	// a node stands for (see dirFD).
+	dirs map[devIno]*dirFD
+}
+
+type devIno struct{ dev, ino uint64 }
+
+// dirFD is the O_PATH descriptor of one directory, shared by every node
+// that stands for it. go-fuse (v2.12) makes a node for every LOOKUP and
+// keeps it only if no node of the same inode is registered yet; the
+// loser is dropped without a call back. A client looks a directory up
+// again whenever its entry times out (a second with the auto and
+// metadata caches), so a descriptor of each node's own leaked one per
+// look-up: a KIWI build with its tree on a share ran out of them
+// (EMFILE) in dpkg after 20,000 look-ups. Now a directory has one
+// descriptor however many nodes stand for it, closed when the last of
+// them is forgotten (OnForget) or, for nodes go-fuse dropped, garbage
+// collected.
+type dirFD struct {
+	fd   int
+	key  devIno
+	refs int // guarded by export.mu
+}
+
+// dirRef is one node's reference to a dirFD, released once.
+type dirRef struct {
+	ex   *export
+	d    *dirFD
+	done bool // guarded by export.mu
+}
+
+// holdDir returns the shared descriptor of the directory that fd (an
+// O_PATH descriptor, consumed) opens, with a new reference to it.
+func (ex *export) holdDir(fd int, st *unix.Stat_t) *dirRef {
+	key := devIno{st.Dev, st.Ino}
+	ex.mu.Lock()
+	defer ex.mu.Unlock()
+	d := ex.dirs[key]
+	if d != nil {
+		unix.Close(fd)
+	} else {
+		d = &dirFD{fd: fd, key: key}
+		if ex.dirs == nil {
+			ex.dirs = map[devIno]*dirFD{}
+		}
+		ex.dirs[key] = d
+		ex.open.Add(1)
+	}
+	d.refs++
+	return &dirRef{ex: ex, d: d}
+}
+
+// release drops the reference; the last one closes the descriptor.
+func (r *dirRef) release() {
+	r.ex.mu.Lock()
+	defer r.ex.mu.Unlock()
+	if r.done {
+		return
+	}
+	r.done = true
+	if r.d.refs--; r.d.refs == 0 {
+		delete(r.ex.dirs, r.d.key)
+		unix.Close(r.d.fd)
+		r.ex.open.Add(-1)
+	}
 }
 
 // node is one inode of the export. Directories hold an O_PATH
-// descriptor in fd; other nodes have fd -1 and are found again by dev and
-// ino (see handle).
+// descriptor in fd (the root its own, the others their directory's
+// shared one, through dir); other nodes have fd -1 and are found again
+// by dev and ino (see handle).
 type node struct {
 	fs.Inode
 	ex       *export
 	fd       int
+	dir      *dirRef
 	dev, ino uint64
 }
 
@@ -255,12 +326,12 @@ func (n *node) Statx(ctx context.Context, f fs.FileHandle, flags, mask uint32, o
 	return syscall.ENOSYS
 }
 
-// OnForget closes the descriptor once the client forgot the inode.
+// OnForget lets go of the directory's descriptor once the client forgot
+// the inode.
 func (n *node) OnForget() {
-	if n.fd >= 0 {
-		unix.Close(n.fd)
+	if n.dir != nil {
 		n.fd = -1
-		n.ex.open.Add(-1)
+		n.dir.release()
 	}
 }
 
@@ -407,19 +478,17 @@ func (n *node) newChild(ctx context.Context, fd int, out *fuse.EntryOut) (*fs.In
 		return nil, fs.ToErrno(err)
 	}
 	n.ex.overlay(fd, &st)
-	child := &node{ex: n.ex, fd: fd, dev: st.Dev, ino: st.Ino}
+	child := &node{ex: n.ex, fd: -1, dev: st.Dev, ino: st.Ino}
 	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-		n.ex.open.Add(1)
+		child.dir = n.ex.holdDir(fd, &st)
+		child.fd = child.dir.d.fd
+		// If go-fuse drops this node for one it already has, nothing
+		// tells us but the garbage collector.
+		runtime.AddCleanup(child, (*dirRef).release, child.dir)
 	} else {
 		unix.Close(fd)
-		child.fd = -1
 	}
 	in := n.NewInode(ctx, child, fs.StableAttr{Mode: st.Mode & unix.S_IFMT, Ino: n.ex.ino(&st)})
-	if in.Operations() != fs.InodeEmbedder(child) {
-		// The client already knows this inode (a hard link, or a lookup
-		// racing another): keep the descriptor it has.
-		child.OnForget()
-	}
 	n.ex.fillAttr(&st, &out.Attr)
 	return in, 0
 }

@@ -3,10 +3,12 @@ package sharefs
 import (
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -472,5 +474,63 @@ func TestStatxRefused(t *testing.T) {
 		if st := j.raw.Statx(nil, in, &so); st != fuse.ENOSYS {
 			t.Errorf("STATX (fh %d): %v, uid %d, want ENOSYS", fh, st, so.Uid)
 		}
+	}
+}
+
+// procFDs counts this process's open descriptors.
+func procFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestLookupAgainOneDescriptor: looking a directory up again, as a
+// client does whenever its entry times out, keeps one descriptor for
+// it. go-fuse makes a node for every LOOKUP and drops it without a word
+// when it already has one for the inode; each of those nodes held a
+// descriptor of its own, so every look-up leaked one (a KIWI build with
+// its tree on a share failed with EMFILE in dpkg). Forgetting the
+// directory closes its descriptor.
+func TestLookupAgainOneDescriptor(t *testing.T) {
+	j := newJail(t, Options{})
+	before := procFDs(t)
+	const n = 300
+	var id uint64
+	for range n {
+		var st fuse.Status
+		if id, st = j.lookup(t, 1, "dir"); st != fuse.OK {
+			t.Fatal(st)
+		}
+	}
+	if got := OpenDescriptors(j.root); got != 2 {
+		t.Errorf("after %d look-ups of one directory the export holds %d descriptors, want 2 (root and dir)", n, got)
+	}
+	if got := procFDs(t); got > before+1 {
+		t.Errorf("after %d look-ups of one directory the process has %d more descriptors", n, got-before)
+	}
+	// The directory still works through the shared descriptor.
+	var eo fuse.EntryOut
+	if st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(id), Mode: 0o755}, "sub", &eo); st != fuse.OK {
+		t.Fatalf("mkdir in the directory: %v", st)
+	}
+	if _, err := os.Stat(filepath.Join(j.export, "dir", "sub")); err != nil {
+		t.Fatal(err)
+	}
+	// Forgotten by the client, and the dropped nodes collected: closed.
+	j.raw.Forget(eo.NodeId, 1)
+	j.raw.Forget(id, n)
+	deadline := time.Now().Add(10 * time.Second)
+	for OpenDescriptors(j.root) != 1 && time.Now().Before(deadline) {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := OpenDescriptors(j.root); got != 1 {
+		t.Errorf("after the client forgot the directory the export holds %d descriptors, want 1 (root)", got)
+	}
+	if got := procFDs(t); got > before {
+		t.Errorf("after the client forgot the directory the process has %d descriptors, %d before the look-ups", got, before)
 	}
 }

@@ -183,3 +183,40 @@ func TestNullModes(t *testing.T) {
 		}
 	}
 }
+
+// TestLookupAgainNoLeak: a guest that looks the same directory up again
+// and again (its entries time out after a second) costs the daemon one
+// descriptor, not one per LOOKUP. The virtio-fs transport never forgets
+// an inode, and every LOOKUP used to leave a descriptor behind: a KIWI
+// build with its tree on a share hit the daemon's limit (EMFILE) in
+// dpkg.
+func TestLookupAgainNoLeak(t *testing.T) {
+	export := t.TempDir()
+	if err := os.Mkdir(filepath.Join(export, "dir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Mapped: true, Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 8192)
+	if n, st := ps.HandleRequest([][]byte{initRequest()}, [][]byte{out}); st != fuse.OK || n == 0 {
+		t.Fatalf("INIT: %d bytes, %v", n, st)
+	}
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	for i := range 500 {
+		if n, st := ps.HandleRequest([][]byte{request(1, uint64(i+2), 1, []byte("dir\x00"))}, [][]byte{out}); st != fuse.OK || n == 0 {
+			t.Fatalf("LOOKUP %d: %d bytes, %v", i, n, st)
+		}
+	}
+	if got := fds(); got > before+1 {
+		t.Errorf("500 LOOKUPs of one directory left %d more descriptors open, want at most 1", got-before)
+	}
+}
