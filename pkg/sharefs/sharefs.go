@@ -153,7 +153,12 @@ func FSOptions(o Options) (*fs.Options, error) {
 // unmaps a file from everyone when one process maps it privately (which
 // makes running programs from such an export slow); files opened
 // read-write stay cached, so that shared writable mappings (databases)
-// keep working.
+// keep working. So do ELF files (programs and shared libraries), which
+// are what gets mapped: ldconfig maps each library it looks at
+// MAP_SHARED from a read-only descriptor, and with direct I/O it found
+// none ("Cannot mmap file"), so that a KIWI image built on a share got
+// an empty /etc/ld.so.cache. fd is the opened file, looked at only for
+// that (-1: a new, empty file).
 //
 // No open file needs FLUSH: the client's close would make us close a
 // duplicate of the host descriptor, which writes nothing (data goes to
@@ -167,10 +172,10 @@ func FSOptions(o Options) (*fs.Options, error) {
 // when it can (go-fuse asks for it at every open): faster than any
 // request, and it keeps no data in the FUSE client's page cache either,
 // so only CacheNever asks for direct I/O, which would override it.
-func (ex *export) fopenFlags(flags int) uint32 {
+func (ex *export) fopenFlags(flags, fd int) uint32 {
 	fl := uint32(fuse.FOPEN_NOFLUSH)
 	acc := flags & unix.O_ACCMODE
-	streamed := acc == unix.O_WRONLY || ex.opts.Cache == CacheMetadata && acc == unix.O_RDONLY
+	streamed := acc == unix.O_WRONLY || ex.opts.Cache == CacheMetadata && acc == unix.O_RDONLY && !ex.opts.Passthrough && !isELF(fd)
 	switch {
 	case ex.opts.Cache == CacheNever, streamed && !ex.opts.Passthrough:
 		fl |= fuse.FOPEN_DIRECT_IO
@@ -178,6 +183,16 @@ func (ex *export) fopenFlags(flags int) uint32 {
 		fl |= fuse.FOPEN_KEEP_CACHE
 	}
 	return fl
+}
+
+// isELF reports whether the file open as fd starts with the ELF magic.
+func isELF(fd int) bool {
+	if fd < 0 {
+		return false
+	}
+	var magic [4]byte
+	k, err := unix.Pread(fd, magic[:], 0)
+	return err == nil && k == len(magic) && string(magic[:]) == "\x7fELF"
 }
 
 // Root opens the export dir and returns its root node. Each transport
@@ -722,7 +737,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if e != 0 {
 		return nil, 0, e
 	}
-	return newFile(fd), n.ex.fopenFlags(f), 0
+	return newFile(fd), n.ex.fopenFlags(f, fd), 0
 }
 
 // OpendirHandle opens a directory for reading.
@@ -793,7 +808,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
-	return in, newFile(fd), n.ex.fopenFlags(f), 0
+	return in, newFile(fd), n.ex.fopenFlags(f, -1), 0
 }
 
 // createExisting is Create of a name that exists (made on the host since
@@ -826,7 +841,7 @@ func (n *node) createExisting(ctx context.Context, name string, f int, out *fuse
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
-	return in, newFile(fd), n.ex.fopenFlags(f), 0
+	return in, newFile(fd), n.ex.fopenFlags(f, fd), 0
 }
 
 // Mkdir makes a directory.

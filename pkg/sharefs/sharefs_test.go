@@ -254,8 +254,44 @@ func TestOpenFlags(t *testing.T) {
 		{CacheNever, true, unix.O_RDONLY, noflush | direct},
 	} {
 		ex := &export{opts: Options{Cache: c.cache, Passthrough: c.passthrough}}
-		if got := ex.fopenFlags(c.flags); got != c.want {
+		if got := ex.fopenFlags(c.flags, -1); got != c.want {
 			t.Errorf("cache %s, passthrough %v, open flags %#o: FOPEN flags %#x, want %#x", c.cache, c.passthrough, c.flags, got, c.want)
+		}
+	}
+}
+
+// TestOpenELFCached: with CacheMetadata, an ELF file (a program or shared
+// library) opened read-only stays in the client's page cache, so that a
+// client can map it MAP_SHARED: ldconfig does, from a read-only
+// descriptor, and a direct-I/O file cannot be mapped so by a Linux client
+// before 6.6 (ENODEV), which left a KIWI image built on a share with an
+// empty /etc/ld.so.cache. Other files opened read-only stay direct I/O.
+func TestOpenELFCached(t *testing.T) {
+	j := newJail(t, Options{Cache: CacheMetadata})
+	os.WriteFile(filepath.Join(j.export, "lib.so"), append([]byte("\x7fELF\x02\x01\x01"), make([]byte, 4096)...), 0o644)
+	os.WriteFile(filepath.Join(j.export, "short"), []byte("\x7fEL"), 0o644)
+	for _, c := range []struct {
+		name  string
+		flags int
+		want  uint32
+	}{
+		{"lib.so", os.O_RDONLY, fuse.FOPEN_NOFLUSH},
+		{"lib.so", os.O_WRONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+		{"lib.so", os.O_RDWR, fuse.FOPEN_NOFLUSH},
+		{"file", os.O_RDONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+		{"short", os.O_RDONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+	} {
+		id, st := j.lookup(t, 1, c.name)
+		if st != fuse.OK {
+			t.Fatal(st)
+		}
+		var oo fuse.OpenOut
+		if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(c.flags)}, &oo); st != fuse.OK {
+			t.Fatalf("open %s: %v", c.name, st)
+		}
+		j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+		if oo.OpenFlags != c.want {
+			t.Errorf("open %s with flags %#o: FOPEN flags %#x, want %#x", c.name, c.flags, oo.OpenFlags, c.want)
 		}
 	}
 }
