@@ -103,7 +103,7 @@ func TestCRIPod(t *testing.T) {
 	pod := fmt.Sprintf(`{"metadata": {"name": "kiwi-build", "namespace": "default", "uid": "kiwi-build-%d", "attempt": 1},
   "log_directory": %q, "annotations": {"io.kiwi-shim.mode": "vm"}, "linux": {}}`, os.Getpid(), filepath.Join(dir, "logs"))
 	ctr := fmt.Sprintf(`{"metadata": {"name": "build"}, "image": {"image": %q},
-  "command": ["sh", "-c", "echo kernel $(uname -r); ip -4 -o addr; echo ready; exec sleep 600"],
+  "command": ["sh", "-c", "trap 'exit 0' TERM; echo kernel $(uname -r); ip -4 -o addr; echo ready; sleep 600 & wait"],
   "log_path": "build.log", "linux": {}}`, c.image)
 	podJSON, ctrJSON := filepath.Join(dir, "pod.json"), filepath.Join(dir, "ctr.json")
 	os.WriteFile(podJSON, []byte(pod), 0o644)

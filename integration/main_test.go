@@ -79,11 +79,20 @@ func TestMain(m *testing.M) {
 	os.Exit(runMain(m))
 }
 
+// testRunEnv marks the processes this test binary's commands start (every
+// child inherits it, down to QEMU), so that leftover checks count this
+// run's processes only, not those of other kiwi-shim users on the host.
+const testRunEnv = "KIWI_SHIM_TEST_RUN"
+
+// testRun is this run's mark.
+var testRun = strconv.Itoa(os.Getpid())
+
 func runMain(m *testing.M) int {
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "integration tests need root (run: sudo make test)")
 		return 1
 	}
+	os.Setenv(testRunEnv, testRun)
 	if b := os.Getenv("KIWI_SHIM_BIN"); b != "" {
 		bin = b
 	} else {

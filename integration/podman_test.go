@@ -38,8 +38,9 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 	// podman hands --runtime-flag to the runtime only in the podman
 	// process that got it, not to the cleanup that conmon's exit command
 	// runs: a wrapper named kiwi-shim (podman keys runtime_supports_json
-	// by that name) gives every call the test's root and configuration.
-	wrapper := fmt.Sprintf("#!/bin/sh\nexec %q --root %q --config %q \"$@\"\n", shim(), p.root, p.shimConf)
+	// by that name) gives every call the test's root and configuration,
+	// and the run's mark (testRunEnv) whatever environment podman passes.
+	wrapper := fmt.Sprintf("#!/bin/sh\n%s=%s exec %q --root %q --config %q \"$@\"\n", testRunEnv, testRun, shim(), p.root, p.shimConf)
 	if err := os.MkdirAll(filepath.Dir(p.runtime), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package integration
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -42,10 +41,11 @@ func guestRelease(t testing.TB) string {
 func noVMLeft(t testing.TB) {
 	t.Helper()
 	count := func() int {
-		out, _ := exec.Command("pgrep", "-c", "-f", "qemu-system-").Output()
 		n := 0
-		for _, c := range strings.TrimSpace(string(out)) {
-			n = n*10 + int(c-'0')
+		for _, p := range processes(isQEMU) {
+			if fromThisRun(p.Pid) {
+				n++
+			}
 		}
 		return n
 	}
@@ -60,6 +60,20 @@ func noVMLeft(t testing.TB) {
 			t.Errorf("%d QEMU process(es) left running", n-before)
 		}
 	})
+}
+
+// isQEMU matches QEMU processes.
+func isQEMU(argv []string) bool {
+	return len(argv) > 0 && strings.HasPrefix(filepath.Base(argv[0]), "qemu-system-")
+}
+
+// fromThisRun reports whether a process was started by a command of this
+// test binary: such processes inherit testRunEnv (see TestMain) through
+// podman, containerd, kiwi-shim and its monitor, so other users' VMs on
+// the host do not count as this run's.
+func fromThisRun(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	return err == nil && slices.Contains(strings.Split(string(b), "\x00"), testRunEnv+"="+testRun)
 }
 
 // TestVMRun: podman run through VM mode runs the command in the guest,

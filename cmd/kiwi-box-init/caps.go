@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 
@@ -34,6 +35,73 @@ type helperConfig struct {
 	Groups          []uint32              `json:"groups,omitempty"`
 	Capabilities    *vmproto.Capabilities `json:"capabilities,omitempty"`
 	NoNewPrivileges bool                  `json:"noNewPrivileges,omitempty"`
+	// Proc, for the first process of a PID namespace, asks for that
+	// namespace's own /proc (the helper runs as its PID 1, in a mount
+	// namespace of its own), with these paths masked and read-only.
+	Proc *procPaths `json:"proc,omitempty"`
+}
+
+// procPaths are what a new /proc needs.
+type procPaths struct {
+	// mounted: the container mounts proc at /proc (else nothing to do).
+	mounted  bool
+	Masked   []string `json:"masked,omitempty"`
+	Readonly []string `json:"readonly,omitempty"`
+}
+
+// procPathsOf picks the container's /proc mount and its masked and
+// read-only paths from the configuration.
+func procPathsOf(cfg *vmproto.Config) procPaths {
+	var pp procPaths
+	for _, m := range cfg.Mounts {
+		pp.mounted = pp.mounted || m.Destination == "/proc" && m.Type == "proc"
+	}
+	under := func(p string) bool { return strings.HasPrefix(filepath.Clean(p), "/proc/") }
+	for _, p := range cfg.MaskedPaths {
+		if under(p) {
+			pp.Masked = append(pp.Masked, p)
+		}
+	}
+	for _, p := range cfg.ReadonlyPaths {
+		if under(p) {
+			pp.Readonly = append(pp.Readonly, p)
+		}
+	}
+	return pp
+}
+
+// mountProc replaces /proc with a proc of this process's PID namespace,
+// with the flags of the one there, and masks and protects pp's paths on
+// it as setup did on the guest's (read-only ones first, as runc). /proc
+// is made private first: the mount namespace is a copy of the guest's,
+// and nothing done here may propagate back to it.
+func mountProc(pp *procPaths) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/proc", &st); err != nil {
+		return fmt.Errorf("/proc: %w", err)
+	}
+	// ST_RDONLY, ST_NOSUID, ST_NODEV and ST_NOEXEC are MS_'s values.
+	flags := uintptr(st.Flags) & (unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	if err := unix.Mount("", "/proc", "", unix.MS_PRIVATE|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("make /proc private: %w", err)
+	}
+	// The guest's /proc goes (with its masks), as runc's container has
+	// only its own; if it cannot, the new one hides it.
+	unix.Unmount("/proc", unix.MNT_DETACH)
+	if err := unix.Mount("proc", "/proc", "proc", flags, ""); err != nil {
+		return fmt.Errorf("mount the PID namespace's /proc: %w", err)
+	}
+	for _, p := range pp.Readonly {
+		if err := readonlyPath(p); err != nil {
+			return fmt.Errorf("readonly path %s: %w", p, err)
+		}
+	}
+	for _, p := range pp.Masked {
+		if err := maskPath(p); err != nil {
+			return fmt.Errorf("masked path %s: %w", p, err)
+		}
+	}
+	return nil
 }
 
 func init() {
@@ -52,6 +120,9 @@ func execHelper() int {
 	var hc helperConfig
 	err := json.NewDecoder(io.LimitReader(f, vmproto.MaxPayload)).Decode(&hc)
 	f.Close()
+	if err == nil && hc.Proc != nil {
+		err = mountProc(hc.Proc)
+	}
 	if err == nil {
 		err = becomeProcess(&hc)
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,16 @@ type guest struct {
 
 	// userNS, when set, is the user namespace every process gets.
 	userNS *vmproto.UserNS
+	// pidNS puts the first process in a PID namespace of its own, and
+	// in a mount namespace of its own where that namespace's /proc
+	// replaces the guest's (nsFlags says which); nsFD, a pidfd of that
+	// process once it runs (else -1), is how exec'd processes join them.
+	// procPaths are the masked and read-only paths under /proc, made
+	// again on the namespace's own /proc.
+	pidNS     bool
+	nsFD      int
+	nsFlags   int
+	procPaths procPaths
 
 	mu    sync.Mutex
 	procs map[uint32]*proc // by stream
@@ -42,13 +53,15 @@ type proc struct {
 }
 
 func newGuest(ctl *os.File) *guest {
-	return &guest{ctl: ctl, w: vmproto.NewWriter(ctl), procs: map[uint32]*proc{}, byPid: map[int]*proc{}, done: make(chan struct{})}
+	return &guest{ctl: ctl, w: vmproto.NewWriter(ctl), procs: map[uint32]*proc{}, byPid: map[int]*proc{}, done: make(chan struct{}), nsFD: -1}
 }
 
 // serve handles the host's requests until the container's first process
 // has ended or the host asks for poweroff.
 func (g *guest) serve(cfg *vmproto.Config) error {
 	g.userNS = cfg.UserNS
+	g.pidNS = cfg.PidNS
+	g.procPaths = procPathsOf(cfg)
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs, unix.SIGCHLD)
 	go func() {
@@ -155,15 +168,29 @@ func (g *guest) signal(stream uint32, sig unix.Signal, all bool) {
 	}
 }
 
-// spawn starts a process and its stdio relays. A process that cannot be
-// started ends at once with status 127 (126 when not executable), the
-// error on its stderr, as a shell would report it.
+// spawn starts a process and its stdio relays. An exec'd process whose
+// program is missing or not executable is refused with an Error on its
+// stream, in runc's words (exec: "foo": executable file not found in
+// $PATH), then an Exit of 127 (126 when not executable), so that the
+// host's exec fails as runc's does. A process that cannot be started
+// otherwise, or the container's first one (its program was checked at
+// create), ends at once with that status and the error on its stderr, as
+// a shell would report it.
 func (g *guest) spawn(stream uint32, p vmproto.Process) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if _, dup := g.procs[stream]; dup {
 		g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: "stream in use"})
 		return
+	}
+	if stream != 0 {
+		// In the container's mount namespace: the program may be on a
+		// file system the container mounted.
+		if err := g.inContainer(stream, func() error { return checkProgram(p) }); err != nil {
+			g.w.WriteJSON(vmproto.TError, stream, vmproto.Error{Message: err.Error()})
+			g.w.WriteJSON(vmproto.TExit, stream, vmproto.Exit{Status: startStatus(err)})
+			return
+		}
 	}
 	pr := &proc{stream: stream}
 	files, err := g.stdio(pr, p)
@@ -174,10 +201,7 @@ func (g *guest) spawn(stream uint32, p vmproto.Process) {
 		f.Close() // the child has its copies
 	}
 	if err != nil {
-		status := 127
-		if errors.Is(err, os.ErrPermission) {
-			status = 126
-		}
+		status := startStatus(err)
 		g.w.Write(vmproto.TStderr, stream, []byte("kiwi-box-init: "+err.Error()+"\n"))
 		g.w.Write(vmproto.TStdout, stream, nil)
 		g.w.Write(vmproto.TStderr, stream, nil)
@@ -247,7 +271,11 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	if len(p.Args) == 0 {
 		return errors.New("no command given")
 	}
-	path, err := lookPath(p.Args[0], p.Env)
+	var path string
+	err := g.inContainer(pr.stream, func() (err error) {
+		path, err = lookPath(p.Args[0], p.Env)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -276,9 +304,42 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 		attr.Sys.GidMappings = idMaps(ns.GIDMappings)
 		attr.Sys.GidMappingsEnableSetgroups = true
 	}
-	if p.Capabilities == nil && !p.NoNewPrivileges && p.OOMScoreAdj == nil {
+	first := pr.stream == 0 && g.pidNS
+	var remount *procPaths
+	pidfd := -1
+	if first {
+		// The container's PID 1, as under runc: signals it has no
+		// handler for do not reach it (SIGKILL does).
+		g.nsFlags = unix.CLONE_NEWPID
+		if g.userNS == nil && g.procPaths.mounted {
+			// In a mount namespace of its own, the PID namespace's
+			// /proc replaces the guest's. Not with a user namespace:
+			// there the copied mounts would be locked, a masked /proc
+			// is not fully visible (the kernel refuses a new proc mount
+			// then), and shared mounts would become slaves; the
+			// guest's /proc stays.
+			g.nsFlags |= unix.CLONE_NEWNS
+			remount = &g.procPaths
+		}
+		attr.Sys.Cloneflags |= uintptr(g.nsFlags)
+		attr.Sys.PidFD = &pidfd
+	}
+	fork := func(name string, argv []string) (*os.Process, error) {
+		var proc *os.Process
+		err := g.inContainer(pr.stream, func() (err error) {
+			proc, err = os.StartProcess(name, argv, attr)
+			return err
+		})
+		return proc, err
+	}
+	defer func() {
+		if pidfd >= 0 {
+			g.nsFD = pidfd // kept for the container's lifetime
+		}
+	}()
+	if p.Capabilities == nil && !p.NoNewPrivileges && p.OOMScoreAdj == nil && remount == nil {
 		attr.Sys.Credential = &syscall.Credential{Uid: p.UID, Gid: p.GID, Groups: groups}
-		proc, err := os.StartProcess(path, p.Args, attr)
+		proc, err := fork(path, p.Args)
 		if err != nil {
 			return err
 		}
@@ -291,6 +352,7 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	hc, err := json.Marshal(helperConfig{
 		Path: path, Args: p.Args, UID: p.UID, GID: p.GID, Groups: groups,
 		Capabilities: p.Capabilities, NoNewPrivileges: p.NoNewPrivileges,
+		Proc: remount,
 	})
 	if err != nil {
 		return err
@@ -308,7 +370,7 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	}
 	// /proc/self/exe: this binary, wherever the container's root put it
 	// (it lives in the initramfs, outside the container's root).
-	proc, err := os.StartProcess("/proc/self/exe", []string{execHelperName}, attr)
+	proc, err := fork("/proc/self/exe", []string{execHelperName})
 	if err != nil {
 		cfgW.Close()
 		return fmt.Errorf("start %s (needs /proc in the container): %w", path, err)
@@ -333,6 +395,33 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	return nil
 }
 
+// inContainer runs fn in the container's PID (and mount) namespaces when
+// the first process has its own and stream is an exec'd process's: on a
+// thread of its own that enters them (a thread that unshared its file
+// system attributes may join a mount namespace, which a multi-threaded
+// process as a whole may not), so that fn's file lookups resolve in the
+// container's mounts and the processes fn forks are born in its PID
+// namespace. The thread is never given back: it ends with fn.
+func (g *guest) inContainer(stream uint32, fn func() error) error {
+	if stream == 0 || g.nsFD < 0 {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // and never unlocked: the thread goes
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			errc <- fmt.Errorf("unshare file system attributes: %w", err)
+			return
+		}
+		if err := unix.Setns(g.nsFD, g.nsFlags); err != nil {
+			errc <- fmt.Errorf("join the container's namespaces: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
 // idMaps converts mappings for os.StartProcess.
 func idMaps(ms []vmproto.IDMap) []syscall.SysProcIDMap {
 	out := make([]syscall.SysProcIDMap, len(ms))
@@ -342,8 +431,24 @@ func idMaps(ms []vmproto.IDMap) []syscall.SysProcIDMap {
 	return out
 }
 
+// startStatus is the shell's status for a program that could not be
+// started: 126 when it is not executable, else 127 (not found).
+func startStatus(err error) int {
+	if errors.Is(err, os.ErrPermission) {
+		return 126
+	}
+	return 127
+}
+
+// errNotInPath is lookPath's error, in Go's and runc's words.
+var errNotInPath = errors.New("executable file not found in $PATH")
+
 // checkProgram checks that the process's program exists in the
-// container's root (its mounts made) and is a regular file.
+// container's root (its mounts made) and can be executed: a regular file
+// with an execute bit, as runc checks it before its exec. The errors are
+// runc's: exec: "/etc": permission denied (wrapping os.ErrPermission),
+// exec: "/x": stat /x: no such file or directory, exec: "foo":
+// executable file not found in $PATH.
 func checkProgram(p vmproto.Process) error {
 	if len(p.Args) == 0 {
 		return errors.New("no command given")
@@ -359,13 +464,14 @@ func checkProgram(p vmproto.Process) error {
 	switch {
 	case err != nil:
 		return fmt.Errorf("exec: %q: %w", p.Args[0], err)
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("exec: %q: not a regular file", p.Args[0])
+	case !fi.Mode().IsRegular() || fi.Mode()&0o111 == 0:
+		return fmt.Errorf("exec: %q: %w", p.Args[0], os.ErrPermission)
 	}
 	return nil
 }
 
-// lookPath finds a command in the container's PATH.
+// lookPath finds a command in the container's PATH; a name with a slash
+// is returned as it is.
 func lookPath(name string, env []string) (string, error) {
 	if strings.Contains(name, "/") {
 		return name, nil
@@ -382,7 +488,7 @@ func lookPath(name string, env []string) (string, error) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("%s: executable file not found in $PATH", name)
+	return "", fmt.Errorf("exec: %q: %w", name, errNotInPath)
 }
 
 // reap collects every exited child, as PID 1 must, and reports the ones

@@ -11,12 +11,14 @@ import (
 	"strings"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/urfave/cli"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hooks"
 	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
@@ -96,7 +98,15 @@ func (e *env) ociState(rec *state.Container, m *containermode.Manager) (*state.O
 // startContainer starts a created container in either mode.
 func (e *env) startContainer(rec *state.Container, m *containermode.Manager) error {
 	if m == nil {
-		return vm.Start(e.store().Dir(rec.ID))
+		if err := vm.Start(e.store().Dir(rec.ID)); err != nil {
+			return err
+		}
+		// As the runtime spec says: a failing poststart hook is
+		// logged, and the container goes on.
+		if err := hooks.Run(context.Background(), hooks.Poststart, hooks.Of(rec.Hooks, hooks.Poststart), vmHookState(rec, specs.StateRunning)); err != nil {
+			e.log.Warn("poststart hook failed", "id", rec.ID, "err", err)
+		}
+		return nil
 	}
 	return m.Runtime.Run(context.Background(), "start", rec.ID)
 }
@@ -125,11 +135,15 @@ func (e *env) deleteContainer(rec *state.Container, m *containermode.Manager, fo
 		return m.Delete(context.Background(), rec, force)
 	}
 	dir := e.store().Dir(rec.ID)
-	if st := vmState(rec, dir); (st.Status == "running" || st.Status == "creating") && !force {
+	if st := vmState(rec, dir); (st.Status == "running" || st.Status == "creating" || st.Status == "paused") && !force {
 		return fmt.Errorf("cannot delete container %s that is %s: stop it first or use --force", rec.ID, st.Status)
 	}
 	if err := e.releaseVM(rec, dir); err != nil {
 		return err
+	}
+	// The VM is gone: poststop, whose failures are logged, as runc's.
+	if err := hooks.Run(context.Background(), hooks.Poststop, hooks.Of(rec.Hooks, hooks.Poststop), vmHookState(rec, specs.StateStopped)); err != nil {
+		e.log.Warn("poststop hook failed", "id", rec.ID, "err", err)
 	}
 	return e.store().Remove(rec.ID)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -82,7 +83,13 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if !e.rootless {
 		e.pinBridges(id, spec)
 	}
+	if n := ctx.Int("preserve-fds"); n < 0 {
+		return fmt.Errorf("--preserve-fds %d: must not be negative", n)
+	}
 	if mode == config.ModeVM {
+		if err := vmPreserveFds(ctx.Int("preserve-fds")); err != nil {
+			return err
+		}
 		return createVM(ctx, e, id, bundle, spec, settings)
 	}
 	if e.rootless && !sandbox {
@@ -91,9 +98,6 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if settings.ScratchSize > 0 {
 		e.log.Info("container mode has no scratch disk: the container writes to its own file systems", "id", id, "annotation", oci.AnnotationVMScratch)
 	}
-	if ctx.Int("preserve-fds") < 0 {
-		return fmt.Errorf("--preserve-fds %d: must not be negative", ctx.Int("preserve-fds"))
-	}
 	m, err := e.manager(ctx)
 	if err != nil {
 		return err
@@ -101,8 +105,13 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if !sandbox && count > m.Alloc.Capacity() {
 		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, count, m.Alloc.Capacity())
 	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("hooks: %w", err)
+	}
 	return m.Create(context.Background(), containermode.CreateOptions{
-		ID: id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
+		Self: self,
+		ID:   id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
 		PidFile: ctx.String("pid-file"), ConsoleSocket: ctx.String("console-socket"),
 		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
 		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),
@@ -129,4 +138,17 @@ func (e *env) pinBridges(id string, spec *specs.Spec) {
 			e.log.Info("pinned the address of bridge "+br+": it followed its ports' lowest address, so each container start or stop could change the gateway address under running containers", "id", id)
 		}
 	}
+}
+
+// vmPreserveFds refuses --preserve-fds N > 0 in VM mode. The descriptors
+// are the host's (pipes, sockets, files, terminals): a process in the
+// guest cannot hold them, and relaying them would have to emulate each
+// kind (a file's seeks and mappings, a socket's ancillary data) over the
+// control port. Refusing at create names the option instead of a "Bad
+// file descriptor" in the box.
+func vmPreserveFds(n int) error {
+	if n > 0 {
+		return fmt.Errorf("--preserve-fds %d is not supported in VM mode: the container's processes run in a VM and cannot use the host's descriptors; use container mode (annotation %s=container) to pass descriptors", n, oci.AnnotationMode)
+	}
+	return nil
 }

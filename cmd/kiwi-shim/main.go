@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hooks"
 	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
@@ -34,6 +35,12 @@ func main() {
 	if filepath.Base(os.Args[0]) == ShimName || (len(os.Args) > 1 && os.Args[1] == "-namespace") {
 		runShimV2()
 		return
+	}
+	if len(os.Args) > 1 && os.Args[1] == hooks.RelayCommand {
+		// A hook runc runs for a container-mode container (see
+		// hooks.RelayHooks): Relay returns only on failure.
+		fmt.Fprintln(os.Stderr, hooks.Relay(os.Args[2:], os.Stdin))
+		os.Exit(1)
 	}
 	app := cli.NewApp()
 	app.Name = "kiwi-shim"

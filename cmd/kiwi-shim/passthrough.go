@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
 // passthrough makes a command that container mode hands to the low-level
@@ -74,9 +76,23 @@ var execCommand = passthrough("exec", "run a further process in a running contai
 var psCommand = passthrough("ps", "list the processes of a container", "<container-id> [ps options]",
 	[]cli.Flag{cli.StringFlag{Name: "format, f", Value: "table", Usage: "table or json"}}, vmPs)
 
-var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil, nil)
+// In VM mode, pause stops the VM's vCPUs and resume continues them
+// (QEMU's QMP stop and cont, from the monitor).
+var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil,
+	func(_ *cli.Context, e *env, rec *state.Container) error { return vmRequest(vm.Pause, e, rec) })
 
-var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil, nil)
+var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil,
+	func(_ *cli.Context, e *env, rec *state.Container) error { return vmRequest(vm.Resume, e, rec) })
+
+// vmRequest runs a request to a VM container's monitor; a monitor that is
+// gone is a container that is not running, in runc's words.
+func vmRequest(fn func(stateDir string) error, e *env, rec *state.Container) error {
+	err := fn(e.store().Dir(rec.ID))
+	if errors.Is(err, vm.ErrMonitorGone) {
+		return fmt.Errorf("container not running: %w", err)
+	}
+	return err
+}
 
 var updateCommand = passthrough("update", "update a container's resource limits", "<container-id>",
 	[]cli.Flag{

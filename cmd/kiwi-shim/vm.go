@@ -21,6 +21,7 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/guestarch"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hooks"
 	"github.com/kiwi-shim/kiwi-shim/pkg/hostcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
@@ -235,6 +236,9 @@ func (e *env) vmSize(spec *specs.Spec, s oci.Settings) (int64, int, error) {
 // createVM prepares the box and starts its monitor, which boots the guest
 // and sets up the container's root; create returns once that is done.
 func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s oci.Settings) (err error) {
+	if err := vmHooksSupported(spec.Hooks); err != nil {
+		return err
+	}
 	arch := guestArch(s, spec, oci.RootPath(bundle, spec), e.log)
 	qemu, err := e.findQEMU(arch)
 	if err != nil {
@@ -283,13 +287,14 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	}
 	guest.DirectDNS = s.VMDNS == "direct"
 
-	rec := &state.Container{ID: id, Bundle: bundle, Mode: config.ModeVM, Created: time.Now().UTC(), Annotations: spec.Annotations}
+	rec := &state.Container{ID: id, Bundle: bundle, Mode: config.ModeVM, Created: time.Now().UTC(), Annotations: spec.Annotations, Hooks: spec.Hooks}
 	store := e.store()
 	if err := store.Create(rec); err != nil {
 		return err
 	}
 	dir := store.Dir(id)
 	var monitor *exec.Cmd
+	hooksRan := false
 	defer func() {
 		if err != nil {
 			if monitor != nil && monitor.Process != nil {
@@ -305,6 +310,14 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 			}
 			if rec.Cgroup != "" {
 				hostcgroup.Remove(rec.Cgroup, 5*time.Second)
+			}
+			if hooksRan {
+				// The runtime spec: a failed prestart or createRuntime
+				// hook stops the container, which then goes as at
+				// delete, poststop hooks included.
+				if perr := hooks.Run(context.Background(), hooks.Poststop, hooks.Of(spec.Hooks, hooks.Poststop), vmHookState(rec, specs.StateStopped)); perr != nil {
+					e.log.Warn("poststop hook failed", "id", id, "err", perr)
+				}
 			}
 			store.Remove(id)
 		}
@@ -438,6 +451,16 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err := store.Save(rec); err != nil {
 		return err
 	}
+	// The host side is ready and the box is created: prestart and
+	// createRuntime run here, on the host, in kiwi-shim's namespaces.
+	// A failure fails create, and the deferred cleanup takes the box.
+	st := vmHookState(rec, specs.StateCreated)
+	hooksRan = true
+	for _, stage := range []string{hooks.Prestart, hooks.CreateRuntime} {
+		if err := hooks.Run(context.Background(), stage, hooks.Of(spec.Hooks, stage), st); err != nil {
+			return err
+		}
+	}
 	if p := ctx.String("pid-file"); p != "" {
 		if err := state.WritePidFile(p, rec.Pid); err != nil {
 			return err
@@ -446,6 +469,31 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	// conmon (a subreaper) inherits the monitor when we exit.
 	monitor.Process.Release()
 	return nil
+}
+
+// vmHooksSupported refuses createContainer and startContainer hooks in
+// VM mode. They are to run in the container's namespaces (its mount
+// namespace, before and after pivot_root), to change what the container
+// sees: the container's namespaces are in the guest, and the hook is a
+// host program. Running them on the host would do their work (mounts,
+// ldconfig, device nodes) to the host instead, so they are refused.
+func vmHooksSupported(h *specs.Hooks) error {
+	for _, stage := range []string{hooks.CreateContainer, hooks.StartContainer} {
+		if hs := hooks.Of(h, stage); len(hs) > 0 {
+			return fmt.Errorf("%s hooks (%s) are not supported in VM mode: they run in the container's namespaces, which are inside the VM, where host programs cannot run; use container mode (annotation %s=container)", stage, hs[0].Path, oci.AnnotationMode)
+		}
+	}
+	return nil
+}
+
+// vmHookState is the state a VM container's hooks get: the caller's
+// bundle, and the monitor's pid (the one --pid-file got).
+func vmHookState(rec *state.Container, status specs.ContainerState) specs.State {
+	st := specs.State{Version: specs.Version, ID: rec.ID, Status: status, Bundle: rec.Bundle, Annotations: rec.Annotations}
+	if status != specs.StateStopped {
+		st.Pid = rec.Pid
+	}
+	return st
 }
 
 // globalArgs repeats this invocation's global settings for a helper.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,6 +27,9 @@ import (
 // conmon and containerd wait on the pid they are given. With --detach that
 // relay is a child left running (conmon, a subreaper, adopts it).
 func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
+	if err := vmPreserveFds(ctx.Int("preserve-fds")); err != nil {
+		return err
+	}
 	p, err := execProcess(ctx, rec)
 	if err != nil {
 		return err
@@ -57,8 +61,17 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 	if err != nil {
 		return err
 	}
-	relay := exec.Command(self, append(globalArgs(ctx), "vm-exec", "--state-dir", dir, "--process", f.Name())...)
+	// As runc's exec --detach, return only once the process runs, and
+	// fail if it cannot be started: the relay says which on fd 3.
+	startedR, startedW, err := os.Pipe()
+	if err != nil {
+		os.Remove(f.Name())
+		return err
+	}
+	defer startedR.Close()
+	relay := exec.Command(self, append(globalArgs(ctx), "vm-exec", "--state-dir", dir, "--process", f.Name(), "--started-fd", "3")...)
 	relay.Stdin, relay.Stdout, relay.Stderr = os.Stdin, os.Stdout, os.Stderr
+	relay.ExtraFiles = []*os.File{startedW}
 	if p.Terminal {
 		// The caller reads the console socket as soon as we exit: hand
 		// the pty over now and give the relay its other end as stdio.
@@ -71,9 +84,20 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 		relay.Stdin, relay.Stdout, relay.Stderr = tty, tty, tty
 	}
 	relay.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := fdutil.WithInheritedHidden(relay.Start); err != nil {
+	err = fdutil.WithInheritedHidden(relay.Start)
+	startedW.Close()
+	if err != nil {
 		os.Remove(f.Name())
 		return fmt.Errorf("start exec relay: %w", err)
+	}
+	line, _ := bufio.NewReader(startedR).ReadString('\n')
+	line = strings.TrimSuffix(line, "\n")
+	if line != "ok" {
+		relay.Wait()
+		if msg, ok := strings.CutPrefix(line, "error "); ok {
+			return codedError{code: 255, err: errors.New(msg)}
+		}
+		return errors.New("exec: the relay ended before the process started")
 	}
 	if pf := ctx.String("pid-file"); pf != "" {
 		if err := state.WritePidFile(pf, relay.Process.Pid); err != nil {
@@ -89,7 +113,8 @@ func vmExec(ctx *cli.Context, e *env, rec *state.Container) error {
 var vmExecCommand = cli.Command{
 	Name:   "vm-exec",
 	Hidden: true,
-	Flags:  []cli.Flag{cli.StringFlag{Name: "state-dir"}, cli.StringFlag{Name: "process"}},
+	Flags: []cli.Flag{cli.StringFlag{Name: "state-dir"}, cli.StringFlag{Name: "process"},
+		cli.IntFlag{Name: "started-fd", Value: -1, Usage: `"ok" or "error MSG" goes there once the process started or failed to`}},
 	Action: func(ctx *cli.Context) error {
 		b, err := os.ReadFile(ctx.String("process"))
 		os.Remove(ctx.String("process"))
@@ -104,7 +129,23 @@ var vmExecCommand = cli.Command{
 		if p.Terminal {
 			eio.TTY = os.Stdin // the pty slave exec handed us
 		}
+		if fd := ctx.Int("started-fd"); fd >= 0 {
+			started := os.NewFile(uintptr(fd), "started")
+			eio.Started = func(err error) {
+				if err != nil {
+					fmt.Fprintf(started, "error %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
+				} else {
+					fmt.Fprintln(started, "ok")
+				}
+				started.Close()
+			}
+		}
 		status, err := vm.Exec(ctx.String("state-dir"), p, eio)
+		var se *vm.ExecStartError
+		if errors.As(err, &se) && ctx.Int("started-fd") >= 0 {
+			// exec reports it.
+			return exitError{code: 255}
+		}
 		if err != nil {
 			return err
 		}
@@ -126,6 +167,10 @@ func relayExec(dir string, p vmproto.Process, console string) error {
 		eio = vm.ExecIO{Stdin: tty, Stdout: tty, Stderr: tty, TTY: tty}
 	}
 	status, err := vm.Exec(dir, p, eio)
+	var se *vm.ExecStartError
+	if errors.As(err, &se) {
+		return codedError{code: 255, err: err} // runc's status for it
+	}
 	if err != nil {
 		return err
 	}

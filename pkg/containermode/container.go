@@ -15,6 +15,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
+	"github.com/kiwi-shim/kiwi-shim/pkg/hooks"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
@@ -38,6 +39,10 @@ type CreateOptions struct {
 	PidFile, ConsoleSocket string
 	NoPivot, NoNewKeyring  bool
 	PreserveFds            int
+	// Self is kiwi-shim's binary, which relays the hooks runc runs in
+	// the runtime's namespaces so that they see Bundle in the state
+	// (hooks.RelayHooks). Empty leaves the hooks as they are.
+	Self string
 	// KeeperCmd builds the command that runs the loop keeper (Keep).
 	KeeperCmd func(owner string, count int, timeout time.Duration) *exec.Cmd
 }
@@ -149,6 +154,20 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 // runtimeSpec is the spec runc gets: a sandbox's as given, a build
 // container's with its devices and KIWI's capabilities.
 func (m *Manager) runtimeSpec(o CreateOptions, leased []string) (*specs.Spec, error) {
+	spec, err := m.rewrittenSpec(o, leased)
+	if err != nil {
+		return nil, err
+	}
+	// runc gives hooks the state of the bundle it was handed, ours:
+	// the hooks it runs on the host go through kiwi-shim, which
+	// puts the caller's bundle into their state.
+	if o.Self != "" {
+		hooks.RelayHooks(spec.Hooks, o.Self, o.Bundle)
+	}
+	return spec, nil
+}
+
+func (m *Manager) rewrittenSpec(o CreateOptions, leased []string) (*specs.Spec, error) {
 	rootfs := oci.RootPath(o.Bundle, o.Spec)
 	if o.Sandbox {
 		return WithRoot(o.Spec, rootfs)

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
@@ -46,6 +48,9 @@ type Container struct {
 	// Cgroup is the cgroup made for a VM's host processes (see
 	// hostcgroup), removed on delete.
 	Cgroup string `json:"cgroup,omitempty"`
+	// Hooks are the spec's hooks that kiwi-shim runs itself after
+	// create (VM mode: poststart at start, poststop at delete).
+	Hooks *specs.Hooks `json:"hooks,omitempty"`
 }
 
 // OCI is a container's state as `kiwi-shim state` prints it: the OCI

@@ -78,6 +78,19 @@ func Signal(stateDir string, sig int, all bool) error {
 	return err
 }
 
+// Pause stops the VM's vCPUs: the container's processes stop where they
+// are, as under runc's freezer.
+func Pause(stateDir string) error {
+	_, err := request(stateDir, vmproto.TPause, nil)
+	return err
+}
+
+// Resume continues a paused VM.
+func Resume(stateDir string) error {
+	_, err := request(stateDir, vmproto.TResume, nil)
+	return err
+}
+
 // ExecIO is where an exec'd process's stdio goes.
 type ExecIO struct {
 	Stdin          io.Reader
@@ -85,13 +98,35 @@ type ExecIO struct {
 	// TTY, for a process with a terminal, is the host side of its pty;
 	// its size changes are forwarded to the guest.
 	TTY *os.File
+	// Started, when set, is called once: with nil when the process
+	// runs in the guest, or with the *ExecStartError that kept it from
+	// starting.
+	Started func(error)
+}
+
+// ExecStartError is why a process could not be started in the VM: its
+// program is missing or not executable (found by the guest), or the
+// container is not running. The message is runc's.
+type ExecStartError struct{ Reason string }
+
+func (e *ExecStartError) Error() string {
+	return "exec failed: unable to start container process: " + e.Reason
 }
 
 // Exec runs p in the running VM and relays its stdio; it returns the
-// process's shell-style exit status.
+// process's shell-style exit status, or an *ExecStartError if the process
+// could not be started.
 func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
+	started := false
+	report := func(err error) {
+		if !started && eio.Started != nil {
+			eio.Started(err)
+		}
+		started = true
+	}
 	c, w, err := dial(stateDir)
 	if err != nil {
+		report(&ExecStartError{Reason: err.Error()})
 		return 0, err
 	}
 	defer c.Close()
@@ -107,9 +142,13 @@ func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
 	for {
 		f, err := vmproto.ReadFrame(c)
 		if err != nil {
-			return 0, fmt.Errorf("exec: connection to the VM lost: %w", err)
+			err = fmt.Errorf("exec: connection to the VM lost: %w", err)
+			report(&ExecStartError{Reason: err.Error()})
+			return 0, err
 		}
 		switch f.Type {
+		case vmproto.TStarted:
+			report(nil)
 		case vmproto.TStdout:
 			eio.Stdout.Write(f.Payload)
 		case vmproto.TStderr:
@@ -119,10 +158,16 @@ func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
 			if err := vmproto.Decode(f.Payload, &e); err != nil {
 				return 0, err
 			}
+			report(nil)
 			return e.Status, nil
 		case vmproto.TError:
 			var e vmproto.Error
 			vmproto.Decode(f.Payload, &e)
+			if !started {
+				err := &ExecStartError{Reason: e.Message}
+				report(err)
+				return 0, err
+			}
 			return 0, fmt.Errorf("exec: %s", e.Message)
 		}
 	}

@@ -67,6 +67,10 @@ func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan Ne
 			return cfg, nil, err
 		}
 		cfg.UserNS = userNS
+		// A PID namespace to join by path (another container's, the
+		// host's) cannot reach into a VM: the process stays in the
+		// guest's.
+		cfg.PidNS = slices.ContainsFunc(l.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.PIDNamespace && ns.Path == "" })
 	}
 	shares := []Share{{Tag: RootTag, Path: rootfs, ReadOnly: spec.Root.Readonly}}
 	for _, m := range spec.Mounts {

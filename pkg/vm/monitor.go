@@ -38,6 +38,7 @@ const (
 	MonitorConfigFile = "monitor.json"
 	MonitorSocket     = "monitor.sock"
 	guestSocket       = "guest.sock"
+	qmpSocket         = "qmp.sock"
 	consoleLog        = "console.log"
 	qemuLog           = "qemu.log"
 	qemuPidFile       = "qemu.pid"
@@ -82,6 +83,7 @@ type ShareFS struct {
 // Paths fills the machine's socket and log paths for a state directory.
 func (c *MonitorConfig) Paths(stateDir string) {
 	c.Machine.ControlSocket = SocketPath(stateDir, guestSocket)
+	c.Machine.QMPSocket = SocketPath(stateDir, qmpSocket)
 	c.Machine.ConsoleLog = filepath.Join(stateDir, consoleLog)
 }
 
@@ -96,14 +98,27 @@ type monitor struct {
 	tty      *os.File  // pty slave when the process has a terminal
 
 	mu          sync.Mutex
-	status      string // creating, created, running, stopped
+	status      string // creating, created, running, paused, stopped
+	pausedFrom  string // created or running: the status resume goes back to
+	qmp         *qmp   // QEMU's machine protocol, once QEMU has connected
+	qmpErr      error  // why there is no qmp
+	qemu        *os.Process
 	exit        int
 	exitSeen    bool
+	bootStop    int // the signal that stopped the box during its boot
 	clients     map[uint32]*vmproto.Writer
 	next        uint32
 	started     chan struct{} // closed when the guest has started the process (or failed to)
 	startedOnce sync.Once
+	// pauseMu orders pause, resume and the resume a SIGKILL or a stop
+	// of a paused VM does first; it is held across the QMP command, m.mu
+	// is not.
+	pauseMu sync.Mutex
 }
+
+// qmpTimeout bounds one QMP command. A stop waits for the virtio-fs back
+// end to finish the requests in flight.
+const qmpTimeout = 20 * time.Second
 
 // errAbandoned ends a boot whose create went away.
 var errAbandoned = errors.New("create went away during the boot")
@@ -153,6 +168,11 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 		return fail(fmt.Errorf("control socket: %w", err))
 	}
 	defer gl.Close()
+	ql, err := listenIn(dir, qmpSocket)
+	if err != nil {
+		return fail(fmt.Errorf("qmp socket: %w", err))
+	}
+	defer ql.Close()
 	ml, err := listenIn(dir, MonitorSocket)
 	if err != nil {
 		return fail(fmt.Errorf("monitor socket: %w", err))
@@ -171,15 +191,31 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 		return fail(err)
 	}
 	defer m.stopShareFS(sfs, sfsDone)
+	// A stop (SIGTERM, SIGINT, SIGHUP to the monitor) at any moment of
+	// the boot ends the box with the signal's status, as a kill does.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	qemu, qemuDone, err := m.startQEMU()
 	if err != nil {
 		return fail(err)
 	}
-	conn, err := m.boot(gl, qemuDone, creatorGone)
+	m.mu.Lock()
+	m.qemu = qemu.Process
+	stopped := m.bootStop != 0
+	m.mu.Unlock()
+	if stopped {
+		qemu.Process.Kill() // killed before QEMU was there
+	}
+	go m.acceptQMP(ql)
+	conn, err := m.boot(gl, qemu, qemuDone, creatorGone, sigs)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
-		return fail(err)
+		code, abandoned := fail(err)
+		if sig := m.bootSignal(); sig != 0 {
+			code = 128 + sig
+		}
+		return code, abandoned
 	}
 	defer conn.Close()
 	m.mu.Lock()
@@ -193,8 +229,6 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 	}
 	ready.Close()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	go m.readGuest(conn, func() { qemu.Process.Kill() })
 	if m.tty != nil {
 		go m.watchWinsize()
@@ -223,6 +257,11 @@ func Run(dir string, ready *os.File, log *slog.Logger) (code int, abandoned bool
 	case s := <-sigs:
 		log.Debug("monitor stopping", "id", m.cfg.ID, "signal", s)
 		m.setExit(128+int(s.(syscall.Signal)), false)
+		// A paused guest cannot power off: continue it first (a VM
+		// that cannot be continued is killed below).
+		if err := m.resumeIfPaused(); err != nil {
+			log.Warn("stopping a paused VM: continue failed", "id", m.cfg.ID, "err", err)
+		}
 		m.guest.Write(vmproto.TPoweroff, 0, nil)
 		select {
 		case <-qemuDone:
@@ -316,7 +355,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 
 // boot waits for the guest to say hello, sends it the configuration and
 // waits until the container's root is set up.
-func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (net.Conn, error) {
+func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -325,14 +364,22 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 		}
 	}()
 	var conn net.Conn
-	select {
-	case conn = <-accepted:
-	case <-qemuDone:
-		return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
-	case <-creatorGone:
-		return nil, errAbandoned
-	case <-time.After(30 * time.Second):
-		return nil, errors.New("qemu did not connect the control port within 30s")
+	connectBy := time.After(30 * time.Second)
+	for conn == nil {
+		select {
+		case conn = <-accepted:
+		case <-qemuDone:
+			if err := m.qemuGone(qemu); err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
+		case <-creatorGone:
+			return nil, errAbandoned
+		case s := <-sigs:
+			m.stopBoot(int(s.(syscall.Signal))) // QEMU goes: qemuDone follows
+		case <-connectBy:
+			return nil, errors.New("qemu did not connect the control port within 30s")
+		}
 	}
 	type result struct {
 		f   vmproto.Frame
@@ -341,15 +388,33 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 	read := func(timeout time.Duration) (vmproto.Frame, error) {
 		ch := make(chan result, 1)
 		go func() { f, err := vmproto.ReadFrame(conn); ch <- result{f, err} }()
-		select {
-		case r := <-ch:
-			return r.f, r.err
-		case <-qemuDone:
-			return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
-		case <-creatorGone:
-			return vmproto.Frame{}, errAbandoned
-		case <-time.After(timeout):
-			return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
+		deadline := time.After(timeout)
+		for {
+			select {
+			case r := <-ch:
+				if r.err != nil {
+					// The guest's end went with QEMU, maybe stopped.
+					select {
+					case <-qemuDone:
+						if err := m.qemuGone(qemu); err != nil {
+							return vmproto.Frame{}, err
+						}
+					case <-time.After(time.Second):
+					}
+				}
+				return r.f, r.err
+			case <-qemuDone:
+				if err := m.qemuGone(qemu); err != nil {
+					return vmproto.Frame{}, err
+				}
+				return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+			case <-creatorGone:
+				return vmproto.Frame{}, errAbandoned
+			case s := <-sigs:
+				m.stopBoot(int(s.(syscall.Signal))) // QEMU goes: qemuDone follows
+			case <-deadline:
+				return vmproto.Frame{}, fmt.Errorf("the guest did not start within %s; guest console: %s", timeout, tail(m.cfg.Machine.ConsoleLog))
+			}
 		}
 	}
 	f, err := read(m.cfg.BootTimeout)
@@ -385,6 +450,57 @@ func (m *monitor) boot(l net.Listener, qemuDone, creatorGone <-chan struct{}) (n
 		conn.Close()
 		return nil, fmt.Errorf("unexpected frame %d from guest during setup", f.Type)
 	}
+}
+
+// stopBoot ends a box that is still booting because of signal sig (a
+// kill, or a stop of the monitor): the box's status becomes 128+sig and
+// QEMU is killed, since there is no guest to power off yet. It reports
+// false when the boot is over (the signal is then the guest's).
+func (m *monitor) stopBoot(sig int) bool {
+	m.mu.Lock()
+	if m.status != "creating" {
+		m.mu.Unlock()
+		return false
+	}
+	if m.bootStop == 0 {
+		m.exit, m.exitSeen, m.bootStop = 128+sig, true, sig
+	}
+	m.mu.Unlock()
+	m.log.Info("stopped during boot", "id", m.cfg.ID, "signal", sig)
+	m.killQEMU()
+	return true
+}
+
+// bootSignal is the signal that stopped the boot, or 0.
+func (m *monitor) bootSignal() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bootStop
+}
+
+// qemuGone explains a QEMU that ended during the boot, when something
+// other than the guest ended it: a stop or kill of the box (its status is
+// then 128+signal), or a signal to QEMU itself. The guest's console says
+// nothing useful then (it may still show the firmware's banner).
+func (m *monitor) qemuGone(qemu *exec.Cmd) error {
+	if sig := m.bootSignal(); sig != 0 {
+		return bootStopped(sig)
+	}
+	if ps := qemu.ProcessState; ps != nil {
+		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return fmt.Errorf("QEMU was killed by %s during the boot (by the host: not the guest)", unix.SignalName(ws.Signal()))
+		}
+	}
+	return nil
+}
+
+// bootStopped is the error of a boot that a signal ended.
+func bootStopped(sig int) error {
+	name := unix.SignalName(syscall.Signal(sig))
+	if name == "" {
+		name = fmt.Sprintf("signal %d", sig)
+	}
+	return fmt.Errorf("the container was stopped by %s during its boot (status %d)", name, 128+sig)
 }
 
 // tail returns the last line of a log file, for error messages.
@@ -509,14 +625,23 @@ func (m *monitor) client(c net.Conn) {
 		m.mu.Unlock()
 		w.WriteJSON(vmproto.TState, 0, st)
 	case vmproto.TStart:
+		// Not while a pause is under way: it would stop a guest that
+		// has just been told to start (and then wait for it).
+		m.pauseMu.Lock()
 		m.mu.Lock()
 		if m.status != "created" {
+			msg := "container is " + m.status + ", not created"
+			if m.status == "paused" {
+				msg = "cannot start a container in the paused state" // runc's words
+			}
 			m.mu.Unlock()
-			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not created"})
+			m.pauseMu.Unlock()
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: msg})
 			return
 		}
 		m.status = "running"
 		m.mu.Unlock()
+		m.pauseMu.Unlock()
 		if err := m.guest.Write(vmproto.TStart, 0, nil); err != nil {
 			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 			return
@@ -535,13 +660,31 @@ func (m *monitor) client(c net.Conn) {
 		if vmproto.Decode(f.Payload, &s) != nil {
 			return
 		}
-		m.mu.Lock()
-		status := m.status
-		m.mu.Unlock()
-		if status == "creating" {
-			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is creating: delete --force ends it"})
+		if s.Signal == int(unix.SIGKILL) {
+			// A paused guest would only take the signal when resumed:
+			// continue it, so that SIGKILL ends the container now, as
+			// it ends a frozen one under runc (with its data synced by
+			// the guest's shutdown, and 137 reported by the guest).
+			if err := m.resumeIfPaused(); err != nil {
+				m.log.Warn("SIGKILL to a paused VM: continue failed, killing QEMU", "id", m.cfg.ID, "err", err)
+				m.setExit(128+s.Signal, false)
+				m.killQEMU()
+				w.Write(vmproto.TSignal, 0, nil)
+				return
+			}
+		}
+		if m.stopBoot(s.Signal) {
+			w.Write(vmproto.TSignal, 0, nil)
 			return
 		}
+		m.mu.Lock()
+		status := m.status
+		if status == "paused" {
+			// Other signals wait in the control port until resume, as
+			// they stay pending for a frozen process.
+			status = m.pausedFrom
+		}
+		m.mu.Unlock()
 		if status == "created" {
 			// Nothing runs yet: a signal to a created container ends it.
 			m.setExit(128+s.Signal, false)
@@ -559,6 +702,126 @@ func (m *monitor) client(c net.Conn) {
 		}
 	case vmproto.TExec:
 		m.exec(c, w, f.Payload)
+	case vmproto.TPause:
+		if err := m.pause(); err != nil {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return
+		}
+		w.Write(vmproto.TPause, 0, nil)
+	case vmproto.TResume:
+		if err := m.resume(); err != nil {
+			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
+			return
+		}
+		w.Write(vmproto.TResume, 0, nil)
+	}
+}
+
+// acceptQMP takes QEMU's connection to the QMP socket, which it makes at
+// start, and negotiates; pause and resume need it.
+func (m *monitor) acceptQMP(l net.Listener) {
+	c, err := l.Accept()
+	var q *qmp
+	if err == nil {
+		q, err = newQMP(c, qmpTimeout)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.qmp, m.qmpErr = q, err
+	if err != nil {
+		m.log.Warn("no QMP connection to QEMU: pause and resume will fail", "id", m.cfg.ID, "err", err)
+	}
+}
+
+// qmpCommand runs a QMP command without arguments.
+func (m *monitor) qmpCommand(command string) error {
+	m.mu.Lock()
+	q, qerr := m.qmp, m.qmpErr
+	m.mu.Unlock()
+	if q == nil {
+		if qerr == nil {
+			qerr = errors.New("QEMU has not connected its QMP socket yet")
+		}
+		return qerr
+	}
+	_, err := q.execute(command, qmpTimeout)
+	return err
+}
+
+// pause stops the guest's vCPUs: a created or running container becomes
+// paused (runc pauses both, by freezing the cgroup).
+func (m *monitor) pause() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	m.mu.Lock()
+	status := m.status
+	m.mu.Unlock()
+	if status != "running" && status != "created" {
+		return errors.New("container not running") // runc's words
+	}
+	if err := m.qmpCommand("stop"); err != nil {
+		return fmt.Errorf("pause: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.status != "running" && m.status != "created" {
+		// The VM ended while QEMU stopped it: nothing is paused.
+		return errors.New("container not running")
+	}
+	m.status, m.pausedFrom = "paused", m.status
+	return nil
+}
+
+// resume continues a paused guest.
+func (m *monitor) resume() error {
+	paused, err := m.continueIfPaused()
+	if !paused {
+		return errors.New("container not paused") // runc's words
+	}
+	return err
+}
+
+// resumeIfPaused continues the guest if it is paused.
+func (m *monitor) resumeIfPaused() error {
+	_, err := m.continueIfPaused()
+	return err
+}
+
+// continueIfPaused continues the guest if it is paused, and says whether
+// it was.
+func (m *monitor) continueIfPaused() (paused bool, err error) {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	m.mu.Lock()
+	paused = m.status == "paused"
+	m.mu.Unlock()
+	if !paused {
+		return false, nil
+	}
+	return true, m.cont()
+}
+
+// cont continues the vCPUs and restores the status the pause left; the
+// caller holds pauseMu.
+func (m *monitor) cont() error {
+	if err := m.qmpCommand("cont"); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.status == "paused" {
+		m.status = m.pausedFrom
+	}
+	return nil
+}
+
+// killQEMU kills QEMU; Run sees it end.
+func (m *monitor) killQEMU() {
+	m.mu.Lock()
+	p := m.qemu
+	m.mu.Unlock()
+	if p != nil {
+		p.Kill()
 	}
 }
 
@@ -567,8 +830,12 @@ func (m *monitor) client(c net.Conn) {
 func (m *monitor) exec(c net.Conn, w *vmproto.Writer, payload []byte) {
 	m.mu.Lock()
 	if m.status != "running" {
+		msg := "container is " + m.status + ", not running"
+		if m.status == "paused" {
+			msg = "cannot exec in a paused container" // runc's words
+		}
 		m.mu.Unlock()
-		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: "container is " + m.status + ", not running"})
+		w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: msg})
 		return
 	}
 	id := m.next

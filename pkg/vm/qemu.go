@@ -37,6 +37,10 @@ type Machine struct {
 	Cmdline string
 	// ControlSocket is the unix socket the control port connects to.
 	ControlSocket string
+	// QMPSocket, when set, is the unix socket QEMU's machine protocol
+	// (QMP) monitor connects to: the monitor stops and continues the
+	// vCPUs through it (pause, resume).
+	QMPSocket string
 	// ConsoleLog receives the guest's serial console.
 	ConsoleLog string
 	// Shares are served over QEMU's built-in virtio-9p.
@@ -123,6 +127,14 @@ func (m Machine) Args() ([]string, error) {
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=ctl,path=" + m.ControlSocket,
 		"-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.kiwi-shim.ctl",
+	}
+	if m.QMPSocket != "" {
+		if strings.ContainsAny(m.QMPSocket, ",\n") {
+			return nil, fmt.Errorf("QMP socket %q cannot be passed to QEMU", m.QMPSocket)
+		}
+		// QEMU connects as a client, like the control port: the monitor
+		// listens before it starts QEMU.
+		args = append(args, "-chardev", "socket,id=qmp,path="+m.QMPSocket, "-mon", "chardev=qmp,mode=control")
 	}
 	if m.Network == NetUser {
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,mac="+userMAC)

@@ -14,7 +14,7 @@ import (
 
 func TestMachineArgs(t *testing.T) {
 	m := Machine{Arch: "x86_64", Accel: "tcg", MemoryMiB: 2048, CPUs: 2, Kernel: "/k", Initrd: "/i",
-		ControlSocket: "/s/guest.sock", ConsoleLog: "/s/console.log", Network: NetUser,
+		ControlSocket: "/s/guest.sock", QMPSocket: "/s/qmp.sock", ConsoleLog: "/s/console.log", Network: NetUser,
 		Shares: []Share{{Tag: "rootfs", Path: "/r", ReadOnly: true}, {Tag: "kiwi1", Path: "/d"}}}
 	args, err := m.Args()
 	if err != nil {
@@ -24,7 +24,8 @@ func TestMachineArgs(t *testing.T) {
 	for _, want := range []string{
 		"-accel tcg", "-cpu max", "-m 2048M", "-smp 2", "-kernel /k", "-initrd /i", "-no-reboot",
 		"path=/r,security_model=passthrough,multidevs=remap,readonly=on", "mount_tag=rootfs", "mount_tag=kiwi1",
-		"socket,id=ctl,path=/s/guest.sock", "name=org.kiwi-shim.ctl", "user,id=net0", "mac=" + userMAC,
+		"socket,id=ctl,path=/s/guest.sock", "name=org.kiwi-shim.ctl",
+		"socket,id=qmp,path=/s/qmp.sock -mon chardev=qmp,mode=control", "user,id=net0", "mac=" + userMAC,
 	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("args lack %q:\n%s", want, joined)
@@ -86,15 +87,15 @@ func TestGuestConfig(t *testing.T) {
 	if m := cfg.Mounts[len(cfg.Mounts)-1]; m.Type != "disk" || m.Destination != "/scratch" || m.Source != ScratchSerial {
 		t.Fatalf("scratch mount %+v, want the scratch disk last", m)
 	}
-	if cfg.UserNS != nil || cfg.Devices != nil {
-		t.Fatalf("user namespace %+v, devices %+v for a spec without them", cfg.UserNS, cfg.Devices)
+	if cfg.UserNS != nil || cfg.Devices != nil || cfg.PidNS {
+		t.Fatalf("user namespace %+v, devices %+v, pid namespace %v for a spec without them", cfg.UserNS, cfg.Devices, cfg.PidNS)
 	}
 
 	// linux.devices, the user namespace, sysctl, masked and read-only paths.
 	mode := os.FileMode(0o640)
 	spec.Linux = &specs.Linux{
 		Devices:       []specs.LinuxDevice{{Path: "/dev/fuse", Type: "c", Major: 10, Minor: 229, FileMode: &mode}},
-		Namespaces:    []specs.LinuxNamespace{{Type: specs.UserNamespace}},
+		Namespaces:    []specs.LinuxNamespace{{Type: specs.UserNamespace}, {Type: specs.PIDNamespace}},
 		UIDMappings:   []specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}},
 		GIDMappings:   []specs.LinuxIDMapping{{ContainerID: 0, HostID: 200000, Size: 65536}},
 		Sysctl:        map[string]string{"net.ipv4.ip_forward": "1"},
@@ -110,6 +111,9 @@ func TestGuestConfig(t *testing.T) {
 	}
 	if ns := cfg.UserNS; ns == nil || ns.UIDMappings[0] != (vmproto.IDMap{HostID: 100000, Size: 65536}) || ns.GIDMappings[0].HostID != 200000 {
 		t.Fatalf("user namespace %+v", ns)
+	}
+	if !cfg.PidNS {
+		t.Fatal("no pid namespace for a spec with one")
 	}
 	// /sys/dev/block stays visible: lsblk and KIWI read it.
 	if !slices.Equal(cfg.MaskedPaths, []string{"/proc/kcore"}) || !slices.Equal(cfg.ReadonlyPaths, []string{"/proc/sys"}) || cfg.Sysctl["net.ipv4.ip_forward"] != "1" {

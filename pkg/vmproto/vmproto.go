@@ -50,7 +50,9 @@ const (
 	TError    Type = 13 // any: Error
 	TState    Type = 14 // C->H: ask; H->C: State
 	TPoweroff Type = 15 // H->G: stop everything and power off
-	maxType   Type = 15
+	TPause    Type = 16 // C->H: stop the VM's vCPUs; H->C: done
+	TResume   Type = 17 // C->H: continue them; H->C: done
+	maxType   Type = 17
 )
 
 // Frame is one message.
@@ -197,6 +199,11 @@ type Config struct {
 	// UserNS, when set, puts every process of the container (the first
 	// and the exec'd ones) in a user namespace with these mappings.
 	UserNS *UserNS `json:"userNS,omitempty"`
+	// PidNS puts the container's first process in a PID namespace of its
+	// own, as its PID 1 (without a user namespace also in a mount
+	// namespace, where /proc is that namespace's); exec'd processes join
+	// them.
+	PidNS bool `json:"pidNS,omitempty"`
 }
 
 // Device is a device node or fifo, as the OCI spec's linux.devices.
