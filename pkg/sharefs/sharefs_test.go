@@ -570,3 +570,42 @@ func TestLookupAgainOneDescriptor(t *testing.T) {
 		t.Errorf("after the client forgot the directory the process has %d descriptors, %d before the look-ups", got, before)
 	}
 }
+
+// TestRenameFlags: rename takes RENAME_NOREPLACE and RENAME_EXCHANGE;
+// RENAME_WHITEOUT, which leaves a character device 0:0 in the old name's
+// place (overlayfs's whiteout), is refused, mapped or not, so that a
+// guest cannot make a device node on the host that way either.
+func TestRenameFlags(t *testing.T) {
+	for _, mapped := range []bool{false, true} {
+		j := newJail(t, Options{Mapped: mapped})
+		os.WriteFile(filepath.Join(j.export, "other"), []byte("other"), 0o644)
+		for _, c := range []struct {
+			name     string
+			from, to string
+			flags    uint32
+			want     fuse.Status
+		}{
+			{"whiteout", "file", "moved", unix.RENAME_WHITEOUT, fuse.EINVAL},
+			{"unknown flag", "file", "moved", 1 << 7, fuse.EINVAL},
+			{"noreplace onto a file", "file", "other", unix.RENAME_NOREPLACE, fuse.Status(syscall.EEXIST)},
+			{"exchange", "file", "other", unix.RENAME_EXCHANGE, fuse.OK},
+		} {
+			st := j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1, Flags: c.flags}, c.from, c.to)
+			if st != c.want {
+				t.Errorf("mapped %v, rename %s: %v, want %v", mapped, c.name, st, c.want)
+			}
+		}
+		err := filepath.WalkDir(j.export, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.Type()&(os.ModeDevice|os.ModeCharDevice) != 0 {
+				t.Errorf("mapped %v: a device node on the host: %s", mapped, p)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(j.export, "file")); string(b) != "other" {
+			t.Errorf("mapped %v: after the exchange file holds %q", mapped, b)
+		}
+	}
+}
