@@ -250,6 +250,43 @@ func (n *node) mapSetID(fd int, mode uint32) syscall.Errno {
 	return n.ex.writeMapping(fd, mapping{mode: unix.S_IFREG | mode&07777, uid: st.Uid, gid: st.Gid})
 }
 
+// killSetID strips the host's set-id bits from the regular file open as
+// fd when a client of a mapped export opened it with flags that let it
+// change the contents (write access or O_TRUNC), as the kernel strips
+// them when an ordinary user writes or truncates the file: set-user-ID
+// always, set-group-ID with group execute (without it the bit marks
+// mandatory locking, not a program). The daemon is root with CAP_FSETID,
+// for which the kernel keeps them, so a client could otherwise put its
+// own code into a set-user-ID-root program that the host keeps in the
+// export. It happens at the open, before any write, and a client opening
+// for writing without writing loses the bits too. Set-id bits in a
+// file's mapping are the client's own and stay. Exports that are not
+// mapped let a client set real set-id bits anyway and keep them.
+func (ex *export) killSetID(fd, flags int) syscall.Errno {
+	if !ex.opts.Mapped || flags&unix.O_ACCMODE == unix.O_RDONLY && flags&unix.O_TRUNC == 0 {
+		return 0
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fs.ToErrno(err)
+	}
+	kill := st.Mode & unix.S_ISUID
+	if st.Mode&(unix.S_ISGID|unix.S_IXGRP) == unix.S_ISGID|unix.S_IXGRP {
+		kill |= unix.S_ISGID
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || kill == 0 {
+		return 0
+	}
+	err := unix.Fchmod(fd, st.Mode&07777&^kill)
+	if err == unix.EPERM {
+		// A daemon that may not chmod the file (not its owner, no
+		// CAP_FOWNER over it: a rootless one) has no CAP_FSETID over it
+		// either, and the kernel strips the bits at its first write.
+		return 0
+	}
+	return fs.ToErrno(err)
+}
+
 // hostMode is the mode a new inode of the client's gets on the host: a
 // mapped export's regular files never get set-id bits.
 func (ex *export) hostMode(mode uint32) uint32 {

@@ -390,3 +390,64 @@ func mappedNodeAndSetID(t *testing.T) {
 		t.Errorf("chmod 4755: client sees %#o, host has %#o and mapping %q", ao.Attr.Mode, st.Mode, attr)
 	}
 }
+
+// TestHostSetIDWritten: a set-id program the host put into a mapped
+// export loses its host set-id bits when a client opens it for writing
+// or truncates it, as the kernel strips them at an ordinary user's
+// write (set-user-ID always, set-group-ID with group execute). The
+// daemon, root with CAP_FSETID, would keep them, so a guest could
+// otherwise put its own code into a host set-user-ID-root program, the
+// thing mapped mode keeps it from making. Opening for reading leaves
+// the bits; an unmapped export, where a client may set them anyway,
+// does not strip them.
+func TestHostSetIDWritten(t *testing.T) {
+	for _, mapped := range []bool{true, false} {
+		j := newJail(t, Options{Mapped: mapped})
+		cases := []struct {
+			name       string
+			host       uint32
+			flags      int    // open flags, or -1: SETATTR of the size
+			wantMapped uint32 // the host's mode afterwards, mapped
+		}{
+			{"suid-read", 0o4755, os.O_RDONLY, 0o4755},
+			{"suid-write", 0o4755, os.O_WRONLY, 0o755},
+			{"suid-rdwr", 0o4711, os.O_RDWR, 0o711},
+			{"both-trunc", 0o6755, os.O_RDONLY | os.O_TRUNC, 0o755},
+			{"sgid-write", 0o2755, os.O_WRONLY, 0o755},
+			{"sgid-noexec-write", 0o2745, os.O_WRONLY, 0o2745}, // not set-group-ID for exec
+			{"suid-truncate", 0o4755, -1, 0o755},
+		}
+		for _, c := range cases {
+			p := filepath.Join(j.export, c.name)
+			if err := os.WriteFile(p, []byte("#!/bin/sh\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Chmod(p, c.host); err != nil {
+				t.Fatal(err)
+			}
+			id, st := j.lookup(t, 1, c.name)
+			if st != fuse.OK {
+				t.Fatal(st)
+			}
+			if c.flags < 0 {
+				var ao fuse.AttrOut
+				if st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_SIZE}}, &ao); st != fuse.OK {
+					t.Fatalf("%s: truncate: %v", c.name, st)
+				}
+			} else {
+				var oo fuse.OpenOut
+				if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(c.flags)}, &oo); st != fuse.OK {
+					t.Fatalf("%s: open: %v", c.name, st)
+				}
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+			}
+			want := c.host
+			if mapped {
+				want = c.wantMapped
+			}
+			if got, _ := hostAttr(t, j, c.name); got.Mode&07777 != want {
+				t.Errorf("mapped %v, %s: host mode %#o afterwards, want %#o", mapped, c.name, got.Mode&07777, want)
+			}
+		}
+	}
+}

@@ -668,6 +668,10 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 		if err != nil {
 			return fs.ToErrno(err)
 		}
+		if e := n.ex.killSetID(wfd, unix.O_WRONLY); e != 0 {
+			unix.Close(wfd)
+			return e
+		}
 		err = unix.Ftruncate(wfd, int64(size))
 		unix.Close(wfd)
 		if err != nil {
@@ -735,6 +739,10 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	}
 	fd, e := n.reopen(f)
 	if e != 0 {
+		return nil, 0, e
+	}
+	if e := n.ex.killSetID(fd, f); e != 0 {
+		unix.Close(fd)
 		return nil, 0, e
 	}
 	return newFile(fd), n.ex.fopenFlags(f, fd), 0
@@ -835,6 +843,11 @@ func (n *node) createExisting(ctx context.Context, name string, f int, out *fuse
 	if err != nil {
 		unix.Close(pfd)
 		return nil, nil, 0, fs.ToErrno(err)
+	}
+	if e := n.ex.killSetID(fd, f); e != 0 {
+		unix.Close(fd)
+		unix.Close(pfd)
+		return nil, nil, 0, e
 	}
 	in, e := n.newChild(ctx, pfd, out)
 	if e != 0 {
