@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -49,6 +50,9 @@ type device struct {
 	log *slog.Logger
 	// maxBytes bounds each direction of a chain (see chainLimit).
 	maxBytes int
+	// refused is set once a request was refused for its size: only the
+	// first is a warning, so that a guest cannot fill the log with them.
+	refused atomic.Bool
 }
 
 // chainLimit is the most a chain may carry in either direction for a
@@ -85,7 +89,11 @@ func iovLen(bufs [][]byte) int {
 // bytes either, which the guest reports as an I/O error.
 func (d *device) Handle(q int, c *vhostuser.Chain) int {
 	if in, out := iovLen(c.Readable), iovLen(c.Writable); in > d.maxBytes || out > d.maxBytes {
-		d.log.Warn("request refused: larger than any FUSE request a guest needs", "queue", q, "readable", in, "writable", out, "limit", d.maxBytes)
+		level := slog.LevelDebug
+		if !d.refused.Swap(true) {
+			level = slog.LevelWarn
+		}
+		d.log.Log(context.Background(), level, "request refused: larger than any FUSE request a Linux guest sends (later ones are logged at debug level)", "queue", q, "readable", in, "writable", out, "limit", d.maxBytes)
 		return 0
 	}
 	n, st := d.ps.HandleRequest(c.Readable, c.Writable)
