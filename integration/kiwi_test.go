@@ -73,6 +73,28 @@ var linuxPartition = map[string]bool{"83": true, "0FC63DAF-8483-4772-8E79-3D69D8
 // checkImageArch is checkImage for an image of the given architecture.
 func checkImageArch(t testing.TB, out string, machine elf.Machine) {
 	t.Helper()
+	dev, detach := attachRoot(t, out)
+	defer detach()
+	if fs := strings.TrimSpace(mustRun(t, nil, "blkid", "-o", "value", "-s", "TYPE", dev)); fs != "ext4" {
+		t.Fatalf("root filesystem %q, want ext4", fs)
+	}
+	hello := filepath.Join(t.TempDir(), "hello")
+	mustRun(t, nil, "debugfs", "-R", "dump /usr/bin/hello "+hello, dev)
+	f, err := elf.Open(hello)
+	if err != nil {
+		t.Fatalf("/usr/bin/hello (the described package) not in the image: %v", err)
+	}
+	defer f.Close()
+	if f.Machine != machine {
+		t.Fatalf("/usr/bin/hello is built for %s, want %s", f.Machine, machine)
+	}
+}
+
+// attachRoot attaches the root partition of the one .raw image in out
+// (its last partition, which must be a Linux one) read-only to a loop
+// device and returns the device and a function that detaches it.
+func attachRoot(t testing.TB, out string) (string, func()) {
+	t.Helper()
 	images, _ := filepath.Glob(filepath.Join(out, "*.raw"))
 	if len(images) != 1 {
 		t.Fatalf("want one .raw image in %s, got %v", out, images)
@@ -96,20 +118,7 @@ func checkImageArch(t testing.TB, out string, machine elf.Machine) {
 	}
 	offset := strconv.FormatInt(pt.Partitions[last].Start*512, 10)
 	dev := strings.TrimSpace(mustRun(t, nil, "losetup", "--read-only", "--offset", offset, "--find", "--show", images[0]))
-	defer exec.Command("losetup", "-d", dev).Run()
-	if fs := strings.TrimSpace(mustRun(t, nil, "blkid", "-o", "value", "-s", "TYPE", dev)); fs != "ext4" {
-		t.Fatalf("root filesystem %q, want ext4", fs)
-	}
-	hello := filepath.Join(t.TempDir(), "hello")
-	mustRun(t, nil, "debugfs", "-R", "dump /usr/bin/hello "+hello, dev)
-	f, err := elf.Open(hello)
-	if err != nil {
-		t.Fatalf("/usr/bin/hello (the described package) not in the image: %v", err)
-	}
-	defer f.Close()
-	if f.Machine != machine {
-		t.Fatalf("/usr/bin/hello is built for %s, want %s", f.Machine, machine)
-	}
+	return dev, func() { exec.Command("losetup", "-d", dev).Run() }
 }
 
 // hostMachine is the ELF machine of this host's programs.

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -86,11 +87,13 @@ func runBuilds(t *testing.T, p *podman, desc string, modes []string, parallel bo
 	return wall, builds, int(maxWaiting.Load())
 }
 
-// checkBuilds checks every build's image and that all of them installed
-// the same packages.
+// checkBuilds checks every build's image, that all of them installed
+// the same packages and that their root file systems are the same but
+// for what differs with every build (buildVaries).
 func checkBuilds(t *testing.T, builds []build) {
 	t.Helper()
 	var first []byte
+	var firstTree map[string]string
 	for i, b := range builds {
 		if b.r.code != 0 {
 			log, _ := os.ReadFile(filepath.Join(b.out, "kiwi.log"))
@@ -111,6 +114,12 @@ func checkBuilds(t *testing.T, builds []build) {
 			first = pkgs
 		} else if string(pkgs) != string(first) {
 			t.Errorf("build %d (%s mode) installed other packages than build 0:\n%s\nvs\n%s", i, b.mode, tailLines(string(pkgs), 10), tailLines(string(first), 10))
+		}
+		tree := imageTree(t, b.out)
+		if firstTree == nil {
+			firstTree = tree
+		} else if d := treeDiff(firstTree, tree, "build 0", fmt.Sprintf("build %d (%s mode)", i, b.mode), buildVaries); len(d) > 0 {
+			t.Errorf("build %d's root file system differs from build 0's in %d paths (all but the contents of %s should be the same):\n%s", i, len(d), describeExclusions(buildVaries), strings.Join(d, "\n"))
 		}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // rootlessUser is the ordinary user the rootless tests create and remove.
@@ -137,7 +139,9 @@ func (u *testUser) remove() {
 
 // TestRootlessVM: an ordinary user runs a VM-mode container with rootless
 // podman: the guest's kernel, a file the guest writes to a bind mount
-// belongs to the user on the host, a loop device works in the guest;
+// belongs to the user on the host, a loop device works in the guest, a
+// device node and a set-user-ID file the guest makes on the bind mount
+// work in the guest and are plain files on the host (mapped mode);
 // container mode is refused with the documented message; `kiwi-shim
 // check` reports the user's setup; nothing is left.
 func TestRootlessVM(t *testing.T) {
@@ -168,6 +172,10 @@ truncate -s 16M /share/disk.img
 dev=$(/usr/sbin/losetup -f --show /share/disk.img)
 echo loop $dev
 /usr/sbin/losetup -d "$dev"
+mknod /share/null c 1 3
+echo into the null of the guest > /share/null
+chmod 4755 /share/out.txt
+ls -ln /share/null /share/out.txt
 exit 7`
 	r = u.podman("run", "--rm", "-v", share+":/share", "--rootfs", filepath.Join(work, "rootfs"), "sh", "-c", script)
 	if r.code != 7 || !strings.HasPrefix(r.stdout, rel+"\n") || !strings.Contains(r.stdout, "loop /dev/loop") {
@@ -179,6 +187,26 @@ exit 7`
 	}
 	if st := fi.Sys().(*syscall.Stat_t); int(st.Uid) != u.uid || int(st.Gid) != u.gid {
 		t.Fatalf("the guest's file belongs to %d:%d on the host, want the user's %d:%d", st.Uid, st.Gid, u.uid, u.gid)
+	}
+	// Mapped mode under rootless podman (kiwi-sharefs is root of podman's
+	// user namespace, where trusted.* attributes cannot be set): the
+	// guest made a working device node and a set-user-ID file, and the
+	// host has plain files with user.kiwi-sharefs.mode.
+	if !regexp.MustCompile(`(?m)^crw.* 1, +3 .*/share/null$`).MatchString(r.stdout) || !regexp.MustCompile(`(?m)^-rwsr-xr-x .*/share/out.txt$`).MatchString(r.stdout) {
+		t.Errorf("the guest's node and set-user-ID file, as the guest lists them:\n%s", r.stdout)
+	}
+	for name, mode := range map[string]os.FileMode{"null": 0o600, "out.txt": 0o755} {
+		fi, err := os.Lstat(filepath.Join(share, name))
+		if err != nil {
+			t.Errorf("host %s: %v", name, err)
+			continue
+		}
+		if fi.Mode() != mode {
+			t.Errorf("host %s: mode %v, want a plain file of mode %v", name, fi.Mode(), mode)
+		}
+		if _, err := unix.Lgetxattr(filepath.Join(share, name), "user.kiwi-sharefs.mode", nil); err != nil {
+			t.Errorf("host %s: no user.kiwi-sharefs.mode: %v", name, err)
+		}
 	}
 
 	r = u.podman("run", "--rm", "--annotation", "io.kiwi-shim.mode=container", "--rootfs", filepath.Join(work, "rootfs"), "true")

@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
 // Mapped mode (Options.Mapped), like 9p's security_model=mapped-xattr:
@@ -34,9 +37,11 @@ import (
 // trusted.* attribute, so no host user can forge a device node or a
 // set-user-ID bit that the client would honour (with user.*, anyone who
 // may write a file of the export could), and the copies ordinary users
-// make do not carry it. A daemon that is not root cannot use trusted.*
-// and takes user.kiwi-sharefs.mode: its files all belong to its user,
-// who could write them anyway. Clients can neither read nor set either
+// make do not carry it. A daemon that is not real root (an ordinary
+// user, or root of a user namespace, as under rootless podman) cannot
+// use trusted.* and takes user.kiwi-sharefs.mode: its files all belong
+// to its user (or the user's subordinate ids), who could write them
+// anyway. Clients can neither read nor set either
 // name (exports without Mapped included): a client that could set it
 // would make itself set-user-ID files.
 //
@@ -121,11 +126,18 @@ func parseMapping(b []byte) (mapping, bool) {
 
 // mapAttr is the name of the export's mapping attribute.
 func (ex *export) mapAttr() string {
-	if ex.opts.Squash || unix.Geteuid() != 0 {
+	if ex.opts.Squash || !realRoot() {
 		return mapAttrRootless
 	}
 	return mapAttrRoot
 }
+
+// realRoot reports whether the daemon may use trusted.* attributes:
+// whether it is root of the initial user namespace. Root of another
+// user namespace (rootless podman runs kiwi-sharefs as root of its own)
+// may not: the kernel wants CAP_SYS_ADMIN in the initial namespace for
+// trusted.*, and answers EPERM to every set and ENODATA to every get.
+var realRoot = sync.OnceValue(func() bool { return !rootless.Detect() })
 
 // isMapAttr reports whether a client's attribute name is one of the
 // mapping attributes, which clients may not touch.
@@ -236,6 +248,43 @@ func (n *node) mapSetID(fd int, mode uint32) syscall.Errno {
 		return e
 	}
 	return n.ex.writeMapping(fd, mapping{mode: unix.S_IFREG | mode&07777, uid: st.Uid, gid: st.Gid})
+}
+
+// killSetID strips the host's set-id bits from the regular file open as
+// fd when a client of a mapped export opened it with flags that let it
+// change the contents (write access or O_TRUNC), as the kernel strips
+// them when an ordinary user writes or truncates the file: set-user-ID
+// always, set-group-ID with group execute (without it the bit marks
+// mandatory locking, not a program). The daemon is root with CAP_FSETID,
+// for which the kernel keeps them, so a client could otherwise put its
+// own code into a set-user-ID-root program that the host keeps in the
+// export. It happens at the open, before any write, and a client opening
+// for writing without writing loses the bits too. Set-id bits in a
+// file's mapping are the client's own and stay. Exports that are not
+// mapped let a client set real set-id bits anyway and keep them.
+func (ex *export) killSetID(fd, flags int) syscall.Errno {
+	if !ex.opts.Mapped || flags&unix.O_ACCMODE == unix.O_RDONLY && flags&unix.O_TRUNC == 0 {
+		return 0
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fs.ToErrno(err)
+	}
+	kill := st.Mode & unix.S_ISUID
+	if st.Mode&(unix.S_ISGID|unix.S_IXGRP) == unix.S_ISGID|unix.S_IXGRP {
+		kill |= unix.S_ISGID
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || kill == 0 {
+		return 0
+	}
+	err := unix.Fchmod(fd, st.Mode&07777&^kill)
+	if err == unix.EPERM {
+		// A daemon that may not chmod the file (not its owner, no
+		// CAP_FOWNER over it: a rootless one) has no CAP_FSETID over it
+		// either, and the kernel strips the bits at its first write.
+		return 0
+	}
+	return fs.ToErrno(err)
 }
 
 // hostMode is the mode a new inode of the client's gets on the host: a

@@ -3,6 +3,7 @@ package sharefs
 import (
 	"encoding/binary"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -10,6 +11,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/rootless"
 )
 
 // caller is a FUSE header from uid and gid 1000.
@@ -27,7 +30,7 @@ func hostAttr(t *testing.T, j *jail, name string) (unix.Stat_t, string) {
 		t.Fatal(err)
 	}
 	attr := mapAttrRoot
-	if os.Geteuid() != 0 {
+	if !realRoot() {
 		attr = mapAttrRootless
 	}
 	buf := make([]byte, 64)
@@ -327,5 +330,124 @@ func TestMappedCapabilities(t *testing.T) {
 	}
 	if _, st := j.raw.GetXAttr(nil, hdr(id), fileCaps, buf); st != fuse.ENOATTR {
 		t.Errorf("after removal: %v, want ENODATA", st)
+	}
+}
+
+// TestMappedInUserNamespace: a daemon that is root of a user namespace
+// mapping 65536 ids (rootless podman's kiwi-sharefs: it may chown, so
+// ownership is not squashed) cannot use trusted.* attributes; mapped
+// mode must still work there, with user.kiwi-sharefs.mode. It used to
+// take trusted.* because its uid is 0: every mknod of a device node and
+// every chmod to a set-id mode failed with EPERM (dpkg installing a
+// set-user-ID program, debootstrap making /dev/null).
+func TestMappedInUserNamespace(t *testing.T) {
+	if os.Getenv("SHAREFS_TEST_USERNS") == "1" {
+		mappedNodeAndSetID(t)
+		return
+	}
+	if !realRoot() {
+		t.Skip("needs real root to map 65536 ids into a user namespace")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestMappedInUserNamespace$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), "SHAREFS_TEST_USERNS=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 0, Size: 65536}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 0, Size: 65536}},
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestMappedInUserNamespace") {
+		t.Fatalf("in a user namespace: %v\n%s", err, out)
+	}
+}
+
+// mappedNodeAndSetID makes a character device and gives a file the
+// set-user-ID bit through a mapped export as the VM's bind mounts are
+// served in this process's situation (ownership squashed only if this
+// process cannot chown), and checks what client and host see.
+func mappedNodeAndSetID(t *testing.T) {
+	if realRoot() {
+		t.Fatal("expected to run in a user namespace")
+	}
+	j := newJail(t, Options{Mapped: true, Xattr: true, Squash: !rootless.CanChown()})
+	var eo fuse.EntryOut
+	null := uint32(unix.Mkdev(1, 3))
+	if st := j.raw.Mknod(nil, &fuse.MknodIn{InHeader: *hdr(1), Mode: unix.S_IFCHR | 0o666, Rdev: null}, "null", &eo); st != fuse.OK {
+		t.Fatalf("mknod of a character device: %v", st)
+	}
+	if eo.Attr.Mode != unix.S_IFCHR|0o666 || eo.Attr.Rdev != null {
+		t.Errorf("mknod: client sees mode %#o rdev %#x", eo.Attr.Mode, eo.Attr.Rdev)
+	}
+	if st, attr := hostAttr(t, j, "null"); st.Mode != unix.S_IFREG|0o600 || attr == "" {
+		t.Errorf("host: mode %#o, mapping %q; want a 0600 file with a mapping", st.Mode, attr)
+	}
+	id, _ := j.lookup(t, 1, "file")
+	var ao fuse.AttrOut
+	if st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_MODE, Mode: 0o4755}}, &ao); st != fuse.OK {
+		t.Fatalf("chmod 4755: %v", st)
+	}
+	if st, attr := hostAttr(t, j, "file"); ao.Attr.Mode != unix.S_IFREG|0o4755 || st.Mode != unix.S_IFREG|0o755 || attr == "" {
+		t.Errorf("chmod 4755: client sees %#o, host has %#o and mapping %q", ao.Attr.Mode, st.Mode, attr)
+	}
+}
+
+// TestHostSetIDWritten: a set-id program the host put into a mapped
+// export loses its host set-id bits when a client opens it for writing
+// or truncates it, as the kernel strips them at an ordinary user's
+// write (set-user-ID always, set-group-ID with group execute). The
+// daemon, root with CAP_FSETID, would keep them, so a guest could
+// otherwise put its own code into a host set-user-ID-root program, the
+// thing mapped mode keeps it from making. Opening for reading leaves
+// the bits; an unmapped export, where a client may set them anyway,
+// does not strip them.
+func TestHostSetIDWritten(t *testing.T) {
+	for _, mapped := range []bool{true, false} {
+		j := newJail(t, Options{Mapped: mapped})
+		cases := []struct {
+			name       string
+			host       uint32
+			flags      int    // open flags, or -1: SETATTR of the size
+			wantMapped uint32 // the host's mode afterwards, mapped
+		}{
+			{"suid-read", 0o4755, os.O_RDONLY, 0o4755},
+			{"suid-write", 0o4755, os.O_WRONLY, 0o755},
+			{"suid-rdwr", 0o4711, os.O_RDWR, 0o711},
+			{"both-trunc", 0o6755, os.O_RDONLY | os.O_TRUNC, 0o755},
+			{"sgid-write", 0o2755, os.O_WRONLY, 0o755},
+			{"sgid-noexec-write", 0o2745, os.O_WRONLY, 0o2745}, // not set-group-ID for exec
+			{"suid-truncate", 0o4755, -1, 0o755},
+		}
+		for _, c := range cases {
+			p := filepath.Join(j.export, c.name)
+			if err := os.WriteFile(p, []byte("#!/bin/sh\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Chmod(p, c.host); err != nil {
+				t.Fatal(err)
+			}
+			id, st := j.lookup(t, 1, c.name)
+			if st != fuse.OK {
+				t.Fatal(st)
+			}
+			if c.flags < 0 {
+				var ao fuse.AttrOut
+				if st := j.raw.SetAttr(nil, &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{InHeader: *hdr(id), Valid: fuse.FATTR_SIZE}}, &ao); st != fuse.OK {
+					t.Fatalf("%s: truncate: %v", c.name, st)
+				}
+			} else {
+				var oo fuse.OpenOut
+				if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(c.flags)}, &oo); st != fuse.OK {
+					t.Fatalf("%s: open: %v", c.name, st)
+				}
+				j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+			}
+			want := c.host
+			if mapped {
+				want = c.wantMapped
+			}
+			if got, _ := hostAttr(t, j, c.name); got.Mode&07777 != want {
+				t.Errorf("mapped %v, %s: host mode %#o afterwards, want %#o", mapped, c.name, got.Mode&07777, want)
+			}
+		}
 	}
 }

@@ -37,9 +37,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -151,7 +153,12 @@ func FSOptions(o Options) (*fs.Options, error) {
 // unmaps a file from everyone when one process maps it privately (which
 // makes running programs from such an export slow); files opened
 // read-write stay cached, so that shared writable mappings (databases)
-// keep working.
+// keep working. So do ELF files (programs and shared libraries), which
+// are what gets mapped: ldconfig maps each library it looks at
+// MAP_SHARED from a read-only descriptor, and with direct I/O it found
+// none ("Cannot mmap file"), so that a KIWI image built on a share got
+// an empty /etc/ld.so.cache. fd is the opened file, looked at only for
+// that (-1: a new, empty file).
 //
 // No open file needs FLUSH: the client's close would make us close a
 // duplicate of the host descriptor, which writes nothing (data goes to
@@ -165,10 +172,10 @@ func FSOptions(o Options) (*fs.Options, error) {
 // when it can (go-fuse asks for it at every open): faster than any
 // request, and it keeps no data in the FUSE client's page cache either,
 // so only CacheNever asks for direct I/O, which would override it.
-func (ex *export) fopenFlags(flags int) uint32 {
+func (ex *export) fopenFlags(flags, fd int) uint32 {
 	fl := uint32(fuse.FOPEN_NOFLUSH)
 	acc := flags & unix.O_ACCMODE
-	streamed := acc == unix.O_WRONLY || ex.opts.Cache == CacheMetadata && acc == unix.O_RDONLY
+	streamed := acc == unix.O_WRONLY || ex.opts.Cache == CacheMetadata && acc == unix.O_RDONLY && !ex.opts.Passthrough && !isELF(fd)
 	switch {
 	case ex.opts.Cache == CacheNever, streamed && !ex.opts.Passthrough:
 		fl |= fuse.FOPEN_DIRECT_IO
@@ -176,6 +183,16 @@ func (ex *export) fopenFlags(flags int) uint32 {
 		fl |= fuse.FOPEN_KEEP_CACHE
 	}
 	return fl
+}
+
+// isELF reports whether the file open as fd starts with the ELF magic.
+func isELF(fd int) bool {
+	if fd < 0 {
+		return false
+	}
+	var magic [4]byte
+	k, err := unix.Pread(fd, magic[:], 0)
+	return err == nil && k == len(magic) && string(magic[:]) == "\x7fELF"
 }
 
 // Root opens the export dir and returns its root node. Each transport
@@ -203,15 +220,84 @@ type export struct {
 	rootDev uint64
 	// open counts descriptors held, for tests and leak checks.
 	open atomic.Int64
+
+	mu sync.Mutex
+	// dirs holds the descriptor of each directory below the root that
+	// a node stands for (see dirFD).
+	dirs map[devIno]*dirFD
+}
+
+type devIno struct{ dev, ino uint64 }
+
+// dirFD is the O_PATH descriptor of one directory, shared by every node
+// that stands for it. go-fuse (v2.12) makes a node for every LOOKUP and
+// keeps it only if no node of the same inode is registered yet; the
+// loser is dropped without a call back. A client looks a directory up
+// again whenever its entry times out (a second with the auto and
+// metadata caches), so a descriptor of each node's own leaked one per
+// look-up: a KIWI build with its tree on a share ran out of them
+// (EMFILE) in dpkg after 20,000 look-ups. Now a directory has one
+// descriptor however many nodes stand for it, closed when the last of
+// them is forgotten (OnForget) or, for nodes go-fuse dropped, garbage
+// collected.
+type dirFD struct {
+	fd   int
+	key  devIno
+	refs int // guarded by export.mu
+}
+
+// dirRef is one node's reference to a dirFD, released once.
+type dirRef struct {
+	ex   *export
+	d    *dirFD
+	done bool // guarded by export.mu
+}
+
+// holdDir returns the shared descriptor of the directory that fd (an
+// O_PATH descriptor, consumed) opens, with a new reference to it.
+func (ex *export) holdDir(fd int, st *unix.Stat_t) *dirRef {
+	key := devIno{st.Dev, st.Ino}
+	ex.mu.Lock()
+	defer ex.mu.Unlock()
+	d := ex.dirs[key]
+	if d != nil {
+		unix.Close(fd)
+	} else {
+		d = &dirFD{fd: fd, key: key}
+		if ex.dirs == nil {
+			ex.dirs = map[devIno]*dirFD{}
+		}
+		ex.dirs[key] = d
+		ex.open.Add(1)
+	}
+	d.refs++
+	return &dirRef{ex: ex, d: d}
+}
+
+// release drops the reference; the last one closes the descriptor.
+func (r *dirRef) release() {
+	r.ex.mu.Lock()
+	defer r.ex.mu.Unlock()
+	if r.done {
+		return
+	}
+	r.done = true
+	if r.d.refs--; r.d.refs == 0 {
+		delete(r.ex.dirs, r.d.key)
+		unix.Close(r.d.fd)
+		r.ex.open.Add(-1)
+	}
 }
 
 // node is one inode of the export. Directories hold an O_PATH
-// descriptor in fd; other nodes have fd -1 and are found again by dev and
-// ino (see handle).
+// descriptor in fd (the root its own, the others their directory's
+// shared one, through dir); other nodes have fd -1 and are found again
+// by dev and ino (see handle).
 type node struct {
 	fs.Inode
 	ex       *export
 	fd       int
+	dir      *dirRef
 	dev, ino uint64
 }
 
@@ -255,12 +341,12 @@ func (n *node) Statx(ctx context.Context, f fs.FileHandle, flags, mask uint32, o
 	return syscall.ENOSYS
 }
 
-// OnForget closes the descriptor once the client forgot the inode.
+// OnForget lets go of the directory's descriptor once the client forgot
+// the inode.
 func (n *node) OnForget() {
-	if n.fd >= 0 {
-		unix.Close(n.fd)
+	if n.dir != nil {
 		n.fd = -1
-		n.ex.open.Add(-1)
+		n.dir.release()
 	}
 }
 
@@ -407,19 +493,17 @@ func (n *node) newChild(ctx context.Context, fd int, out *fuse.EntryOut) (*fs.In
 		return nil, fs.ToErrno(err)
 	}
 	n.ex.overlay(fd, &st)
-	child := &node{ex: n.ex, fd: fd, dev: st.Dev, ino: st.Ino}
+	child := &node{ex: n.ex, fd: -1, dev: st.Dev, ino: st.Ino}
 	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-		n.ex.open.Add(1)
+		child.dir = n.ex.holdDir(fd, &st)
+		child.fd = child.dir.d.fd
+		// If go-fuse drops this node for one it already has, nothing
+		// tells us but the garbage collector.
+		runtime.AddCleanup(child, (*dirRef).release, child.dir)
 	} else {
 		unix.Close(fd)
-		child.fd = -1
 	}
 	in := n.NewInode(ctx, child, fs.StableAttr{Mode: st.Mode & unix.S_IFMT, Ino: n.ex.ino(&st)})
-	if in.Operations() != fs.InodeEmbedder(child) {
-		// The client already knows this inode (a hard link, or a lookup
-		// racing another): keep the descriptor it has.
-		child.OnForget()
-	}
 	n.ex.fillAttr(&st, &out.Attr)
 	return in, 0
 }
@@ -584,6 +668,10 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 		if err != nil {
 			return fs.ToErrno(err)
 		}
+		if e := n.ex.killSetID(wfd, unix.O_WRONLY); e != 0 {
+			unix.Close(wfd)
+			return e
+		}
 		err = unix.Ftruncate(wfd, int64(size))
 		unix.Close(wfd)
 		if err != nil {
@@ -653,7 +741,11 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if e != 0 {
 		return nil, 0, e
 	}
-	return newFile(fd), n.ex.fopenFlags(f), 0
+	if e := n.ex.killSetID(fd, f); e != 0 {
+		unix.Close(fd)
+		return nil, 0, e
+	}
+	return newFile(fd), n.ex.fopenFlags(f, fd), 0
 }
 
 // OpendirHandle opens a directory for reading.
@@ -724,7 +816,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
-	return in, newFile(fd), n.ex.fopenFlags(f), 0
+	return in, newFile(fd), n.ex.fopenFlags(f, -1), 0
 }
 
 // createExisting is Create of a name that exists (made on the host since
@@ -752,12 +844,17 @@ func (n *node) createExisting(ctx context.Context, name string, f int, out *fuse
 		unix.Close(pfd)
 		return nil, nil, 0, fs.ToErrno(err)
 	}
+	if e := n.ex.killSetID(fd, f); e != 0 {
+		unix.Close(fd)
+		unix.Close(pfd)
+		return nil, nil, 0, e
+	}
 	in, e := n.newChild(ctx, pfd, out)
 	if e != 0 {
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
-	return in, newFile(fd), n.ex.fopenFlags(f), 0
+	return in, newFile(fd), n.ex.fopenFlags(f, fd), 0
 }
 
 // Mkdir makes a directory.

@@ -3,10 +3,12 @@ package sharefs
 import (
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -252,8 +254,44 @@ func TestOpenFlags(t *testing.T) {
 		{CacheNever, true, unix.O_RDONLY, noflush | direct},
 	} {
 		ex := &export{opts: Options{Cache: c.cache, Passthrough: c.passthrough}}
-		if got := ex.fopenFlags(c.flags); got != c.want {
+		if got := ex.fopenFlags(c.flags, -1); got != c.want {
 			t.Errorf("cache %s, passthrough %v, open flags %#o: FOPEN flags %#x, want %#x", c.cache, c.passthrough, c.flags, got, c.want)
+		}
+	}
+}
+
+// TestOpenELFCached: with CacheMetadata, an ELF file (a program or shared
+// library) opened read-only stays in the client's page cache, so that a
+// client can map it MAP_SHARED: ldconfig does, from a read-only
+// descriptor, and a direct-I/O file cannot be mapped so by a Linux client
+// before 6.6 (ENODEV), which left a KIWI image built on a share with an
+// empty /etc/ld.so.cache. Other files opened read-only stay direct I/O.
+func TestOpenELFCached(t *testing.T) {
+	j := newJail(t, Options{Cache: CacheMetadata})
+	os.WriteFile(filepath.Join(j.export, "lib.so"), append([]byte("\x7fELF\x02\x01\x01"), make([]byte, 4096)...), 0o644)
+	os.WriteFile(filepath.Join(j.export, "short"), []byte("\x7fEL"), 0o644)
+	for _, c := range []struct {
+		name  string
+		flags int
+		want  uint32
+	}{
+		{"lib.so", os.O_RDONLY, fuse.FOPEN_NOFLUSH},
+		{"lib.so", os.O_WRONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+		{"lib.so", os.O_RDWR, fuse.FOPEN_NOFLUSH},
+		{"file", os.O_RDONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+		{"short", os.O_RDONLY, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO},
+	} {
+		id, st := j.lookup(t, 1, c.name)
+		if st != fuse.OK {
+			t.Fatal(st)
+		}
+		var oo fuse.OpenOut
+		if st := j.raw.Open(nil, &fuse.OpenIn{InHeader: *hdr(id), Flags: uint32(c.flags)}, &oo); st != fuse.OK {
+			t.Fatalf("open %s: %v", c.name, st)
+		}
+		j.raw.Release(nil, &fuse.ReleaseIn{InHeader: *hdr(id), Fh: oo.Fh})
+		if oo.OpenFlags != c.want {
+			t.Errorf("open %s with flags %#o: FOPEN flags %#x, want %#x", c.name, c.flags, oo.OpenFlags, c.want)
 		}
 	}
 }
@@ -471,6 +509,103 @@ func TestStatxRefused(t *testing.T) {
 		}
 		if st := j.raw.Statx(nil, in, &so); st != fuse.ENOSYS {
 			t.Errorf("STATX (fh %d): %v, uid %d, want ENOSYS", fh, st, so.Uid)
+		}
+	}
+}
+
+// procFDs counts this process's open descriptors.
+func procFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestLookupAgainOneDescriptor: looking a directory up again, as a
+// client does whenever its entry times out, keeps one descriptor for
+// it. go-fuse makes a node for every LOOKUP and drops it without a word
+// when it already has one for the inode; each of those nodes held a
+// descriptor of its own, so every look-up leaked one (a KIWI build with
+// its tree on a share failed with EMFILE in dpkg). Forgetting the
+// directory closes its descriptor.
+func TestLookupAgainOneDescriptor(t *testing.T) {
+	j := newJail(t, Options{})
+	before := procFDs(t)
+	const n = 300
+	var id uint64
+	for range n {
+		var st fuse.Status
+		if id, st = j.lookup(t, 1, "dir"); st != fuse.OK {
+			t.Fatal(st)
+		}
+	}
+	if got := OpenDescriptors(j.root); got != 2 {
+		t.Errorf("after %d look-ups of one directory the export holds %d descriptors, want 2 (root and dir)", n, got)
+	}
+	if got := procFDs(t); got > before+1 {
+		t.Errorf("after %d look-ups of one directory the process has %d more descriptors", n, got-before)
+	}
+	// The directory still works through the shared descriptor.
+	var eo fuse.EntryOut
+	if st := j.raw.Mkdir(nil, &fuse.MkdirIn{InHeader: *hdr(id), Mode: 0o755}, "sub", &eo); st != fuse.OK {
+		t.Fatalf("mkdir in the directory: %v", st)
+	}
+	if _, err := os.Stat(filepath.Join(j.export, "dir", "sub")); err != nil {
+		t.Fatal(err)
+	}
+	// Forgotten by the client, and the dropped nodes collected: closed.
+	j.raw.Forget(eo.NodeId, 1)
+	j.raw.Forget(id, n)
+	deadline := time.Now().Add(10 * time.Second)
+	for OpenDescriptors(j.root) != 1 && time.Now().Before(deadline) {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := OpenDescriptors(j.root); got != 1 {
+		t.Errorf("after the client forgot the directory the export holds %d descriptors, want 1 (root)", got)
+	}
+	if got := procFDs(t); got > before {
+		t.Errorf("after the client forgot the directory the process has %d descriptors, %d before the look-ups", got, before)
+	}
+}
+
+// TestRenameFlags: rename takes RENAME_NOREPLACE and RENAME_EXCHANGE;
+// RENAME_WHITEOUT, which leaves a character device 0:0 in the old name's
+// place (overlayfs's whiteout), is refused, mapped or not, so that a
+// guest cannot make a device node on the host that way either.
+func TestRenameFlags(t *testing.T) {
+	for _, mapped := range []bool{false, true} {
+		j := newJail(t, Options{Mapped: mapped})
+		os.WriteFile(filepath.Join(j.export, "other"), []byte("other"), 0o644)
+		for _, c := range []struct {
+			name     string
+			from, to string
+			flags    uint32
+			want     fuse.Status
+		}{
+			{"whiteout", "file", "moved", unix.RENAME_WHITEOUT, fuse.EINVAL},
+			{"unknown flag", "file", "moved", 1 << 7, fuse.EINVAL},
+			{"noreplace onto a file", "file", "other", unix.RENAME_NOREPLACE, fuse.Status(syscall.EEXIST)},
+			{"exchange", "file", "other", unix.RENAME_EXCHANGE, fuse.OK},
+		} {
+			st := j.raw.Rename(nil, &fuse.RenameIn{InHeader: *hdr(1), Newdir: 1, Flags: c.flags}, c.from, c.to)
+			if st != c.want {
+				t.Errorf("mapped %v, rename %s: %v, want %v", mapped, c.name, st, c.want)
+			}
+		}
+		err := filepath.WalkDir(j.export, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.Type()&(os.ModeDevice|os.ModeCharDevice) != 0 {
+				t.Errorf("mapped %v: a device node on the host: %s", mapped, p)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(j.export, "file")); string(b) != "other" {
+			t.Errorf("mapped %v: after the exchange file holds %q", mapped, b)
 		}
 	}
 }

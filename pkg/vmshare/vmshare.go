@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -47,12 +48,54 @@ type Export struct {
 type device struct {
 	ps  *fuse.ProtocolServer
 	log *slog.Logger
+	// maxBytes bounds each direction of a chain (see chainLimit).
+	maxBytes int
+	// refused is set once a request was refused for its size: only the
+	// first is a warning, so that a guest cannot fill the log with them.
+	refused atomic.Bool
+}
+
+// chainLimit is the most a chain may carry in either direction for a
+// server whose largest read or write is maxIO bytes: the data plus 128
+// KiB for headers, names and an extended attribute's value (at most 64
+// KiB on Linux). go-fuse sizes its reply to what the request asks for:
+// a READ, GETXATTR, LISTXATTR or IOCTL names a size of up to 4 GiB, and
+// when the guest's reply buffer is split over descriptors go-fuse
+// allocates that much on the host before the handler runs; a payload
+// that crosses descriptors (SETXATTR's value, a name) is copied into a
+// buffer as long as the readable part of the chain. A descriptor can
+// name gigabytes of guest memory, the same memory again in every
+// descriptor, so without a bound a hostile guest had the daemon allocate
+// and fill 4 GiB per request, 64 requests at once per queue. Linux never
+// comes near it: it asks at most max_pages pages (MaxWrite over the
+// host's page size: 256) per READ or READDIR and writes at most
+// MaxWrite; a guest with pages larger than 4 KiB would ask more (no
+// kernel kiwi-shim boots has them: Debian's amd64 and arm64 kernels use
+// 4 KiB pages).
+func chainLimit(maxIO int) int { return maxIO + 128<<10 }
+
+// iovLen is the total length of bufs.
+func iovLen(bufs [][]byte) int {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
+	return n
 }
 
 // Handle serves one FUSE request. Requests without a reply (FORGET) are
-// completed with length 0; a request the server cannot parse gets no
-// reply bytes either, which the guest reports as an I/O error.
+// completed with length 0; a request the server cannot parse, or one
+// larger than the device's bound either way (chainLimit), gets no reply
+// bytes either, which the guest reports as an I/O error.
 func (d *device) Handle(q int, c *vhostuser.Chain) int {
+	if in, out := iovLen(c.Readable), iovLen(c.Writable); in > d.maxBytes || out > d.maxBytes {
+		level := slog.LevelDebug
+		if !d.refused.Swap(true) {
+			level = slog.LevelWarn
+		}
+		d.log.Log(context.Background(), level, "request refused: larger than any FUSE request a Linux guest sends (later ones are logged at debug level)", "queue", q, "readable", in, "writable", out, "limit", d.maxBytes)
+		return 0
+	}
 	n, st := d.ps.HandleRequest(c.Readable, c.Writable)
 	if n == 0 && st != fuse.OK {
 		d.log.Debug("request without reply", "queue", q, "status", st)
@@ -138,6 +181,19 @@ func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error)
 	return fuse.NewProtocolServer(fs.NewNodeFS(root, opts), &opts.MountOptions), nil
 }
 
+// newDevice builds the device that serves e's requests.
+func newDevice(e Export, log *slog.Logger) (*device, error) {
+	opts, err := sharefs.FSOptions(e.Options)
+	if err != nil {
+		return nil, err
+	}
+	ps, err := NewProtocolServer(e, log)
+	if err != nil {
+		return nil, err
+	}
+	return &device{ps: ps, log: log, maxBytes: chainLimit(opts.MaxWrite)}, nil
+}
+
 // Listen creates the export's socket; QEMU connects to it once started.
 func Listen(e Export) (*net.UnixListener, error) {
 	os.Remove(e.Socket)
@@ -157,7 +213,7 @@ func Listen(e Export) (*net.UnixListener, error) {
 // listener is closed on return. log should name the export (its tag).
 func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger, trace bool) error {
 	defer l.Close()
-	ps, err := NewProtocolServer(e, log)
+	dev, err := newDevice(e, log)
 	if err != nil {
 		return err
 	}
@@ -174,7 +230,7 @@ func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger,
 	// One front end per export: nobody else may connect later.
 	l.Close()
 	log.Info("front end connected", "source", e.Source)
-	b := vhostuser.NewBackend(conn, &device{ps: ps, log: log}, vhostuser.Config{Queues: Queues, Log: log, Trace: trace})
+	b := vhostuser.NewBackend(conn, dev, vhostuser.Config{Queues: Queues, Log: log, Trace: trace})
 	err = b.Serve(ctx)
 	if err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("export %s: %w", e.Tag, err)

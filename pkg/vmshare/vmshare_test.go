@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -181,5 +182,117 @@ func TestNullModes(t *testing.T) {
 		if got := binary.LittleEndian.Uint32(out[16+16+60:]); got != c.want {
 			t.Errorf("GETATTR %s: mode %#o, want %#o", c.name, got, c.want)
 		}
+	}
+}
+
+// TestLookupAgainNoLeak: a guest that looks the same directory up again
+// and again (its entries time out after a second) costs the daemon one
+// descriptor, not one per LOOKUP. The virtio-fs transport never forgets
+// an inode, and every LOOKUP used to leave a descriptor behind: a KIWI
+// build with its tree on a share hit the daemon's limit (EMFILE) in
+// dpkg.
+func TestLookupAgainNoLeak(t *testing.T) {
+	export := t.TempDir()
+	if err := os.Mkdir(filepath.Join(export, "dir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Mapped: true, Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 8192)
+	if n, st := ps.HandleRequest([][]byte{initRequest()}, [][]byte{out}); st != fuse.OK || n == 0 {
+		t.Fatalf("INIT: %d bytes, %v", n, st)
+	}
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	for i := range 500 {
+		if n, st := ps.HandleRequest([][]byte{request(1, uint64(i+2), 1, []byte("dir\x00"))}, [][]byte{out}); st != fuse.OK || n == 0 {
+			t.Fatalf("LOOKUP %d: %d bytes, %v", i, n, st)
+		}
+	}
+	if got := fds(); got > before+1 {
+		t.Errorf("500 LOOKUPs of one directory left %d more descriptors open, want at most 1", got-before)
+	}
+}
+
+// TestOversizedRequest: a request that names more than any FUSE request
+// of a Linux guest (a READ of 8 MiB into a reply buffer split over
+// descriptors, a WRITE of 2 MiB) is refused before go-fuse sizes a
+// buffer by it: a hostile guest could name 4 GiB per request. Requests
+// up to the limit, split as the guest likes, are served.
+func TestOversizedRequest(t *testing.T) {
+	export := t.TempDir()
+	if err := os.WriteFile(filepath.Join(export, "big"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filepath.Join(export, "big"), 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	e := Export{Source: export}
+	d, err := newDevice(e, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 4096)
+	handle := func(in, out [][]byte) int { return d.Handle(1, &vhostuser.Chain{Readable: in, Writable: out}) }
+	if n := handle([][]byte{initRequest()}, [][]byte{out}); n == 0 {
+		t.Fatal("INIT refused")
+	}
+	if n := handle([][]byte{request(1, 2, 1, []byte("big\x00"))}, [][]byte{out}); n < 16+40 {
+		t.Fatalf("LOOKUP big: %d bytes", n)
+	}
+	node := binary.LittleEndian.Uint64(out[16:])
+	openIn := make([]byte, 8)
+	binary.LittleEndian.PutUint32(openIn, uint32(os.O_RDWR))
+	if n := handle([][]byte{request(14, 3, node, openIn)}, [][]byte{out}); n < 16+16 {
+		t.Fatalf("OPEN big: %d bytes", n)
+	}
+	fh := binary.LittleEndian.Uint64(out[16:])
+	read := func(unique uint64, size int) []byte {
+		body := make([]byte, 40)
+		binary.LittleEndian.PutUint64(body, fh)
+		binary.LittleEndian.PutUint32(body[16:], uint32(size))
+		return request(15, unique, node, body)
+	}
+	// The reply's payload in two descriptors, so that go-fuse cannot
+	// read into guest memory directly and allocates a buffer of its own.
+	split := func(size int) [][]byte {
+		b := make([]byte, 16+size)
+		return [][]byte{b[:16], b[16 : 16+size/2], b[16+size/2:]}
+	}
+
+	if n := handle([][]byte{read(4, 1<<20)}, split(1<<20)); n != 16+1<<20 {
+		t.Errorf("READ of 1 MiB: %d bytes, want %d", n, 16+1<<20)
+	}
+
+	bufs := split(8 << 20)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	n := handle([][]byte{read(5, 8<<20)}, bufs)
+	runtime.ReadMemStats(&after)
+	if n != 0 {
+		t.Errorf("READ of 8 MiB: %d bytes, want it refused", n)
+	}
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 1<<20 {
+		t.Errorf("READ of 8 MiB: the daemon allocated %d bytes for it", grew)
+	}
+
+	writeIn := make([]byte, 40)
+	binary.LittleEndian.PutUint64(writeIn, fh)
+	binary.LittleEndian.PutUint32(writeIn[16:], 2<<20)
+	data := make([]byte, 2<<20)
+	if n := handle([][]byte{request(16, 6, node, writeIn), data[:1<<20], data[1<<20:]}, [][]byte{out}); n != 0 {
+		t.Errorf("WRITE of 2 MiB: %d bytes, want it refused", n)
+	}
+	binary.LittleEndian.PutUint32(writeIn[16:], 1<<20)
+	if n := handle([][]byte{request(16, 7, node, writeIn), data[:1<<19], data[1<<19 : 1<<20]}, [][]byte{out}); n != 16+8 {
+		t.Errorf("WRITE of 1 MiB: %d bytes, want %d", n, 16+8)
 	}
 }
