@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -93,13 +94,13 @@ func BenchmarkContainerModeRun(b *testing.B) {
 // memory and cpus), interleaved. It also reports the resident memory of
 // the host processes kiwi-shim adds besides QEMU (the monitor).
 func BenchmarkVMStart(b *testing.B) {
-	const rounds = 5
+	rounds := 5
+	if n, err := strconv.Atoi(os.Getenv("KIWI_BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
 	p := benchPodman(b)
 	rootfs := benchRootfs(b)
-	kernels, _ := filepath.Glob("/var/cache/kiwi-shim/kernels/x86_64/boot/vmlinuz-*")
-	if len(kernels) == 0 {
-		b.Fatal("no guest kernel: make kernel")
-	}
+	kernel := guestKernel(b).Image
 	rawInit := filepath.Join(b.TempDir(), "rawinit")
 	build := exec.Command("go", "build", "-o", rawInit, "./testdata/rawinit")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -116,7 +117,7 @@ func BenchmarkVMStart(b *testing.B) {
 	for range rounds {
 		raw := exec.Command("qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 			"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048M", "-smp", "2",
-			"-kernel", kernels[len(kernels)-1], "-initrd", initrd,
+			"-kernel", kernel, "-initrd", initrd,
 			"-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init", "-serial", "stdio")
 		rawD = append(rawD, timeToFirstByte(b, raw, "ready"))
 
@@ -135,6 +136,7 @@ func BenchmarkVMStart(b *testing.B) {
 		shimD = append(shimD, timeToFirstByte(b, cmd, "ready"))
 		<-done
 	}
+	b.Logf("kernel %s: raw boots %v, podman runs %v", filepath.Base(kernel), rawD, shimD)
 	ms, mr := median(shimD), median(rawD)
 	b.ReportMetric(float64(ms.Milliseconds()), "kiwi-shim-ms")
 	b.ReportMetric(float64(mr.Milliseconds()), "raw-qemu-ms")

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 )
 
 // podman runs the real podman with kiwi-shim as its runtime. Each test gets
@@ -40,7 +42,16 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 	// runs: a wrapper named kiwi-shim (podman keys runtime_supports_json
 	// by that name) gives every call the test's root and configuration,
 	// and the run's mark (testRunEnv) whatever environment podman passes.
-	wrapper := fmt.Sprintf("#!/bin/sh\n%s=%s exec %q --root %q --config %q \"$@\"\n", testRunEnv, testRun, shim(), p.root, p.shimConf)
+	// The configuration's environment overrides (a private kernel cache,
+	// another kernel: KIWI_SHIM_CACHE_DIR, KIWI_SHIM_KERNEL_VERSION, ...)
+	// given to the test reach kiwi-shim the same way.
+	forward := ""
+	for _, k := range config.EnvOverrides {
+		if v, ok := os.LookupEnv(k); ok && !strings.HasPrefix(k, "KIWI_SHIM_LOOP_") {
+			forward += fmt.Sprintf("%s=%q ", k, v)
+		}
+	}
+	wrapper := fmt.Sprintf("#!/bin/sh\n%s=%s %sexec %q --root %q --config %q \"$@\"\n", testRunEnv, testRun, forward, shim(), p.root, p.shimConf)
 	if err := os.MkdirAll(filepath.Dir(p.runtime), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -10,18 +10,37 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
+
+// guestKernel is the x86_64 guest kernel kiwi-shim boots in these tests,
+// found the way kiwi-shim finds it: each test gives kiwi-shim a
+// configuration of its own that leaves the kernel and the cache at their
+// defaults, which the environment overrides (KIWI_SHIM_CACHE_DIR,
+// KIWI_SHIM_KERNEL_VERSION, KIWI_SHIM_KERNEL_FLAVOUR; newPodman forwards
+// them).
+func guestKernel(t testing.TB) vm.Kernel {
+	t.Helper()
+	cfg, err := config.Load(filepath.Join(t.TempDir(), "none.toml"), false, config.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := vm.KernelChoice{Version: cfg.VM.KernelVersion, Flavour: cfg.VM.KernelFlavour}
+	k, err := vm.FindKernel(cfg.VM.Kernel["x86_64"], c, "x86_64", cfg.CacheDir)
+	if err != nil {
+		t.Fatalf("%v (make kernel does it)", err)
+	}
+	return k
+}
 
 // guestRelease is the release of the guest kernel `make kernel` unpacked
 // into the cache; it differs from the host's, which is how the tests
 // prove a command ran inside the VM.
 func guestRelease(t testing.TB) string {
 	t.Helper()
-	ks, _ := filepath.Glob("/var/cache/kiwi-shim/kernels/x86_64/boot/vmlinuz-*")
-	if len(ks) == 0 {
-		t.Fatal("no guest kernel in /var/cache/kiwi-shim: run make kernel (make test does)")
-	}
-	rel := strings.TrimPrefix(filepath.Base(ks[len(ks)-1]), "vmlinuz-")
+	rel := guestKernel(t).Release
 	var uts syscall.Utsname
 	syscall.Uname(&uts)
 	host := ""

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 
@@ -12,12 +13,27 @@ import (
 var setupCommand = cli.Command{
 	Name:  "setup",
 	Usage: "put a guest kernel for VM mode into the cache directory",
-	Description: `Downloads Debian's generic kernel package for the architecture with
-   apt-get and unpacks it under cache_dir/kernels/ARCH; the host's /boot is
-   not touched. Does nothing when a kernel is already there.`,
-	Flags: []cli.Flag{cli.StringFlag{Name: "arch", Value: vm.HostArch(), Usage: "guest architecture: x86_64 or aarch64"}},
+	Description: `Downloads Debian's kernel package of the configured series and flavour
+   (vm.kernel_version, default 6.1; vm.kernel_flavour, default generic)
+   for the architecture with apt-get and unpacks it under
+   cache_dir/kernels/ARCH/VERSION-FLAVOUR; the host's /boot is not
+   touched. Does nothing when such a kernel is already there.
+   --kernel-version and --kernel-flavour fetch another one without
+   changing which one VMs boot.`,
+	Flags: []cli.Flag{
+		cli.StringFlag{Name: "arch", Value: vm.HostArch(), Usage: "guest architecture: x86_64 or aarch64"},
+		cli.StringFlag{Name: "kernel-version", Usage: "kernel series, e.g. 6.12 or 6.1 (default: vm.kernel_version)"},
+		cli.StringFlag{Name: "kernel-flavour", Usage: "generic or cloud (default: vm.kernel_flavour)"},
+	},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		k, err := vm.Setup(e.cfg.CacheDir, ctx.String("arch"), os.Stderr)
+		c := e.kernelChoice()
+		if v := ctx.String("kernel-version"); v != "" {
+			c.Version = v
+		}
+		if f := ctx.String("kernel-flavour"); f != "" {
+			c.Flavour = f
+		}
+		k, err := vm.Setup(context.Background(), e.cfg.CacheDir, ctx.String("arch"), c, os.Stderr)
 		if err != nil {
 			return err
 		}

@@ -96,7 +96,12 @@ func guestArch(s oci.Settings, spec *specs.Spec, rootfs string, log *slog.Logger
 // or the host's own; a rootless user also finds the one root's `kiwi-shim
 // setup` put into the system's cache.
 func (e *env) findKernel(arch string) (vm.Kernel, error) {
-	return vm.FindKernel(e.cfg.VM.Kernel[arch], arch, e.cacheDirs()...)
+	return vm.FindKernel(e.cfg.VM.Kernel[arch], e.kernelChoice(), arch, e.cacheDirs()...)
+}
+
+// kernelChoice is the configured kernel series and flavour.
+func (e *env) kernelChoice() vm.KernelChoice {
+	return vm.KernelChoice{Version: e.cfg.VM.KernelVersion, Flavour: e.cfg.VM.KernelFlavour}
 }
 
 // cacheDirs are the cache directories to look for kernels and boxes in:

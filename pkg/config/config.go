@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -24,7 +25,17 @@ const (
 	EnvConfig       = "KIWI_SHIM_CONFIG"
 	EnvLoopCapacity = "KIWI_SHIM_LOOP_CAPACITY"
 	EnvLoopDir      = "KIWI_SHIM_LOOP_DIR"
+	// EnvCacheDir overrides cache_dir: a private cache of kernels and
+	// initramfs images, e.g. to try another kernel beside running VMs.
+	EnvCacheDir = "KIWI_SHIM_CACHE_DIR"
+	// EnvKernelVersion and EnvKernelFlavour override vm.kernel_version
+	// and vm.kernel_flavour.
+	EnvKernelVersion = "KIWI_SHIM_KERNEL_VERSION"
+	EnvKernelFlavour = "KIWI_SHIM_KERNEL_FLAVOUR"
 )
+
+// EnvOverrides are the environment variables that override the file.
+var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour}
 
 // Modes a container can run in.
 const (
@@ -79,7 +90,14 @@ type VM struct {
 	Memory string `toml:"memory"`
 	// CPUs is the default number of guest CPUs.
 	CPUs int `toml:"cpus"`
-	// Kernel maps a guest architecture (x86_64, aarch64) to a kernel image.
+	// KernelVersion is the series of Debian's guest kernel that setup
+	// fetches and VM mode boots: "6.1" (default) or "6.12".
+	KernelVersion string `toml:"kernel_version"`
+	// KernelFlavour is its flavour: "generic" (default; has 9p) or
+	// "cloud" (no 9p).
+	KernelFlavour string `toml:"kernel_flavour"`
+	// Kernel maps a guest architecture (x86_64, aarch64) to a kernel
+	// image; it overrides KernelVersion and KernelFlavour.
 	Kernel map[string]string `toml:"kernel"`
 	// QEMU maps a guest architecture to its qemu-system binary.
 	QEMU map[string]string `toml:"qemu"`
@@ -102,7 +120,7 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, Share: "virtiofs", ScratchDir: "/var/tmp/kiwi-shim/scratch"},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: "6.1", KernelFlavour: "generic", Share: "virtiofs", ScratchDir: "/var/tmp/kiwi-shim/scratch"},
 	}
 }
 
@@ -182,8 +200,23 @@ func (c *Config) applyEnv() error {
 	if v := os.Getenv(EnvLoopDir); v != "" {
 		c.Loop.Dir = v
 	}
+	if v := os.Getenv(EnvCacheDir); v != "" {
+		if !filepath.IsAbs(v) {
+			return fmt.Errorf("%s=%q: want an absolute path", EnvCacheDir, v)
+		}
+		c.CacheDir = v
+	}
+	if v := os.Getenv(EnvKernelVersion); v != "" {
+		c.VM.KernelVersion = v
+	}
+	if v := os.Getenv(EnvKernelFlavour); v != "" {
+		c.VM.KernelFlavour = v
+	}
 	return nil
 }
+
+// kernelSeries is the form of vm.kernel_version: major.minor.
+var kernelSeries = regexp.MustCompile(`^[0-9]+\.[0-9]+$`)
 
 // Validate checks values that the TOML types cannot.
 func (c *Config) Validate() error {
@@ -208,6 +241,12 @@ func (c *Config) Validate() error {
 	}
 	if c.VM.CPUs < 1 {
 		return fmt.Errorf("vm.cpus %d: must be at least 1", c.VM.CPUs)
+	}
+	if !kernelSeries.MatchString(c.VM.KernelVersion) {
+		return fmt.Errorf("vm.kernel_version %q: want a kernel series such as \"6.12\" or \"6.1\"", c.VM.KernelVersion)
+	}
+	if c.VM.KernelFlavour != "generic" && c.VM.KernelFlavour != "cloud" {
+		return fmt.Errorf("vm.kernel_flavour %q: want \"generic\" or \"cloud\"", c.VM.KernelFlavour)
 	}
 	if c.VM.Share != "virtiofs" && c.VM.Share != "9p" {
 		return fmt.Errorf("vm.share %q: want \"virtiofs\" or \"9p\"", c.VM.Share)

@@ -20,6 +20,11 @@ func TestParse(t *testing.T) {
 			check: func(c Config) bool { return c.DefaultMode == ModeContainer && c.Container.Runtime == "/usr/sbin/runc" }},
 		{name: "vm tables", in: "[vm]\naccel = \"tcg\"\n[vm.kernel]\nx86_64 = \"/k\"\n",
 			check: func(c Config) bool { return c.VM.Accel == "tcg" && c.VM.Kernel["x86_64"] == "/k" }},
+		{name: "kernel defaults to generic 6.1", in: "", check: func(c Config) bool { return c.VM.KernelVersion == "6.1" && c.VM.KernelFlavour == "generic" }},
+		{name: "kernel 6.1 cloud", in: "[vm]\nkernel_version = \"6.1\"\nkernel_flavour = \"cloud\"\n",
+			check: func(c Config) bool { return c.VM.KernelVersion == "6.1" && c.VM.KernelFlavour == "cloud" }},
+		{name: "bad kernel version", in: "[vm]\nkernel_version = \"6.12.118\"\n", wantErr: "vm.kernel_version"},
+		{name: "bad kernel flavour", in: "[vm]\nkernel_flavour = \"rt\"\n", wantErr: "vm.kernel_flavour"},
 		{name: "unknown key", in: "[loop]\ncapacty = 4\n", wantErr: "unknown key(s) loop.capacty"},
 		{name: "bad mode", in: "default_mode = \"vmm\"\n", wantErr: "default_mode"},
 		{name: "bad accel", in: "[vm]\naccel = \"hvf\"\n", wantErr: "vm.accel"},
@@ -71,9 +76,23 @@ func TestEnvOverrides(t *testing.T) {
 	if c.Loop.Capacity != 3 || c.Loop.Dir != "/tmp/x" {
 		t.Fatalf("env not applied: %+v", c.Loop)
 	}
-	t.Setenv(EnvLoopCapacity, "many")
-	if _, err := Load(filepath.Join(t.TempDir(), "none"), false, Default()); err == nil {
-		t.Fatal("bad capacity accepted")
+	t.Setenv(EnvCacheDir, "/var/tmp/private-cache")
+	t.Setenv(EnvKernelVersion, "6.1")
+	t.Setenv(EnvKernelFlavour, "cloud")
+	c, err = Load(filepath.Join(t.TempDir(), "none"), false, Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.CacheDir != "/var/tmp/private-cache" || c.VM.KernelVersion != "6.1" || c.VM.KernelFlavour != "cloud" {
+		t.Fatalf("env not applied: cache %q, kernel %q %q", c.CacheDir, c.VM.KernelVersion, c.VM.KernelFlavour)
+	}
+	for _, bad := range [][2]string{{EnvLoopCapacity, "many"}, {EnvCacheDir, "relative/cache"}, {EnvKernelVersion, "six"}, {EnvKernelFlavour, "rt"}} {
+		t.Run(bad[0], func(t *testing.T) {
+			t.Setenv(bad[0], bad[1])
+			if _, err := Load(filepath.Join(t.TempDir(), "none"), false, Default()); err == nil {
+				t.Fatalf("%s=%s accepted", bad[0], bad[1])
+			}
+		})
 	}
 }
 

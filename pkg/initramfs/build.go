@@ -115,7 +115,8 @@ func write(buf *bytes.Buffer, spec Spec) error {
 			if err != nil {
 				return err
 			}
-			dst := filepath.Join("lib/modules/kiwi-box", rel)
+			// Stored decompressed (readModule), under name.ko.
+			dst := filepath.Join("lib/modules/kiwi-box", filepath.Dir(rel), moduleBase(rel))
 			for d := filepath.Dir(dst); d != "." && d != "lib/modules" && !made[d]; d = filepath.Dir(d) {
 				made[d] = true
 			}
@@ -131,9 +132,9 @@ func write(buf *bytes.Buffer, spec Spec) error {
 			c.Dir(d, 0o755)
 		}
 		for i, f := range files {
-			data, err := os.ReadFile(f)
+			data, err := idx.image(f)
 			if err != nil {
-				return fmt.Errorf("read module: %w", err)
+				return err
 			}
 			c.File(strings.TrimPrefix(load[i], "/"), 0o644, data)
 		}

@@ -36,21 +36,55 @@ type modIndex struct {
 	root    string // lib/modules/<release>
 	byName  map[string]string
 	builtin map[string]bool
+	// images holds the decompressed modules read so far, by path: the
+	// closure reads each one for its dependencies, the archive again.
+	images map[string][]byte
+}
+
+// image returns the ELF image of the module file at path.
+func (idx *modIndex) image(path string) ([]byte, error) {
+	if b, ok := idx.images[path]; ok {
+		return b, nil
+	}
+	b, err := readModule(path)
+	if err != nil {
+		return nil, err
+	}
+	idx.images[path] = b
+	return b, nil
+}
+
+// moduleSuffixes are the file name endings of kernel modules: plain, and
+// compressed as Debian's kernels since 6.x ship them (.ko.xz).
+var moduleSuffixes = []string{".ko", ".ko.xz", ".ko.zst", ".ko.gz"}
+
+// moduleBase returns a module file's name without its compression
+// suffix (name.ko), or "" if the file is no module.
+func moduleBase(file string) string {
+	n := filepath.Base(file)
+	for _, suf := range moduleSuffixes {
+		if b, ok := strings.CutSuffix(n, suf); ok {
+			return b + ".ko"
+		}
+	}
+	return ""
 }
 
 func modName(file string) string {
-	n := filepath.Base(file)
-	n = strings.TrimSuffix(n, ".ko")
+	n := strings.TrimSuffix(filepath.Base(file), ".ko")
+	if b := moduleBase(file); b != "" {
+		n = strings.TrimSuffix(b, ".ko")
+	}
 	return strings.ReplaceAll(n, "-", "_")
 }
 
 func indexModules(root string) (*modIndex, error) {
-	idx := &modIndex{root: root, byName: map[string]string{}, builtin: map[string]bool{}}
+	idx := &modIndex{root: root, byName: map[string]string{}, builtin: map[string]bool{}, images: map[string][]byte{}}
 	err := filepath.WalkDir(filepath.Join(root, "kernel"), func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
+		if !d.IsDir() && moduleBase(p) != "" {
 			idx.byName[modName(p)] = p
 		}
 		return nil
@@ -68,9 +102,9 @@ func indexModules(root string) (*modIndex, error) {
 }
 
 // modinfoDeps reads a module's hard dependencies and "pre:" soft
-// dependencies from its .modinfo section.
-func modinfoDeps(path string) ([]string, error) {
-	f, err := elf.Open(path)
+// dependencies from the .modinfo section of its ELF image.
+func modinfoDeps(path string, image []byte) ([]string, error) {
+	f, err := elf.NewFile(bytes.NewReader(image))
 	if err != nil {
 		return nil, fmt.Errorf("read module %s: %w", path, err)
 	}
@@ -79,12 +113,12 @@ func modinfoDeps(path string) ([]string, error) {
 	if sec == nil {
 		return nil, nil
 	}
-	data, err := sec.Data()
+	info, err := sec.Data()
 	if err != nil {
 		return nil, fmt.Errorf("read module %s: %w", path, err)
 	}
 	var deps []string
-	for _, kv := range bytes.Split(data, []byte{0}) {
+	for _, kv := range bytes.Split(info, []byte{0}) {
 		k, v, ok := strings.Cut(string(kv), "=")
 		if !ok {
 			continue
@@ -131,7 +165,11 @@ func (idx *modIndex) closure(want []string) ([]string, error) {
 			return nil // not in this kernel
 		}
 		state[name] = 1
-		deps, err := modinfoDeps(p)
+		image, err := idx.image(p)
+		if err != nil {
+			return err
+		}
+		deps, err := modinfoDeps(p, image)
 		if err != nil {
 			return err
 		}

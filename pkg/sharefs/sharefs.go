@@ -126,6 +126,12 @@ func FSOptions(o Options) (*fs.Options, error) {
 	}
 	opts := &fs.Options{EntryTimeout: &d, AttrTimeout: &d, NegativeTimeout: &neg}
 	opts.MaxWrite = 1 << 20
+	// Let clients map direct-I/O files shared (Linux 6.6+; go-fuse
+	// grants it only when the client offers it): a MAP_SHARED mapping of
+	// a file opened read-only on a CacheMetadata export then works, where
+	// older clients fail it with ENODEV. The client keeps such a
+	// mapping's pages coherent with the direct I/O itself.
+	opts.ExtraCapabilities |= fuse.CAP_DIRECT_IO_ALLOW_MMAP
 	opts.DisableXAttrs = !o.Xattr
 	// Report the permission bits the host has, 0000 included. Without
 	// this, go-fuse's node bridge turns a zero permission into 0644 (0755
@@ -149,7 +155,8 @@ func FSOptions(o Options) (*fs.Options, error) {
 // the guest reads straight into the reader's buffer, one request per
 // MiB, as 9p does, instead of filling its page cache page by page. The
 // price is that a Linux client before 6.6 refuses MAP_SHARED mappings of
-// direct-I/O files (ENODEV; apt's caches, for one, map that way), and
+// direct-I/O files (ENODEV; apt's caches, for one, map that way; newer
+// clients allow them, FSOptions asks for FUSE_DIRECT_IO_ALLOW_MMAP), and
 // unmaps a file from everyone when one process maps it privately (which
 // makes running programs from such an export slow); files opened
 // read-write stay cached, so that shared writable mappings (databases)

@@ -4,10 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strings"
 )
 
@@ -41,39 +39,66 @@ func DebArch(arch string) string {
 	return "amd64"
 }
 
-// kernelsDir is where `kiwi-shim setup` unpacks guest kernels.
+// kernelsDir is where `kiwi-shim setup` unpacks guest kernels for arch.
+// Each choice has a directory of its own below it (6.12-generic, ...);
+// kernels/<arch>/boot and lib directly below it are the layout of older
+// releases, which put one kernel (Debian's 6.1) there.
 func kernelsDir(cacheDir, arch string) string { return filepath.Join(cacheDir, "kernels", arch) }
 
+// choiceDir is where setup unpacks the kernel of choice c.
+func choiceDir(cacheDir, arch string, c KernelChoice) string {
+	return filepath.Join(kernelsDir(cacheDir, arch), c.String())
+}
+
 // FindKernel returns the guest kernel for arch: the configured image if
-// any, else the newest kernel unpacked by setup into the first of the
-// cache directories that has one, else the host's own /boot/vmlinuz-*
-// with matching /lib/modules (same arch only).
-func FindKernel(configured, arch string, cacheDirs ...string) (Kernel, error) {
+// any, else the kernel of choice c that setup unpacked into the first of
+// the cache directories that has one, else the host's own
+// /boot/vmlinuz-* with matching /lib/modules if it is of choice c (same
+// arch only). Only kernels of choice c count, and of those the newest
+// release: unpacking another series or flavour into a cache switches no
+// VM.
+func FindKernel(configured string, c KernelChoice, arch string, cacheDirs ...string) (Kernel, error) {
 	if configured != "" {
 		return kernelAt(configured, "")
 	}
-	for _, cacheDir := range cacheDirs {
-		if ks, _ := filepath.Glob(filepath.Join(kernelsDir(cacheDir, arch), "boot", "vmlinuz-*")); len(ks) > 0 {
-			sort.Strings(ks)
-			return kernelAt(ks[len(ks)-1], filepath.Join(kernelsDir(cacheDir, arch), "lib", "modules"))
-		}
+	if err := c.Validate(); err != nil {
+		return Kernel{}, err
 	}
 	if len(cacheDirs) == 0 {
 		return Kernel{}, errors.New("no kernel cache directory")
 	}
-	cacheDir := cacheDirs[0]
-	if arch == HostArch() {
-		if ks, _ := filepath.Glob("/boot/vmlinuz-*"); len(ks) > 0 {
-			sort.Strings(ks)
-			for i := len(ks) - 1; i >= 0; i-- {
-				if k, err := kernelAt(ks[i], "/lib/modules"); err == nil && k.ModulesDir != "" {
-					return k, nil
-				}
+	for _, cacheDir := range cacheDirs {
+		for _, root := range []string{choiceDir(cacheDir, arch, c), kernelsDir(cacheDir, arch)} {
+			if image := newestOf(c, arch, filepath.Join(root, "boot")); image != "" {
+				return kernelAt(image, filepath.Join(root, "lib", "modules"))
 			}
 		}
 	}
-	return Kernel{}, fmt.Errorf("no guest kernel for %s: run 'kiwi-shim setup' (puts Debian's linux-image-%s into %s) or set vm.kernel.%s in the config",
-		arch, DebArch(arch), kernelsDir(cacheDir, arch), arch)
+	if arch == HostArch() {
+		if image := newestOf(c, arch, "/boot"); image != "" {
+			if k, err := kernelAt(image, "/lib/modules"); err == nil && k.ModulesDir != "" {
+				return k, nil
+			}
+		}
+	}
+	return Kernel{}, fmt.Errorf("no guest kernel %s for %s: run 'kiwi-shim setup --arch %s' (puts Debian's %s into %s), choose another with vm.kernel_version and vm.kernel_flavour, or set vm.kernel.%s in the config",
+		c, arch, arch, c.packagePattern(arch), choiceDir(cacheDirs[0], arch, c), arch)
+}
+
+// newestOf returns the newest vmlinuz-* of choice c in dir, or "".
+func newestOf(c KernelChoice, arch, dir string) string {
+	images, _ := filepath.Glob(filepath.Join(dir, "vmlinuz-*"))
+	best := ""
+	for _, image := range images {
+		rel := strings.TrimPrefix(filepath.Base(image), "vmlinuz-")
+		if !c.Matches(rel, arch) {
+			continue
+		}
+		if best == "" || compareReleases(rel, strings.TrimPrefix(filepath.Base(best), "vmlinuz-")) > 0 {
+			best = image
+		}
+	}
+	return best
 }
 
 func kernelAt(image, modulesRoot string) (Kernel, error) {
@@ -98,74 +123,4 @@ func kernelAt(image, modulesRoot string) (Kernel, error) {
 func dirExists(p string) bool {
 	fi, err := os.Stat(p)
 	return err == nil && fi.IsDir()
-}
-
-// Setup puts Debian's generic kernel for arch into the cache: the package
-// is downloaded with apt-get and unpacked with dpkg-deb, never installed,
-// so the host's /boot is untouched. The generic flavour is used because
-// it has 9p (the cloud flavour does not). It is a no-op when a kernel is
-// already there.
-func Setup(cacheDir, arch string, out *os.File) (Kernel, error) {
-	if k, err := FindKernel("", arch, cacheDir); err == nil && strings.HasPrefix(k.Image, kernelsDir(cacheDir, arch)) {
-		return k, nil
-	}
-	dir := kernelsDir(cacheDir, arch)
-	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return Kernel{}, fmt.Errorf("kernel cache: %w", err)
-	}
-	tmp, err := os.MkdirTemp(filepath.Dir(dir), ".setup-")
-	if err != nil {
-		return Kernel{}, fmt.Errorf("kernel cache: %w", err)
-	}
-	// apt-get download drops privileges to _apt where it can.
-	os.Chmod(tmp, 0o755)
-	defer os.RemoveAll(tmp)
-	da := DebArch(arch)
-	meta := "linux-image-" + da
-	if da != DebArch(HostArch()) {
-		meta += ":" + da
-	}
-	// Resolve the metapackage to the versioned image package.
-	depOut, err := exec.Command("apt-cache", "depends", meta).Output()
-	if err != nil {
-		return Kernel{}, fmt.Errorf("apt-cache depends %s: %v (for a foreign arch run: dpkg --add-architecture %s && apt-get update)", meta, err, da)
-	}
-	pkg := ""
-	for _, l := range strings.Split(string(depOut), "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "Depends: linux-image-"); ok {
-			pkg = "linux-image-" + strings.TrimSpace(v)
-			break
-		}
-	}
-	if pkg == "" {
-		return Kernel{}, fmt.Errorf("cannot resolve %s to a kernel package", meta)
-	}
-	if da != DebArch(HostArch()) && !strings.Contains(pkg, ":") {
-		pkg += ":" + da
-	}
-	dl := exec.Command("apt-get", "download", "-q", pkg)
-	dl.Dir, dl.Stdout, dl.Stderr = tmp, out, out
-	if err := dl.Run(); err != nil {
-		return Kernel{}, fmt.Errorf("apt-get download %s: %w", pkg, err)
-	}
-	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
-	if len(debs) != 1 {
-		return Kernel{}, fmt.Errorf("apt-get download %s: no package file", pkg)
-	}
-	unpack := filepath.Join(tmp, "root")
-	if out, err := exec.Command("dpkg-deb", "-x", debs[0], unpack).CombinedOutput(); err != nil {
-		return Kernel{}, fmt.Errorf("dpkg-deb -x %s: %v: %s", debs[0], err, out)
-	}
-	os.RemoveAll(dir)
-	if err := os.Rename(unpack, dir); err != nil {
-		return Kernel{}, fmt.Errorf("kernel cache: %w", err)
-	}
-	k, err := FindKernel("", arch, cacheDir)
-	if err != nil {
-		return Kernel{}, err
-	}
-	if k.ModulesDir == "" {
-		return Kernel{}, errors.New("unpacked kernel has no modules")
-	}
-	return k, nil
 }

@@ -153,26 +153,117 @@ func TestPlanNetwork(t *testing.T) {
 	}
 }
 
+// putKernel makes an unpacked kernel below root: boot/vmlinuz-rel and
+// lib/modules/rel.
+func putKernel(t *testing.T, root, rel string) string {
+	t.Helper()
+	mods := filepath.Join(root, "lib", "modules", rel)
+	if err := os.MkdirAll(mods, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(root, "boot"), 0o755)
+	if err := os.WriteFile(filepath.Join(root, "boot", "vmlinuz-"+rel), []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return mods
+}
+
 func TestFindKernel(t *testing.T) {
+	v61 := KernelChoice{Version: "6.1", Flavour: FlavourGeneric}
+	v612 := KernelChoice{Version: "6.12", Flavour: FlavourGeneric}
 	dir := t.TempDir()
-	if _, err := FindKernel("", "aarch64", dir); err == nil || !strings.Contains(err.Error(), "kiwi-shim setup") {
+	if _, err := FindKernel("", v61, "aarch64", dir); err == nil || !strings.Contains(err.Error(), "kiwi-shim setup") {
 		t.Fatalf("no kernel: %v", err)
 	}
-	boot := filepath.Join(dir, "kernels", "x86_64", "boot")
-	mods := filepath.Join(dir, "kernels", "x86_64", "lib", "modules", "6.1.0-9-amd64")
-	os.MkdirAll(boot, 0o755)
-	os.MkdirAll(mods, 0o755)
-	os.WriteFile(filepath.Join(boot, "vmlinuz-6.1.0-9-amd64"), []byte("k"), 0o644)
-	k, err := FindKernel("", "x86_64", dir)
+	// The layout of older releases: one 6.1 kernel in kernels/<arch>.
+	mods := putKernel(t, filepath.Join(dir, "kernels", "x86_64"), "6.1.0-9-amd64")
+	k, err := FindKernel("", v61, "x86_64", dir)
 	if err != nil || k.Release != "6.1.0-9-amd64" || k.ModulesDir != mods {
 		t.Fatalf("kernel %+v, %v", k, err)
 	}
 	// A user's empty cache first, then the system's.
-	k, err = FindKernel("", "x86_64", t.TempDir(), dir)
+	k, err = FindKernel("", v61, "x86_64", t.TempDir(), dir)
 	if err != nil || k.Release != "6.1.0-9-amd64" {
 		t.Fatalf("second cache: %+v, %v", k, err)
 	}
-	if _, err := FindKernel("/nonexistent/vmlinuz", "x86_64", dir); err == nil {
+	if _, err := FindKernel("", v612, "x86_64", dir); err == nil || !strings.Contains(err.Error(), "6.12-generic") {
+		t.Fatalf("6.12 found in a cache with only 6.1: %v", err)
+	}
+	// Unpacking other series and flavours (which sort after 6.1.0-9 as
+	// strings) switches nobody: each choice finds its own.
+	mods612 := putKernel(t, filepath.Join(dir, "kernels", "x86_64", "6.12-generic"), "6.12.118+deb12-amd64")
+	putKernel(t, filepath.Join(dir, "kernels", "x86_64", "6.12-cloud"), "6.12.118+deb12-cloud-amd64")
+	putKernel(t, filepath.Join(dir, "kernels", "x86_64"), "6.1.0-9-rt-amd64")
+	putKernel(t, filepath.Join(dir, "kernels", "x86_64"), "6.1.0-9-cloud-amd64")
+	for _, tc := range []struct {
+		c    KernelChoice
+		want string
+	}{
+		{v61, "6.1.0-9-amd64"},
+		{KernelChoice{Version: "6.1", Flavour: FlavourCloud}, "6.1.0-9-cloud-amd64"},
+		{v612, "6.12.118+deb12-amd64"},
+		{KernelChoice{Version: "6.12", Flavour: FlavourCloud}, "6.12.118+deb12-cloud-amd64"},
+	} {
+		k, err := FindKernel("", tc.c, "x86_64", dir)
+		if err != nil || k.Release != tc.want {
+			t.Errorf("%s: %+v, %v; want %s", tc.c, k, err, tc.want)
+		}
+	}
+	if k, _ := FindKernel("", v612, "x86_64", dir); k.ModulesDir != mods612 {
+		t.Errorf("6.12 modules %q, want %q", k.ModulesDir, mods612)
+	}
+	// Of one choice, the newest release by number (118 after 99).
+	putKernel(t, filepath.Join(dir, "kernels", "x86_64", "6.12-generic"), "6.12.99+deb12-amd64")
+	if k, _ := FindKernel("", v612, "x86_64", dir); k.Release != "6.12.118+deb12-amd64" {
+		t.Errorf("newest 6.12: %s", k.Release)
+	}
+	if _, err := FindKernel("/nonexistent/vmlinuz", v61, "x86_64", dir); err == nil {
 		t.Fatal("missing configured kernel accepted")
+	}
+	if _, err := FindKernel("", KernelChoice{Version: "6", Flavour: FlavourGeneric}, "x86_64", dir); err == nil {
+		t.Fatal("bad version accepted")
+	}
+}
+
+func TestKernelChoiceMatches(t *testing.T) {
+	generic, cloud := FlavourGeneric, FlavourCloud
+	for _, tc := range []struct {
+		version, flavour, release, arch string
+		want                            bool
+	}{
+		{"6.1", generic, "6.1.0-57-amd64", "x86_64", true},
+		{"6.1", generic, "6.1.0-57-cloud-amd64", "x86_64", false},
+		{"6.1", cloud, "6.1.0-57-cloud-amd64", "x86_64", true},
+		{"6.1", generic, "6.1.0-57-rt-amd64", "x86_64", false},
+		{"6.1", generic, "6.12.118+deb12-amd64", "x86_64", false},
+		{"6.12", generic, "6.12.118+deb12-amd64", "x86_64", true},
+		{"6.12", generic, "6.12.118+deb12-amd64", "aarch64", false},
+		{"6.12", generic, "6.12.118+deb12-arm64", "aarch64", true},
+		{"6.12", generic, "6.12.118+deb12-arm64-16k", "aarch64", false},
+		{"6.12", cloud, "6.12.118+deb12-cloud-arm64", "aarch64", true},
+		{"6.12", cloud, "6.12.118+deb12-amd64", "x86_64", false},
+		{"6.12", generic, "6.12-amd64", "x86_64", false},
+	} {
+		c := KernelChoice{Version: tc.version, Flavour: tc.flavour}
+		if got := c.Matches(tc.release, tc.arch); got != tc.want {
+			t.Errorf("%s matches %s (%s) = %v, want %v", c, tc.release, tc.arch, got, tc.want)
+		}
+	}
+}
+
+func TestReleasesIn(t *testing.T) {
+	search := `linux-image-6.12.99+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs
+linux-image-6.12.118+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs
+linux-image-6.12.118+deb12-cloud-amd64-unsigned - Linux 6.12 for x86-64 cloud
+linux-image-6.12.118+deb12-rt-amd64-unsigned - Linux 6.12 for 64-bit PCs, PREEMPT_RT
+linux-image-6.12.107+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs
+`
+	got := releasesIn(search, KernelChoice{Version: "6.12", Flavour: FlavourGeneric}, "x86_64")
+	want := []string{"6.12.118+deb12-amd64", "6.12.107+deb12-amd64", "6.12.99+deb12-amd64"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("releases %v, want %v", got, want)
+	}
+	if got := releasesIn(search, KernelChoice{Version: "6.12", Flavour: FlavourCloud}, "x86_64"); len(got) != 1 || got[0] != "6.12.118+deb12-cloud-amd64" {
+		t.Fatalf("cloud releases %v", got)
 	}
 }

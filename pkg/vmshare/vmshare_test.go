@@ -296,3 +296,45 @@ func TestOversizedRequest(t *testing.T) {
 		t.Errorf("WRITE of 1 MiB: %d bytes, want %d", n, 16+8)
 	}
 }
+
+// TestInitDirectIOAllowMmap: a client that offers FUSE_DIRECT_IO_ALLOW_MMAP
+// (Linux 6.6+, e.g. Debian's 6.12) gets it, so that it maps direct-I/O
+// files MAP_SHARED instead of failing with ENODEV; one that does not
+// (6.1) is not sent it.
+func TestInitDirectIOAllowMmap(t *testing.T) {
+	const initExt = 1 << 30 // FUSE_INIT_EXT: flags2 is valid
+	const allowMmap2 = uint32(fuse.CAP_DIRECT_IO_ALLOW_MMAP >> 32)
+	for _, tc := range []struct {
+		name          string
+		minor, flags2 uint32
+		want          bool
+	}{
+		{"6.1 client (7.38, no offer)", 38, 0, false},
+		{"6.12 client (7.41, offers it)", 41, allowMmap2, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ps, err := NewProtocolServer(Export{Source: t.TempDir(), Options: sharefs.Options{Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body := make([]byte, 64)
+			binary.LittleEndian.PutUint32(body, 7)
+			binary.LittleEndian.PutUint32(body[4:], tc.minor)
+			binary.LittleEndian.PutUint32(body[8:], 1<<20)
+			binary.LittleEndian.PutUint32(body[12:], initExt)
+			binary.LittleEndian.PutUint32(body[16:], tc.flags2)
+			out := make([]byte, 4096)
+			n, st := ps.HandleRequest([][]byte{request(26, 1, 0, body)}, [][]byte{out})
+			if st != fuse.OK || n < 16+36 {
+				t.Fatalf("INIT: %d bytes, %v", n, st)
+			}
+			// fuse_init_out after the 16-byte header: flags at 12,
+			// flags2 at 32.
+			reply := out[16:n]
+			flags2 := binary.LittleEndian.Uint32(reply[32:])
+			if got := flags2&allowMmap2 != 0; got != tc.want {
+				t.Fatalf("DIRECT_IO_ALLOW_MMAP granted = %v, want %v (flags %#x, flags2 %#x)", got, tc.want, binary.LittleEndian.Uint32(reply[12:]), flags2)
+			}
+		})
+	}
+}
