@@ -247,7 +247,7 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		qemu.Process.Kill() // killed before QEMU was there
 	}
 	go m.acceptQMP(ql)
-	conn, err := m.boot(gl, qemu, qemuDone, sfsDone, creatorGone, sigs)
+	conn, err := m.boot(gl, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
@@ -432,9 +432,23 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 // A kiwi-sharefs that dies meanwhile (sfsDone; nil without virtio-fs)
 // ends the boot at once: without its file server the guest would wait
 // on its root until the boot timeout.
-func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, sfsDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
-	sfsDied := func() error {
-		return fmt.Errorf("kiwi-sharefs, the box's file server, died during boot (log: %s)", filepath.Join(m.dir, shareFSLog))
+func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
+	sfsEnded := func() error {
+		if m.bootSignal() == 0 && (sfs == nil || sfs.ProcessState == nil || !sfs.ProcessState.Success()) {
+			return fmt.Errorf("kiwi-sharefs, the box's file server, died during boot (log: %s)", filepath.Join(m.dir, shareFSLog))
+		}
+		// It exits 0 when QEMU closed its connections, and a stop of the
+		// box ends it too: QEMU's end says why.
+		select {
+		case <-qemuDone:
+		case <-time.After(10 * time.Second):
+			qemu.Process.Kill()
+			<-qemuDone
+		}
+		if err := m.qemuGone(qemu); err != nil {
+			return err
+		}
+		return fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
 	}
 	accepted := make(chan net.Conn, 1)
 	go func() {
@@ -454,7 +468,7 @@ func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, sfsDone, creato
 			}
 			return nil, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(m.dir, qemuLog)))
 		case <-sfsDone:
-			return nil, sfsDied()
+			return nil, sfsEnded()
 		case <-creatorGone:
 			return nil, errAbandoned
 		case s := <-sigs:
@@ -491,7 +505,7 @@ func (m *monitor) boot(l net.Listener, qemu *exec.Cmd, qemuDone, sfsDone, creato
 				}
 				return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
 			case <-sfsDone:
-				return vmproto.Frame{}, sfsDied()
+				return vmproto.Frame{}, sfsEnded()
 			case <-creatorGone:
 				return vmproto.Frame{}, errAbandoned
 			case s := <-sigs:
