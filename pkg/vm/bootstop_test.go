@@ -37,27 +37,7 @@ func TestStopDuringBoot(t *testing.T) {
 				Machine: Machine{QEMU: qemu, Arch: HostArch(), Accel: "tcg", MemoryMiB: 128, CPUs: 1, Kernel: "/k", Initrd: "/i"}}
 			mc.Paths(dir)
 			os.WriteFile(mc.Machine.ConsoleLog, []byte("Press Ctrl-B to configure iPXE\n"), 0o600)
-			b, _ := json.Marshal(mc)
-			if err := os.WriteFile(filepath.Join(dir, MonitorConfigFile), b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			r, w, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer r.Close()
-			goR, goW, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			goW.WriteString("go\n")
-			goW.Close()
-			done := make(chan int, 1)
-			go func() {
-				code, _ := Run(dir, w, goR, slog.New(slog.NewTextHandler(io.Discard, nil)))
-				w.Close()
-				done <- code
-			}()
+			done, r := runMonitor(t, dir, mc)
 			deadline := time.Now().Add(20 * time.Second)
 			for {
 				st, err := QueryState(dir)
@@ -107,28 +87,8 @@ func TestShareFSDiesDuringBoot(t *testing.T) {
 		ShareFS: &ShareFS{Binary: sfs, Exports: []vmshare.Export{{Tag: "root", Source: dir, Socket: "root.sock"}}},
 		Machine: Machine{QEMU: qemu, Arch: HostArch(), Accel: "tcg", MemoryMiB: 128, CPUs: 1, Kernel: "/k", Initrd: "/i"}}
 	mc.Paths(dir)
-	b, _ := json.Marshal(mc)
-	if err := os.WriteFile(filepath.Join(dir, MonitorConfigFile), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	goR, goW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	goW.WriteString("go\n")
-	goW.Close()
 	start := time.Now()
-	done := make(chan int, 1)
-	go func() {
-		code, _ := Run(dir, w, goR, slog.New(slog.NewTextHandler(io.Discard, nil)))
-		w.Close()
-		done <- code
-	}()
+	done, r := runMonitor(t, dir, mc)
 	select {
 	case code := <-done:
 		line, _ := bufio.NewReader(r).ReadString('\n')
@@ -139,4 +99,33 @@ func TestShareFSDiesDuringBoot(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the boot went on without its file server")
 	}
+}
+
+// runMonitor writes mc into dir, gives the monitor create's go-ahead and
+// runs it. It returns the channel of its exit status and the read end of
+// its ready pipe (closed when the test ends).
+func runMonitor(t *testing.T, dir string, mc MonitorConfig) (<-chan int, *os.File) {
+	t.Helper()
+	b, _ := json.Marshal(mc)
+	if err := os.WriteFile(filepath.Join(dir, MonitorConfigFile), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	goR, goW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	goW.WriteString("go\n")
+	goW.Close()
+	done := make(chan int, 1)
+	go func() {
+		code, _ := Run(dir, w, goR, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		w.Close()
+		done <- code
+	}()
+	return done, r
 }
