@@ -412,8 +412,8 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	// The host side of the box exists: prestart and createRuntime run
 	// here, on the host, in kiwi-shim's namespaces, with the monitor as
 	// the container's process. A failure fails create, and the deferred
-	// cleanup takes the box.
-	hookState := vmHookState(rec, specs.StateCreated)
+	// cleanup takes the box. Their state says "creating", as runc's.
+	hookState := vmHookState(rec, specs.StateCreating)
 	hooksRan = true
 	for _, stage := range []string{hooks.Prestart, hooks.CreateRuntime} {
 		if err := hooks.Run(context.Background(), stage, hooks.Of(spec.Hooks, stage), hookState); err != nil {
