@@ -26,7 +26,8 @@ type Device interface {
 // A queue's worker serves such a request itself when it is the only one
 // in flight, instead of handing it to another goroutine: under TCG that
 // saves one host thread wake-up on every synchronous request (measured
-// in a guest: unpacking a file 2.3 instead of 3.2 ms, see the README).
+// in a guest: unpacking a file 2.3 instead of 3.2 ms, see
+// docs/kiwi-sharefs.md).
 // Slow requests still run beside the worker, so they never hold up the
 // queue.
 type Quicker interface {
