@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
 // Benchmarks that compare kiwi-shim with the real alternative, measured
@@ -114,6 +115,7 @@ func BenchmarkVMStart(b *testing.B) {
 	}
 	var shimD, rawD []time.Duration
 	var monitorRSS []int
+	var phases []vm.BootPhases
 	for range rounds {
 		raw := exec.Command("qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 			"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048M", "-smp", "2",
@@ -134,9 +136,39 @@ func BenchmarkVMStart(b *testing.B) {
 			}
 		}()
 		shimD = append(shimD, timeToFirstByte(b, cmd, "ready"))
+		// The box sleeps a second after its output: its boot phases
+		// are in its state directory meanwhile.
+		if dirs, _ := filepath.Glob(filepath.Join(p.root, "containers", "*")); len(dirs) == 1 {
+			if ph, err := vm.ReadBootPhases(dirs[0]); err == nil {
+				phases = append(phases, ph)
+			}
+		}
 		<-done
 	}
 	b.Logf("kernel %s: raw boots %v, podman runs %v", filepath.Base(kernel), rawD, shimD)
+	b.Logf("boot phases of the podman runs: %+v", phases)
+	if len(phases) > 0 {
+		for _, ph := range []struct {
+			unit string
+			of   func(vm.BootPhases) time.Duration
+		}{
+			{"qemu-ms", func(p vm.BootPhases) time.Duration { return p.QEMU }},
+			{"kernel-ms", func(p vm.BootPhases) time.Duration { return p.Kernel }},
+			{"modules-ms", func(p vm.BootPhases) time.Duration { return p.Modules }},
+			{"port-ms", func(p vm.BootPhases) time.Duration { return p.Port }},
+			{"config-ms", func(p vm.BootPhases) time.Duration { return p.Config }},
+			{"mounts-ms", func(p vm.BootPhases) time.Duration { return p.Mounts }},
+			{"setup-ms", func(p vm.BootPhases) time.Duration { return p.Setup }},
+			{"start-ms", func(p vm.BootPhases) time.Duration { return p.Start }},
+			{"boot-total-ms", func(p vm.BootPhases) time.Duration { return p.Total }},
+		} {
+			var ds []time.Duration
+			for _, p := range phases {
+				ds = append(ds, ph.of(p))
+			}
+			b.ReportMetric(float64(median(ds).Milliseconds()), ph.unit)
+		}
+	}
 	ms, mr := median(shimD), median(rawD)
 	b.ReportMetric(float64(ms.Milliseconds()), "kiwi-shim-ms")
 	b.ReportMetric(float64(mr.Milliseconds()), "raw-qemu-ms")

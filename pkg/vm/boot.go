@@ -76,6 +76,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", m.cfg.QEMU, err)
 	}
+	m.qemuStart = time.Now()
 	os.WriteFile(filepath.Join(m.dir, qemuPidFile), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600)
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
@@ -181,6 +182,7 @@ func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, c
 		conn.Close()
 		return nil, fmt.Errorf("guest init speaks another protocol (frame %d %q): rebuild the initramfs", f.Type, f.Payload)
 	}
+	helloAt := time.Now()
 	m.log.Debug("guest up", "id", m.cfg.ID, "kernel", hello.Kernel)
 	m.guest = vmproto.NewWriter(conn)
 	if err := m.guest.WriteJSON(vmproto.TConfig, 0, m.cfg.Guest); err != nil {
@@ -194,6 +196,11 @@ func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, c
 	}
 	switch f.Type {
 	case vmproto.TReady:
+		var ready vmproto.Ready
+		if len(f.Payload) > 0 {
+			vmproto.Decode(f.Payload, &ready) // only measurements
+		}
+		m.recordBoot(bootPhases(m.qemuStart, helloAt, time.Now(), hello.Boot, ready.Boot))
 		return conn, nil
 	case vmproto.TError:
 		var e vmproto.Error

@@ -107,6 +107,7 @@ func (m *monitor) client(c net.Conn) {
 		m.status = "running"
 		m.mu.Unlock()
 		m.pauseMu.Unlock()
+		startAt := time.Now()
 		if err := m.guest.Write(vmproto.TStart, 0, nil); err != nil {
 			w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 			return
@@ -116,6 +117,7 @@ func (m *monitor) client(c net.Conn) {
 		// a signal sent right after it reaches the process.
 		select {
 		case <-m.started:
+			m.recordStart(time.Since(startAt))
 		case <-time.After(30 * time.Second):
 			m.log.Warn("the guest did not confirm the start within 30s", "id", m.cfg.ID)
 		}

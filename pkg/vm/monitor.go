@@ -122,6 +122,8 @@ type monitor struct {
 	next        uint32
 	started     chan struct{} // closed when the guest has started the process (or failed to)
 	startedOnce sync.Once
+	qemuStart   time.Time  // when QEMU was started (boot phases)
+	phases      BootPhases // where the boot went, once the guest is ready
 	// pauseMu orders pause, resume and the resume a SIGKILL or a stop
 	// of a paused VM does first; it is held across the QMP command, m.mu
 	// is not.
