@@ -298,3 +298,27 @@ func nsOf(t *testing.T, path string) string {
 	}
 	return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
 }
+
+// TestVMModulesOnDemand: the box's process starts before the guest has
+// loaded the file systems KIWI builds with (xfs, btrfs, vfat, ...), which
+// load in the background; a mount that needs one right at the start waits
+// for it instead of failing with "unknown filesystem type", and the
+// kernel's module requests are answered by kiwi-box-init, never by the
+// image's own modprobe. Soon after, all of them are there.
+func TestVMModulesOnDemand(t *testing.T) {
+	guestRelease(t)
+	ensureBox(t)
+	p := newPodman(t, 2, "")
+	r := p.run("", "run", "--rm", box, "sh", "-c",
+		`cat /proc/sys/kernel/modprobe; mount -t btrfs /dev/null /mnt; for i in $(seq 100); do n=$(grep -cwE 'xfs|btrfs|vfat|iso9660|squashfs' /proc/filesystems); [ "$n" = 5 ] && break; sleep 0.1; done; echo "filesystems $n"`)
+	t.Logf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	if !strings.HasPrefix(r.stdout, "/proc/1/exe\n") {
+		t.Errorf("the kernel's modprobe is not kiwi-box-init (/proc/1/exe): %q", r.stdout)
+	}
+	if strings.Contains(r.stderr, "unknown filesystem type") || !strings.Contains(r.stderr, "not a block device") {
+		t.Errorf("a btrfs mount at the start did not wait for the module: %q", r.stderr)
+	}
+	if !strings.Contains(r.stdout, "filesystems 5\n") {
+		t.Errorf("the later file systems did not all arrive: %q", r.stdout)
+	}
+}

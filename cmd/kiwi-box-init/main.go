@@ -30,6 +30,11 @@ func main() {
 	if isExecHelper() {
 		os.Exit(execHelper())
 	}
+	if isModuleRequest() {
+		// Run by the kernel as its modprobe: never init's work (nor
+		// its poweroff).
+		os.Exit(moduleRequest())
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}
@@ -51,12 +56,24 @@ func run() error {
 	if err := earlyMounts(); err != nil {
 		return err
 	}
-	if err := loadModules("/lib/modules/kiwi-box.load"); err != nil {
-		// Keep going: a missing optional module shows up as a clear
-		// mount error later, with this message in the console log.
+	// Errors here do not stop the box: a missing module shows up as a
+	// clear mount error later, with this message in the console log.
+	mods, err := openModules(vmproto.ModuleLoadList)
+	if err == nil {
+		err = loadModules(mods)
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}
 	boot.Modules = bootClock()
+	later, err := openModules(vmproto.ModuleLaterList)
+	if err == nil && len(later) > 0 {
+		err = answerModuleRequests()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
+	}
+	loadInBackground(later)
 	ctl, err := openPort(portName, 30*time.Second)
 	if err != nil {
 		return err

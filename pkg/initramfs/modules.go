@@ -13,22 +13,33 @@ import (
 	"strings"
 )
 
-// Modules a box needs, by purpose. Names use underscores, as the kernel
-// does. Modules the kernel has built in, or does not have at all, are
-// skipped: whether a share type works is checked when it is mounted.
+// Modules a box needs before its process starts, by purpose. Names use
+// underscores, as the kernel does. Modules the kernel has built in, or
+// does not have at all, are skipped: whether a share type works is
+// checked when it is mounted.
 var Modules = []string{
 	// first: libcrc32c (ext4, xfs, btrfs) asks the crypto API for crc32c
 	// when it loads, a soft dependency that modinfo's depends= omits
 	"crc32c_generic",
 	// devices QEMU gives the box
 	"virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng",
-	// shares
-	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay",
-	// what KIWI builds images with
-	"loop", "dm_mod", "ext4", "xfs", "btrfs", "squashfs", "vfat", "isofs",
+	// shares, and the scratch disk's file system
+	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay", "ext4",
+	// device nodes a build opens rather than mounts: nothing would load
+	// them on first use (/dev/loop-control, /dev/mapper/control)
+	"loop", "dm_mod", "af_packet",
+}
+
+// LaterModules are what KIWI builds images with and mounts: the guest
+// loads them in the background once the box is set up (btrfs alone
+// benchmarks RAID6 and XOR routines for seconds under TCG when it loads),
+// and a mount that asks the kernel for one of them meanwhile waits until
+// they are loaded (kiwi-box-init answers the kernel's module requests).
+var LaterModules = []string{
+	"xfs", "btrfs", "squashfs", "vfat", "isofs",
 	// Debian's kernels mount FAT with iocharset=ascii by default
 	// (CONFIG_FAT_DEFAULT_IOCHARSET): KIWI's EFI partition needs it
-	"nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii", "af_packet",
+	"nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii",
 }
 
 // modIndex maps module names to their files below a modules directory.

@@ -155,6 +155,18 @@ func Decode(payload []byte, v any) error {
 	return nil
 }
 
+// The guest's initramfs lists the kernel modules it loads in two files
+// (absolute paths in the guest, one per line, dependencies first), which
+// pkg/initramfs writes and kiwi-box-init reads.
+const (
+	// ModuleLoadList lists the modules the guest loads before the
+	// container's process starts.
+	ModuleLoadList = "/lib/modules/kiwi-box.load"
+	// ModuleLaterList lists the modules it loads afterwards, in the
+	// background.
+	ModuleLaterList = "/lib/modules/kiwi-box.later"
+)
+
 // Hello is the guest's first message.
 type Hello struct {
 	Version int    `json:"version"`
