@@ -30,7 +30,6 @@ type Spec struct {
 	Later   []string
 }
 
-
 // Build returns the path of the initramfs for spec under cacheDir, making
 // it if no cached copy exists. The cache key covers the init binary, the
 // kernel's module tree identity and the module list.
