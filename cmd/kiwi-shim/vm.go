@@ -277,6 +277,10 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err != nil {
 		return fmt.Errorf("initramfs: %w", err)
 	}
+	bootImage, err := vm.BootImage(kern.Image, arch, e.cfg.CacheDir)
+	if err != nil {
+		e.log.Info("kernel boots as its compressed image (slower under TCG)", "image", kern.Image, "why", err)
+	}
 	memMiB, cpus, err := e.vmSize(spec, s)
 	if err != nil {
 		return err
@@ -460,7 +464,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		NetNS: netPlan.NetNS, NetNSOwned: ownNetNS,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
+			Kernel: bootImage, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
 		},
 	}
 	mc.Paths(dir)
