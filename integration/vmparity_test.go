@@ -226,8 +226,10 @@ func TestVMPidNamespace(t *testing.T) {
 	p := newPodman(t, 2, "")
 	noVMLeft(t)
 	rootfs := busyboxRootfs(t)
-	id := p.must("run", "-d", "--rootfs", rootfs, "sleep", "600")
-	out := p.must("exec", id, "sh", "-c", `tr '\0' ' ' </proc/1/cmdline; echo; echo "guest $(ps -o comm= | grep -c -e kthreadd -e '^init')"; echo "kcore $(wc -c </proc/kcore)"; awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo; awk '$5 == "/proc" || $5 == "/dev" || $5 == "/sys" { printf "%s ", $5 } END { print "order" }' /proc/self/mountinfo`)
+	// An unbindable mount among those after /proc: moving them behind
+	// the namespace's own /proc must keep it, unbindable.
+	id := p.must("run", "-d", "-v", t.TempDir()+":/ub:runbindable", "--rootfs", rootfs, "sleep", "600")
+	out := p.must("exec", id, "sh", "-c", `tr '\0' ' ' </proc/1/cmdline; echo; echo "guest $(ps -o comm= | grep -c -e kthreadd -e '^init')"; echo "kcore $(wc -c </proc/kcore)"; awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo; awk '$5 == "/proc" || $5 == "/dev" || $5 == "/sys" { printf "%s ", $5 } END { print "order" }' /proc/self/mountinfo; awk '$5 == "/ub" { print "ub", $7 }' /proc/self/mountinfo`)
 	for _, want := range []string{
 		"sleep 600 \n", // PID 1
 		"guest 0\n",    // none of the guest's processes (kernel threads, init)
@@ -236,6 +238,7 @@ func TestVMPidNamespace(t *testing.T) {
 		// The namespace's /proc in the spec's place in the mount
 		// table, as runc's (runtime-tools checks the order).
 		"/proc /dev /sys order\n",
+		"ub unbindable\n",
 	} {
 		if !strings.Contains(out+"\n", want) {
 			t.Errorf("want %q in\n%s", want, out)

@@ -98,7 +98,10 @@ func mountProc(pp *procPaths) error {
 		return fmt.Errorf("mount the PID namespace's /proc: %w", err)
 	}
 	// In the spec's place in the mount table, as runc's (mountorder.go).
-	if err := reattach(mountsAfter(mounts, "/proc")); err != nil {
+	// Only the order is at stake when every mount was put back.
+	if err := reattach(mountsAfter(mounts, "/proc")); errors.Is(err, errOrderKept) {
+		kernelLog("the container's /proc stays last in its mount table: %v", err)
+	} else if err != nil {
 		return fmt.Errorf("mount table order: %w", err)
 	}
 	for _, p := range pp.Readonly {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/moby/sys/mountinfo"
@@ -12,7 +13,8 @@ func TestMountsAfter(t *testing.T) {
 	table := func(rows ...any) []*mountinfo.Info {
 		var out []*mountinfo.Info
 		for i := 0; i < len(rows); i += 3 {
-			out = append(out, &mountinfo.Info{ID: rows[i].(int), Parent: rows[i+1].(int), Mountpoint: rows[i+2].(string)})
+			mp, opt, _ := strings.Cut(rows[i+2].(string), " ")
+			out = append(out, &mountinfo.Info{ID: rows[i].(int), Parent: rows[i+1].(int), Mountpoint: mp, Optional: opt})
 		}
 		return out
 	}
@@ -20,6 +22,7 @@ func TestMountsAfter(t *testing.T) {
 		name   string
 		mounts []*mountinfo.Info
 		want   []string
+		unbind []string
 	}{
 		{
 			name: "proc first, then /dev with its own, /sys, files, masks on /proc",
@@ -68,14 +71,28 @@ func TestMountsAfter(t *testing.T) {
 			),
 			want: []string{"/data", "/data"},
 		},
+		{
+			name: "unbindable mounts, moved or inside a moved one, are named",
+			mounts: table(
+				1, 0, "/ shared:1",
+				2, 1, "/proc",
+				3, 1, "/mnt/a unbindable",
+				4, 1, "/mnt/b shared:7",
+				5, 4, "/mnt/b/c unbindable",
+				6, 2, "/proc/x unbindable",
+			),
+			want:   []string{"/mnt/a", "/mnt/b"},
+			unbind: []string{"/mnt/a", "/mnt/b/c"},
+		},
 		{name: "proc last", mounts: table(1, 0, "/", 3, 1, "/dev", 2, 1, "/proc"), want: nil},
 		{name: "no proc", mounts: table(1, 0, "/", 3, 1, "/dev"), want: nil},
 		{name: "empty", want: nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := mountsAfter(tt.mounts, "/proc"); !reflect.DeepEqual(got, tt.want) {
-				t.Fatalf("mountsAfter = %q, want %q", got, tt.want)
+			got := mountsAfter(tt.mounts, "/proc")
+			if !reflect.DeepEqual(got.Paths, tt.want) || !reflect.DeepEqual(got.Unbindable, tt.unbind) {
+				t.Fatalf("mountsAfter = %q, want %q, unbindable %q", got, tt.want, tt.unbind)
 			}
 		})
 	}
