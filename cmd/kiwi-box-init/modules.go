@@ -126,14 +126,43 @@ func isModuleRequest() bool { return os.Getpid() != 1 && !isExecHelper() }
 
 // moduleRequest answers a module request: it waits while PID 1 loads the
 // later modules (or until moduleRequestTimeout) and reports success; the
-// kernel then looks for what it wanted again. Its arguments (the module's
-// name, which a container can choose) are not used.
+// kernel then looks for what it wanted again. A request for a file
+// system ("fs-NAME", a mount's) ends as soon as that file system is
+// registered. The name (which a container can choose) is only compared
+// with /proc/filesystems.
 func moduleRequest() int {
+	fs := ""
+	if n := len(os.Args); n > 1 {
+		if name, ok := strings.CutPrefix(os.Args[n-1], "fs-"); ok {
+			fs = name
+		}
+	}
 	deadline := time.Now().Add(moduleRequestTimeout)
-	for loaderRunning() && time.Now().Before(deadline) {
+	for loaderRunning() && !(fs != "" && fsRegistered(fs)) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return 0
+}
+
+// fsRegistered reports whether the kernel has file system name
+// (/proc/filesystems: "nodev\tNAME" or "\tNAME" per line).
+func fsRegistered(name string) bool {
+	b, err := os.ReadFile("/proc/filesystems")
+	if err != nil {
+		return false
+	}
+	return registered(string(b), name)
+}
+
+// registered reports whether a /proc/filesystems text lists name.
+func registered(filesystems, name string) bool {
+	for _, l := range strings.Split(filesystems, "\n") {
+		f := strings.Fields(l)
+		if len(f) > 0 && f[len(f)-1] == name {
+			return true
+		}
+	}
+	return false
 }
 
 // loaderRunning reports whether PID 1's loading thread is still there.

@@ -23,19 +23,23 @@ var Modules = []string{
 	"crc32c_generic",
 	// devices QEMU gives the box
 	"virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng",
-	// shares, and the scratch disk's file system
-	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay", "ext4",
+	// the default share
+	"virtiofs", "fuse",
 	// device nodes a build opens rather than mounts: nothing would load
 	// them on first use (/dev/loop-control, /dev/mapper/control)
 	"loop", "dm_mod", "af_packet",
 }
 
-// LaterModules are what KIWI builds images with and mounts: the guest
-// loads them in the background once the box is set up (btrfs alone
-// benchmarks RAID6 and XOR routines for seconds under TCG when it loads),
-// and a mount that asks the kernel for one of them meanwhile waits until
-// they are loaded (kiwi-box-init answers the kernel's module requests).
+// LaterModules are file systems, which the kernel asks for when they are
+// mounted: the guest loads them in the background, in this order, while
+// the box is set up and starts (btrfs alone benchmarks RAID6 and XOR
+// routines for seconds under TCG when it loads), and a mount that asks
+// the kernel for one of them meanwhile waits until it is there
+// (kiwi-box-init answers the kernel's module requests).
 var LaterModules = []string{
+	// first, as a box's setup may mount them: the scratch disk's file
+	// system, 9p shares (io.kiwi-shim.share=9p), overlay
+	"ext4", "9pnet_virtio", "9p", "overlay",
 	"xfs", "btrfs", "squashfs", "vfat", "isofs",
 	// Debian's kernels mount FAT with iocharset=ascii by default
 	// (CONFIG_FAT_DEFAULT_IOCHARSET): KIWI's EFI partition needs it
