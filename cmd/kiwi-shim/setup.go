@@ -8,6 +8,7 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
 
 var setupCommand = cli.Command{
@@ -26,7 +27,7 @@ var setupCommand = cli.Command{
 		cli.StringFlag{Name: "kernel-flavour", Usage: "generic or cloud (default: vm.kernel_flavour)"},
 	},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		c := e.kernelChoice()
+		c := vmmode.KernelChoice(e.cfg.VM)
 		if v := ctx.String("kernel-version"); v != "" {
 			c.Version = v
 		}

@@ -37,17 +37,39 @@ const (
 // EnvOverrides are the environment variables that override the file.
 var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour}
 
+// Mode is how a container runs: in a VM of its own (ModeVM) or through
+// runc with leased host loop devices (ModeContainer).
+type Mode string
+
 // Modes a container can run in.
 const (
-	ModeVM        = "vm"
-	ModeContainer = "container"
+	ModeVM        Mode = "vm"
+	ModeContainer Mode = "container"
 )
+
+// Valid reports whether m is one of the modes.
+func (m Mode) Valid() bool { return m == ModeVM || m == ModeContainer }
+
+// ShareKind is how host directories (the container's root and its bind
+// mounts) reach a VM's guest.
+type ShareKind string
+
+// Share kinds.
+const (
+	// ShareVirtioFS serves them over virtio-fs from kiwi-sharefs.
+	ShareVirtioFS ShareKind = "virtiofs"
+	// Share9P serves them over 9p from QEMU's built-in server.
+	Share9P ShareKind = "9p"
+)
+
+// Valid reports whether k is one of the share kinds.
+func (k ShareKind) Valid() bool { return k == ShareVirtioFS || k == Share9P }
 
 // Config is the host configuration.
 type Config struct {
 	// DefaultMode is the mode of containers without an io.kiwi-shim.mode
 	// annotation: "vm" or "container".
-	DefaultMode string `toml:"default_mode"`
+	DefaultMode Mode `toml:"default_mode"`
 	// CacheDir holds guest kernels, initramfs images and boxes.
 	CacheDir string `toml:"cache_dir"`
 	// WorkDir holds boxbuild's unpacked boxes while they run; like the
@@ -103,7 +125,7 @@ type VM struct {
 	QEMU map[string]string `toml:"qemu"`
 	// Share is how host directories reach the guest: "virtiofs"
 	// (kiwi-sharefs, the default) or "9p" (QEMU's built-in server).
-	Share string `toml:"share"`
+	Share ShareKind `toml:"share"`
 	// ShareFS is the kiwi-sharefs binary (default: next to kiwi-shim,
 	// then PATH).
 	ShareFS string `toml:"sharefs"`
@@ -120,7 +142,7 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: "6.1", KernelFlavour: "generic", Share: "virtiofs", ScratchDir: "/var/tmp/kiwi-shim/scratch"},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: "6.1", KernelFlavour: "generic", Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch"},
 	}
 }
 
@@ -248,8 +270,8 @@ func (c *Config) Validate() error {
 	if c.VM.KernelFlavour != "generic" && c.VM.KernelFlavour != "cloud" {
 		return fmt.Errorf("vm.kernel_flavour %q: want \"generic\" or \"cloud\"", c.VM.KernelFlavour)
 	}
-	if c.VM.Share != "virtiofs" && c.VM.Share != "9p" {
-		return fmt.Errorf("vm.share %q: want \"virtiofs\" or \"9p\"", c.VM.Share)
+	if !c.VM.Share.Valid() {
+		return fmt.Errorf("vm.share %q: want %q or %q", c.VM.Share, ShareVirtioFS, Share9P)
 	}
 	if _, err := ParseSize(c.VM.Memory); err != nil {
 		return fmt.Errorf("vm.memory: %w", err)
