@@ -33,8 +33,8 @@ const execConfigFD = 3
 const execDoneFD = 4
 
 // execDoneTimeout bounds how long PID 1 waits for the helper to execute
-// the process.
-const execDoneTimeout = time.Minute
+// the process: below the monitor's 30 s wait for the start.
+const execDoneTimeout = 20 * time.Second
 
 // helperConfig is what the helper needs to become the process.
 type helperConfig struct {
