@@ -15,7 +15,7 @@ var setupCommand = cli.Command{
 	Name:  "setup",
 	Usage: "put a guest kernel for VM mode into the cache directory",
 	Description: `Downloads Debian's kernel package of the configured series and flavour
-   (vm.kernel_version, default 6.1; vm.kernel_flavour, default generic)
+   (vm.kernel_version, default 6.12; vm.kernel_flavour, default generic)
    for the architecture with apt-get and unpacks it under
    cache_dir/kernels/ARCH/VERSION-FLAVOUR; the host's /boot is not
    touched. Does nothing when such a kernel is already there.

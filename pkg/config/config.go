@@ -37,6 +37,19 @@ const (
 // EnvOverrides are the environment variables that override the file.
 var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour}
 
+// The guest kernel VM mode boots unless vm.kernel_version and
+// vm.kernel_flavour name another: Debian 12's 6.12 (from its security
+// archive), generic flavour. 6.12 has FUSE, virtio-fs, virtio-pci and the
+// virtio console built in (ten fewer modules to load) and lets virtio-fs
+// clients map direct-I/O files shared (FUSE_DIRECT_IO_ALLOW_MMAP, 6.6+).
+// Generic rather than cloud because cloud has no 9p at all
+// (CONFIG_NET_9P unset), which vm.share = "9p" and the
+// io.kiwi-shim.share=9p annotation need. 6.1 stays selectable.
+const (
+	DefaultKernelVersion = "6.12"
+	DefaultKernelFlavour = "generic"
+)
+
 // Mode is how a container runs: in a VM of its own (ModeVM) or through
 // runc with leased host loop devices (ModeContainer).
 type Mode string
@@ -113,7 +126,7 @@ type VM struct {
 	// CPUs is the default number of guest CPUs.
 	CPUs int `toml:"cpus"`
 	// KernelVersion is the series of Debian's guest kernel that setup
-	// fetches and VM mode boots: "6.1" (default) or "6.12".
+	// fetches and VM mode boots: "6.12" (DefaultKernelVersion) or "6.1".
 	KernelVersion string `toml:"kernel_version"`
 	// KernelFlavour is its flavour: "generic" (default; has 9p) or
 	// "cloud" (no 9p).
@@ -142,7 +155,7 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: "6.1", KernelFlavour: "generic", Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch"},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch"},
 	}
 }
 
