@@ -11,11 +11,13 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -111,11 +113,14 @@ echo "kernel's partitions: $(cd /sys/class/block/$(basename $dev) && ls -d $(bas
 if /usr/sbin/mke2fs -q -t ext2 "${dev}p1"; then echo "made ${dev}p1"; else echo "partition unusable"; fi
 rm -f /tmp/foreign; mknod /tmp/foreign b ` + majMin + `
 if cat /tmp/foreign > /dev/null; then echo "foreign opened"; else echo "foreign refused"; fi
+sleep 3
+if cat /tmp/foreign > /dev/null; then echo "foreign opened later"; else echo "foreign refused later"; fi
 echo ready
 exec sleep 600
 `
 			id := p.must("run", "-d", "--annotation", containerMode, "--annotation", "io.kiwi-shim.loop.count=1",
 				"-v", img+":/disk.img", "--rootfs", rootfs, "sh", "-c", script)
+			stopWatch := watchDeviceFilters(t, p, id)
 			var logs string
 			eventually(t, 3*time.Minute, "the container's partition steps", func() bool {
 				out, _ := p.cmd("logs", id).CombinedOutput()
@@ -123,14 +128,16 @@ exec sleep 600
 				return strings.Contains(logs, "ready")
 			})
 			t.Logf("container output:\n%s", logs)
+			t.Logf("device programs attached to the container's cgroup, as they changed:\n%s", stopWatch())
 			m := regexp.MustCompile(`made /dev/(loop\d+)p1`).FindStringSubmatch(logs)
 			if m == nil {
 				t.Errorf("the partition of the leased device is not usable in the container")
 			} else if want := "nodes: " + m[1] + " " + m[1] + "p1 \n"; !strings.Contains(logs, want) {
 				t.Errorf("the container's /dev loop nodes are not exactly its device and its partition (want %q)", strings.TrimSpace(want))
 			}
-			if !strings.Contains(logs, "foreign refused") {
+			if !strings.Contains(logs, "foreign refused\n") || !strings.Contains(logs, "foreign refused later\n") {
 				t.Errorf("the container opened %s (%s), a partition of a loop device it did not lease", foreign+"p1", foreignDev)
+				logDeviceFilters(t, p, id)
 			}
 			if len(status(t, p.loopEnv).Held) != 1 {
 				t.Errorf("loop status while running: want one leased device")
@@ -181,4 +188,83 @@ func cgroupDevicePrograms(t testing.TB) int {
 		}
 	}
 	return n
+}
+
+// logDeviceFilters logs, for a failed device check, the device programs
+// in effect on the container's cgroup (bpftool names systemd's sd_devices)
+// and, under systemd, its unit's device properties.
+func logDeviceFilters(t *testing.T, p *podman, id string) {
+	t.Helper()
+	pid := p.must("inspect", "--format", "{{.State.Pid}}", id)
+	b, err := os.ReadFile("/proc/" + pid + "/cgroup")
+	if err != nil {
+		t.Logf("cgroup of the container: %v", err)
+		return
+	}
+	path, _ := strings.CutPrefix(strings.TrimSpace(string(b)), "0::")
+	dir := filepath.Join("/sys/fs/cgroup", path)
+	for _, args := range [][]string{{"cgroup", "show", dir, "effective"}, {"cgroup", "show", dir}, {"prog", "show"}} {
+		out, err := exec.Command("bpftool", args...).CombinedOutput()
+		t.Logf("bpftool %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	if unit := filepath.Base(path); strings.HasSuffix(unit, ".scope") {
+		out, err := exec.Command("systemctl", "show", "-p", "DevicePolicy", "-p", "DeviceAllow", "-p", "Delegate", unit).CombinedOutput()
+		t.Logf("systemctl show %s: %v\n%s", unit, err, out)
+	}
+}
+
+// watchDeviceFilters records, until the returned function is called, the
+// device programs attached to the container's cgroup each time they change
+// (bpftool's ids and names, looked at every 50 ms), and returns the record.
+func watchDeviceFilters(t *testing.T, p *podman, id string) func() string {
+	t.Helper()
+	pid := p.must("inspect", "--format", "{{.State.Pid}}", id)
+	b, err := os.ReadFile("/proc/" + pid + "/cgroup")
+	if err != nil {
+		return func() string { return err.Error() }
+	}
+	path, _ := strings.CutPrefix(strings.TrimSpace(string(b)), "0::")
+	dir := filepath.Join("/sys/fs/cgroup", path)
+	stop := make(chan struct{})
+	done := make(chan string)
+	start := time.Now()
+	go func() {
+		var rec strings.Builder
+		last := ""
+		for {
+			var progs []struct {
+				ID   int    `json:"id"`
+				Name string `json:"name"`
+			}
+			out, err := exec.Command("bpftool", "--json", "cgroup", "show", dir).Output()
+			cur := ""
+			if err != nil {
+				cur = "error: " + err.Error()
+			} else if err := json.Unmarshal(out, &progs); err != nil {
+				cur = "error: " + err.Error()
+			} else {
+				for _, pr := range progs {
+					cur += fmt.Sprintf(" %d(%s)", pr.ID, pr.Name)
+				}
+			}
+			if cur != last {
+				fmt.Fprintf(&rec, "  %6.2fs:%s\n", time.Since(start).Seconds(), cur)
+				last = cur
+			}
+			select {
+			case <-stop:
+				done <- dir + "\n" + rec.String()
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+	var once sync.Once
+	var rec string
+	finish := func() string {
+		once.Do(func() { close(stop); rec = <-done })
+		return rec
+	}
+	t.Cleanup(func() { finish() })
+	return finish
 }
