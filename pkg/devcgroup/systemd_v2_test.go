@@ -10,6 +10,7 @@ import (
 	"time"
 
 	sd "github.com/coreos/go-systemd/v22/dbus"
+	godbus "github.com/godbus/dbus/v5"
 	"github.com/opencontainers/cgroups"
 	"golang.org/x/sys/unix"
 )
@@ -173,4 +174,110 @@ func waitSystemd(t *testing.T, dir string) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("systemd attached no program of its own to %s beside the keeper's in 10 s (programs %v)", dir, ids)
+}
+
+// TestV2SystemdRuncSequence plays what runc 1.1 with --systemd-cgroup and
+// podman do, step by step, and then the keeper, and keeps trying a foreign
+// partition while systemd catches up: a delegated scope started without
+// device properties (runc's Apply), the device properties set on the
+// running unit (runc's Set, which systemd applies after answering), runc's
+// filter attached, the keeper's Set. At no point may the foreign
+// partition open, and the leased one must open once systemd has caught up.
+func TestV2SystemdRuncSequence(t *testing.T) {
+	if os.Getenv(systemdTestEnv) != "1" {
+		t.Skipf("needs a systemd host with cgroup v2 only (set %s=1 there; make test-cgroup2)", systemdTestEnv)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	loop, loopNum, parts := partitionedLoop(t)
+	nodes := t.TempDir()
+	mk := func(name string, d Dev) string {
+		p := filepath.Join(nodes, name)
+		if err := unix.Mknod(p, unix.S_IFBLK|0o600, int(unix.Mkdev(d.Major, d.Minor))); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	p1 := mk(loop.Name()+"p1", parts[0])
+	foreign := mk(loop.Name()+"p2", parts[1])
+	base := runcBase()
+	base[1].Major, base[1].Minor = int64(loopNum.Major), int64(loopNum.Minor)
+
+	conn, err := sd.NewSystemConnectionContext(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	op := startOpener(t)
+	unit := fmt.Sprintf("kiwi-shim-devcgroup-runc-%d.scope", os.Getpid())
+	props := []sd.Property{
+		sd.PropDescription("kiwi-shim devcgroup test"), sd.PropSlice("machine.slice"),
+		{Name: "Delegate", Value: godbus.MakeVariant(true)},
+		sd.PropPids(uint32(op.cmd.Process.Pid)),
+		{Name: "DefaultDependencies", Value: godbus.MakeVariant(false)},
+	}
+	done := make(chan string, 1)
+	if _, err := conn.StartTransientUnitContext(ctx, unit, "replace", props, done); err != nil {
+		t.Fatalf("start %s: %v", unit, err)
+	}
+	if r := <-done; r != "done" {
+		t.Fatalf("start %s: %s", unit, r)
+	}
+	t.Cleanup(func() {
+		stopped := make(chan string, 1)
+		if _, err := conn.StopUnitContext(context.Background(), unit, "replace", stopped); err == nil {
+			<-stopped
+		}
+	})
+	dir := processCgroup(t, op.cmd.Process.Pid)
+	progs := func() string {
+		ids, err := attached(dir)
+		if err != nil {
+			return err.Error()
+		}
+		return fmt.Sprint(ids)
+	}
+	// runc's Set: the unit's device properties, then its own filter.
+	devProps, err := deviceProps(base, version(conn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.SetUnitPropertiesContext(ctx, unit, true, devProps...); err != nil {
+		t.Fatal(err)
+	}
+	if err := cgroups.DevicesSetV2(dir, &cgroups.Resources{Devices: base}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after runc: programs %s", progs())
+	check := func(step string, until time.Time, wantP1 bool) {
+		t.Helper()
+		p1ok := false
+		for first := true; first || time.Now().Before(until); first = false {
+			if got := op.open(t, foreign); got != "EPERM" {
+				t.Fatalf("%s: the foreign partition %s opened (%s); programs %s", step, devOf(foreign), got, progs())
+			}
+			if op.open(t, p1) == "ok" {
+				p1ok = true
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if p1ok != wantP1 {
+			t.Errorf("%s: leased partition opened: %v, want %v; programs %s", step, p1ok, wantP1, progs())
+		}
+		t.Logf("%s: programs %s", step, progs())
+	}
+	check("runc's filter and systemd's", time.Now().Add(2*time.Second), false)
+
+	v2, err := NewV2(dir, base, NewSystemdUnit(unit))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v2.Set(ctx, []Dev{parts[0]}); err != nil {
+		t.Fatal(err)
+	}
+	check("partition 1 handed over", time.Now().Add(5*time.Second), true)
+	if err := v2.Set(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	check("partition 1 gone", time.Now().Add(3*time.Second), false)
 }
