@@ -111,6 +111,7 @@ i=0; while [ ! -b "${dev}p1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo "nodes: $(ls /dev | grep '^loop' | tr '\n' ' ')"
 echo "kernel's partitions: $(cd /sys/class/block/$(basename $dev) && ls -d $(basename $dev)p*)"
 if /usr/sbin/mke2fs -q -t ext2 "${dev}p1"; then echo "made ${dev}p1"; else echo "partition unusable"; fi
+echo "${dev}p1 is $(stat -c '%t:%T' "${dev}p1") (hex), the kernel's $(cat /sys/class/block/$(basename $dev)p1/dev)"
 rm -f /tmp/foreign; mknod /tmp/foreign b ` + majMin + `
 if cat /tmp/foreign > /dev/null; then echo "foreign opened"; else echo "foreign refused"; fi
 sleep 3
@@ -136,7 +137,8 @@ exec sleep 600
 				t.Errorf("the container's /dev loop nodes are not exactly its device and its partition (want %q)", strings.TrimSpace(want))
 			}
 			if !strings.Contains(logs, "foreign refused\n") || !strings.Contains(logs, "foreign refused later\n") {
-				t.Errorf("the container opened %s (%s), a partition of a loop device it did not lease", foreign+"p1", foreignDev)
+				now, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev"))
+				t.Errorf("the container opened %s (%s; now %q, %v), a partition of a loop device it did not lease", foreign+"p1", foreignDev, strings.TrimSpace(string(now)), err)
 				logDeviceFilters(t, p, id)
 			}
 			if len(status(t, p.loopEnv).Held) != 1 {
