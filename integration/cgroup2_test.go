@@ -81,6 +81,18 @@ func TestCgroup2Partitions(t *testing.T) {
 		t.Fatal("bpftool not found: the cgroup v2 test host installs it (contrib/cgroup2/image)")
 	}
 	// A partitioned loop device outside any lease, attached by hand.
+	// Leases do not keep host tools off a leased device that is not
+	// bound, and a keeper that ends detaches whatever is bound to its
+	// devices then: an earlier test's keeper still releasing (its
+	// container is gone, the keeper not yet) would detach this device
+	// under the test, the partition's number would go to the
+	// container's own partition and the foreign check would prove
+	// nothing. So no keeper may be running when it is attached.
+	eventually(t, time.Minute, "no loop keeper of an earlier test running", func() bool {
+		return len(processes(func(argv []string) bool {
+			return strings.Contains(" "+strings.Join(argv, " ")+" ", " "+containermode.KeeperCommand+" ")
+		})) == 0
+	})
 	dir := t.TempDir()
 	leaveClean(t, dir)
 	foreignImg := filepath.Join(dir, "foreign.img")
@@ -135,6 +147,11 @@ exec sleep 600
 				t.Errorf("the partition of the leased device is not usable in the container")
 			} else if want := "nodes: " + m[1] + " " + m[1] + "p1 \n"; !strings.Contains(logs, want) {
 				t.Errorf("the container's /dev loop nodes are not exactly its device and its partition (want %q)", strings.TrimSpace(want))
+			}
+			// The foreign partition must still be the one the node was
+			// made for, or the check below is void.
+			if now, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev")); err != nil || strings.TrimSpace(string(now)) != foreignDev {
+				t.Fatalf("the foreign partition %sp1 is no longer %s (now %q, %v): something detached it during the test", foreign, foreignDev, strings.TrimSpace(string(now)), err)
 			}
 			if !strings.Contains(logs, "foreign refused\n") || !strings.Contains(logs, "foreign refused later\n") {
 				now, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev"))
