@@ -78,6 +78,19 @@ func (ps *partitionSync) run(ctx context.Context) {
 	if fd >= 0 {
 		defer unix.Close(fd)
 	}
+	// wake ends the wait as soon as ctx is done: the keeper releases
+	// the lease only after this returns, and a device it still holds
+	// cannot go to the next box.
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		wake = -1
+	} else {
+		defer unix.Close(wake)
+		defer context.AfterFunc(ctx, func() {
+			one := []byte{1, 0, 0, 0, 0, 0, 0, 0} // any non-zero uint64
+			unix.Write(wake, one)
+		})()
+	}
 	buf := make([]byte, 8192)
 	for ctx.Err() == nil {
 		ps.sync(ctx)
@@ -86,7 +99,10 @@ func (ps *partitionSync) run(ctx context.Context) {
 			continue
 		}
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		if n, _ := unix.Poll(fds, 1000); n > 0 {
+		if wake >= 0 {
+			fds = append(fds, unix.PollFd{Fd: int32(wake), Events: unix.POLLIN})
+		}
+		if n, _ := unix.Poll(fds, 1000); n > 0 && fds[0].Revents != 0 {
 			// Drain; any block event is a reason to look.
 			for {
 				m, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
