@@ -98,8 +98,22 @@ func TestCgroup2Partitions(t *testing.T) {
 	foreignImg := filepath.Join(dir, "foreign.img")
 	mustRun(t, nil, "truncate", "-s", "16M", foreignImg)
 	mustRun(t, nil, "sh", "-c", `printf 'label: dos\n,8M,L\n' | sfdisk -q "$0"`, foreignImg)
-	foreign := strings.TrimSpace(mustRun(t, nil, "losetup", "-f", "--show", "-P", foreignImg))
-	t.Cleanup(func() { exec.Command("losetup", "-d", foreign).Run() })
+	// Without partition scanning (-P), its partition registered with
+	// partx as the box does: udev's watch re-reads the partition table
+	// of a loop device that a writer closed (losetup opens it so), and
+	// on a partition-scanning device that re-read drops and re-adds the
+	// partition, which may then come back with another number while a
+	// box takes the old one; the "foreign" node would be the box's own
+	// partition (seen in make test-cgroup2: the box's loop1p1 got
+	// 259:0, the foreign loop0p1 came back as 259:1). On a loop device
+	// without partition scanning the re-read fails (EINVAL) and the
+	// number stays.
+	foreign := strings.TrimSpace(mustRun(t, nil, "losetup", "-f", "--show", foreignImg))
+	t.Cleanup(func() {
+		exec.Command("partx", "-d", foreign).Run()
+		exec.Command("losetup", "-d", foreign).Run()
+	})
+	mustRun(t, nil, "partx", "-a", foreign)
 	var foreignDev string
 	eventually(t, 10*time.Second, foreign+"p1 registered", func() bool {
 		b, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev"))
@@ -151,9 +165,8 @@ exec sleep 600
 			// The foreign partition must still be the one the node was
 			// made for, or the check below is void.
 			if now, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev")); err != nil || strings.TrimSpace(string(now)) != foreignDev {
-				t.Fatalf("the foreign partition %sp1 is no longer %s (now %q, %v): something detached it during the test", foreign, foreignDev, strings.TrimSpace(string(now)), err)
-			}
-			if !strings.Contains(logs, "foreign refused\n") || !strings.Contains(logs, "foreign refused later\n") {
+				t.Errorf("the foreign partition %sp1 is no longer %s (now %q, %v): the foreign check proves nothing", foreign, foreignDev, strings.TrimSpace(string(now)), err)
+			} else if !strings.Contains(logs, "foreign refused\n") || !strings.Contains(logs, "foreign refused later\n") {
 				now, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(foreign)+"p1", "dev"))
 				t.Errorf("the container opened %s (%s; now %q, %v), a partition of a loop device it did not lease", foreign+"p1", foreignDev, strings.TrimSpace(string(now)), err)
 				logDeviceFilters(t, p, id)
