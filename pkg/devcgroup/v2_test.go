@@ -227,6 +227,11 @@ func watch(dir string, stop <-chan struct{}, wg *sync.WaitGroup) *watchCount {
 			default:
 			}
 			ids, err := attached(dir)
+			if errors.Is(err, unix.ENOSPC) {
+				// More programs than when the query counted them (a
+				// new one attached before the old go): look again.
+				continue
+			}
 			if err != nil {
 				w.err.Store(err)
 				return
