@@ -84,7 +84,7 @@ test-e2e: deps build kernel
 # unified hierarchy, podman, runc; image cached under
 # /var/cache/kiwi-shim-test) booted with QEMU, running the container-mode
 # tests and a KIWI oem build with each podman cgroup manager. Outside
-# make test: far too slow under TCG (see README, Testing).
+# make test: far too slow under TCG (see docs/testing.md).
 test-cgroup2: deps build box
 	KIWI_SHIM_BIN=$(BIN) GO=$(GO) ./contrib/cgroup2/run
 

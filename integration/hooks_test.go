@@ -63,6 +63,11 @@ func TestHooks(t *testing.T) {
 				// runtime's delete (libpod's extension stage).
 				"poststop": {specs.StateStopped},
 			}
+			if mode == "vm" {
+				// As runc's prestart and createRuntime hooks: the
+				// container is still being created.
+				wantStatus["prestart"] = []specs.ContainerState{specs.StateCreating}
+			}
 			if mode == "container" {
 				// runc 1.1 runs poststart before it records the
 				// container as running: its own behaviour, kept.

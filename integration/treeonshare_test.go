@@ -26,7 +26,7 @@ import (
 // device number and extended attributes, but for buildVaries. The host
 // side of the share build must hold no device node, FIFO, socket or
 // set-id file: those are plain files with their mapping. Prints both
-// build times and KIWI's phases (README, Benchmarks).
+// build times and KIWI's phases (docs/benchmarks.md).
 func TestKiwiTreeOnShare(t *testing.T) {
 	ensureBox(t)
 	guestRelease(t)

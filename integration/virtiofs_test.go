@@ -19,7 +19,7 @@ func TestVirtioFSPosix(t *testing.T) {
 	p := newPodman(t, 2, "")
 	noVMLeft(t)
 	native := runSuite(t, t.TempDir())
-	// The documented difference (README, VM mode): a bind mount's files
+	// The documented difference (docs/vm-mode.md): a bind mount's files
 	// opened read-only are direct I/O (sharefs.CacheMetadata), and a
 	// Linux client before 6.6 refuses to map direct-I/O files shared.
 	if kernelBefore(rel, 6, 6) {

@@ -226,13 +226,19 @@ func TestVMPidNamespace(t *testing.T) {
 	p := newPodman(t, 2, "")
 	noVMLeft(t)
 	rootfs := busyboxRootfs(t)
-	id := p.must("run", "-d", "--rootfs", rootfs, "sleep", "600")
-	out := p.must("exec", id, "sh", "-c", `tr '\0' ' ' </proc/1/cmdline; echo; echo "guest $(ps -o comm= | grep -c -e kthreadd -e '^init')"; echo "kcore $(wc -c </proc/kcore)"; awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo`)
+	// An unbindable mount among those after /proc: moving them behind
+	// the namespace's own /proc must keep it, unbindable.
+	id := p.must("run", "-d", "-v", t.TempDir()+":/ub:runbindable", "--rootfs", rootfs, "sleep", "600")
+	out := p.must("exec", id, "sh", "-c", `tr '\0' ' ' </proc/1/cmdline; echo; echo "guest $(ps -o comm= | grep -c -e kthreadd -e '^init')"; echo "kcore $(wc -c </proc/kcore)"; awk '$5 == "/proc/sys" { print "procsys", $6 }' /proc/self/mountinfo; awk '$5 == "/proc" || $5 == "/dev" || $5 == "/sys" { printf "%s ", $5 } END { print "order" }' /proc/self/mountinfo; awk '$5 == "/ub" { print "ub", $7 }' /proc/self/mountinfo`)
 	for _, want := range []string{
 		"sleep 600 \n", // PID 1
 		"guest 0\n",    // none of the guest's processes (kernel threads, init)
 		"kcore 0\n",    // masked on the namespace's /proc
 		"procsys ro,",  // read-only there
+		// The namespace's /proc in the spec's place in the mount
+		// table, as runc's (runtime-tools checks the order).
+		"/proc /dev /sys order\n",
+		"ub unbindable\n",
 	} {
 		if !strings.Contains(out+"\n", want) {
 			t.Errorf("want %q in\n%s", want, out)
@@ -294,4 +300,28 @@ func nsOf(t *testing.T, path string) string {
 		t.Fatalf("stat %s: %v", path, err)
 	}
 	return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
+}
+
+// TestVMModulesOnDemand: the box's process starts before the guest has
+// loaded the file systems KIWI builds with (xfs, btrfs, vfat, ...), which
+// load in the background; a mount that needs one right at the start waits
+// for it instead of failing with "unknown filesystem type", and the
+// kernel's module requests are answered by kiwi-box-init, never by the
+// image's own modprobe. Soon after, all of them are there.
+func TestVMModulesOnDemand(t *testing.T) {
+	guestRelease(t)
+	ensureBox(t)
+	p := newPodman(t, 2, "")
+	r := p.run("", "run", "--rm", box, "sh", "-c",
+		`cat /proc/sys/kernel/modprobe; mount -t btrfs /dev/null /mnt; for i in $(seq 100); do n=$(grep -cwE 'xfs|btrfs|vfat|iso9660|squashfs' /proc/filesystems); [ "$n" = 5 ] && break; sleep 0.1; done; echo "filesystems $n"`)
+	t.Logf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	if !strings.HasPrefix(r.stdout, "/proc/1/exe\n") {
+		t.Errorf("the kernel's modprobe is not kiwi-box-init (/proc/1/exe): %q", r.stdout)
+	}
+	if strings.Contains(r.stderr, "unknown filesystem type") || !strings.Contains(r.stderr, "not a block device") {
+		t.Errorf("a btrfs mount at the start did not wait for the module: %q", r.stderr)
+	}
+	if !strings.Contains(r.stdout, "filesystems 5\n") {
+		t.Errorf("the later file systems did not all arrive: %q", r.stdout)
+	}
 }

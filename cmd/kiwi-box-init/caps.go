@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/moby/sys/capability"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
@@ -72,7 +73,8 @@ func procPathsOf(cfg *vmproto.Config) procPaths {
 
 // mountProc replaces /proc with a proc of this process's PID namespace,
 // with the flags of the one there, and masks and protects pp's paths on
-// it as setup did on the guest's (read-only ones first, as runc). /proc
+// it as setup did on the guest's (read-only ones first, as runc); the
+// mounts listed after the old one are moved behind the new one. /proc
 // is made private first: the mount namespace is a copy of the guest's,
 // and nothing done here may propagate back to it.
 func mountProc(pp *procPaths) error {
@@ -82,6 +84,10 @@ func mountProc(pp *procPaths) error {
 	}
 	// ST_RDONLY, ST_NOSUID, ST_NODEV and ST_NOEXEC are MS_'s values.
 	flags := uintptr(st.Flags) & (unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	mounts, err := mountinfo.GetMounts(nil)
+	if err != nil {
+		return err
+	}
 	if err := unix.Mount("", "/proc", "", unix.MS_PRIVATE|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("make /proc private: %w", err)
 	}
@@ -90,6 +96,13 @@ func mountProc(pp *procPaths) error {
 	unix.Unmount("/proc", unix.MNT_DETACH)
 	if err := unix.Mount("proc", "/proc", "proc", flags, ""); err != nil {
 		return fmt.Errorf("mount the PID namespace's /proc: %w", err)
+	}
+	// In the spec's place in the mount table, as runc's (mountorder.go).
+	// Only the order is at stake when every mount was put back.
+	if err := reattach(mountsAfter(mounts, "/proc")); errors.Is(err, errOrderKept) {
+		kernelLog("the container's /proc stays last in its mount table: %v", err)
+	} else if err != nil {
+		return fmt.Errorf("mount table order: %w", err)
 	}
 	for _, p := range pp.Readonly {
 		if err := readonlyPath(p); err != nil {

@@ -63,3 +63,15 @@ func TestProcPathsOf(t *testing.T) {
 		t.Fatal("no /proc mount, yet mounted")
 	}
 }
+
+func TestRegistered(t *testing.T) {
+	const fs = "nodev\tsysfs\nnodev\tproc\n\text4\n\tfuseblk\nnodev\tfuse\n"
+	for _, tt := range []struct {
+		name string
+		want bool
+	}{{"ext4", true}, {"proc", true}, {"fuse", true}, {"ext", false}, {"nodev", false}, {"", false}, {"xfs", false}} {
+		if got := registered(fs, tt.name); got != tt.want {
+			t.Errorf("registered(%q) = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}

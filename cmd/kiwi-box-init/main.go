@@ -30,21 +30,50 @@ func main() {
 	if isExecHelper() {
 		os.Exit(execHelper())
 	}
+	if isModuleRequest() {
+		// Run by the kernel as its modprobe: never init's work (nor
+		// its poweroff).
+		os.Exit(moduleRequest())
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}
 	poweroff()
 }
 
+// bootClock reads CLOCK_BOOTTIME: the guest's time since its kernel
+// started, for vmproto.BootTimes.
+func bootClock() int64 {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) != nil {
+		return 0
+	}
+	return ts.Nano()
+}
+
 func run() error {
+	boot := vmproto.BootTimes{Init: bootClock()}
 	if err := earlyMounts(); err != nil {
 		return err
 	}
-	if err := loadModules("/lib/modules/kiwi-box.load"); err != nil {
-		// Keep going: a missing optional module shows up as a clear
-		// mount error later, with this message in the console log.
+	// Errors here do not stop the box: a missing module shows up as a
+	// clear mount error later, with this message in the console log.
+	mods, err := openModules(vmproto.ModuleLoadList)
+	if err == nil {
+		err = loadModules(mods)
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}
+	boot.Modules = bootClock()
+	later, err := openModules(vmproto.ModuleLaterList)
+	if err == nil && len(later) > 0 {
+		err = answerModuleRequests()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
+	}
+	loadInBackground(later)
 	ctl, err := openPort(portName, 30*time.Second)
 	if err != nil {
 		return err
@@ -52,7 +81,8 @@ func run() error {
 	g := newGuest(ctl)
 	var uts unix.Utsname
 	_ = unix.Uname(&uts)
-	if err := g.w.WriteJSON(vmproto.THello, 0, vmproto.Hello{Version: vmproto.Version, Kernel: unix.ByteSliceToString(uts.Release[:])}); err != nil {
+	boot.Hello = bootClock()
+	if err := g.w.WriteJSON(vmproto.THello, 0, vmproto.Hello{Version: vmproto.Version, Kernel: unix.ByteSliceToString(uts.Release[:]), Boot: boot}); err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
 	f, err := vmproto.ReadFrame(ctl)
@@ -62,6 +92,7 @@ func run() error {
 	if f.Type != vmproto.TConfig {
 		return fmt.Errorf("expected config, got frame type %d", f.Type)
 	}
+	ready := vmproto.Ready{Boot: vmproto.BootTimes{Config: bootClock()}}
 	var cfg vmproto.Config
 	if err := vmproto.Decode(f.Payload, &cfg); err != nil {
 		return err
@@ -75,6 +106,7 @@ func run() error {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
 	}
+	ready.Boot.Mounts = bootClock()
 	if err := setupNetwork(cfg.Network); err != nil {
 		err = fmt.Errorf("network: %w", err)
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
@@ -96,7 +128,8 @@ func run() error {
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
 	}
-	if err := g.w.Write(vmproto.TReady, 0, nil); err != nil {
+	ready.Boot.Ready = bootClock()
+	if err := g.w.WriteJSON(vmproto.TReady, 0, ready); err != nil {
 		return err
 	}
 	return g.serve(&cfg)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -15,41 +14,6 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
-
-// loadModules loads the modules listed in path, one absolute path per
-// line, already in dependency order (the host resolved modules.dep).
-func loadModules(path string) error {
-	f, err := os.Open(path)
-	if os.IsNotExist(err) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	var failed []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		p := strings.TrimSpace(sc.Text())
-		if p == "" {
-			continue
-		}
-		mf, err := os.Open(p)
-		if err != nil {
-			failed = append(failed, filepath.Base(p)+": "+err.Error())
-			continue
-		}
-		err = unix.FinitModule(int(mf.Fd()), "", 0)
-		mf.Close()
-		if err != nil && err != unix.EEXIST {
-			failed = append(failed, filepath.Base(p)+": "+err.Error())
-		}
-	}
-	if len(failed) > 0 {
-		return fmt.Errorf("modules not loaded: %s", strings.Join(failed, "; "))
-	}
-	return nil
-}
 
 // openPort finds the virtio-serial port with the given name and opens it.
 func openPort(name string, timeout time.Duration) (*os.File, error) {

@@ -38,6 +38,13 @@ var setupCommand = cli.Command{
 			return err
 		}
 		fmt.Printf("guest kernel %s\n  image:   %s\n  modules: %s\n", k.Release, k.Image, k.ModulesDir)
+		// Unpacked now, so that the first box does not wait for it.
+		boot, err := vm.BootImage(k.Image, ctx.String("arch"), e.cfg.CacheDir)
+		if err != nil {
+			fmt.Printf("  boots:   %s (not unpacked: %v)\n", boot, err)
+		} else {
+			fmt.Printf("  boots:   %s\n", boot)
+		}
 		return nil
 	}),
 }

@@ -277,6 +277,10 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	if err != nil {
 		return fmt.Errorf("initramfs: %w", err)
 	}
+	bootImage, err := vm.BootImage(kern.Image, arch, e.cfg.CacheDir)
+	if err != nil {
+		e.log.Info("kernel boots as its compressed image (slower under TCG)", "image", kern.Image, "why", err)
+	}
 	memMiB, cpus, err := e.vmSize(spec, s)
 	if err != nil {
 		return err
@@ -412,8 +416,8 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 	// The host side of the box exists: prestart and createRuntime run
 	// here, on the host, in kiwi-shim's namespaces, with the monitor as
 	// the container's process. A failure fails create, and the deferred
-	// cleanup takes the box.
-	hookState := vmHookState(rec, specs.StateCreated)
+	// cleanup takes the box. Their state says "creating", as runc's.
+	hookState := vmHookState(rec, specs.StateCreating)
 	hooksRan = true
 	for _, stage := range []string{hooks.Prestart, hooks.CreateRuntime} {
 		if err := hooks.Run(context.Background(), stage, hooks.Of(spec.Hooks, stage), hookState); err != nil {
@@ -460,7 +464,7 @@ func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s o
 		NetNS: netPlan.NetNS, NetNSOwned: ownNetNS,
 		Machine: vm.Machine{
 			QEMU: qemu, Arch: arch, Accel: accel.Name, MemoryMiB: memMiB, CPUs: cpus,
-			Kernel: kern.Image, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
+			Kernel: bootImage, Initrd: initrd, Shares: shares, VirtioFS: virtiofs, Network: netPlan.Mode, Disks: disks,
 		},
 	}
 	mc.Paths(dir)

@@ -8,11 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
 // formatVersion changes whenever the archive's layout changes, so that old
 // cached images are not reused.
-const formatVersion = "1"
+const formatVersion = "2"
 
 // Spec says what goes into an initramfs.
 type Spec struct {
@@ -21,8 +23,11 @@ type Spec struct {
 	// ModulesDir is lib/modules/<release> of the guest kernel; empty for a
 	// kernel without modules (everything built in).
 	ModulesDir string
-	// Modules are the wanted module names (default: Modules).
+	// Modules are the module names the guest loads before the box's
+	// process starts, Later those it loads afterwards (both default to
+	// Modules and LaterModules when Modules is nil).
 	Modules []string
+	Later   []string
 }
 
 // Build returns the path of the initramfs for spec under cacheDir, making
@@ -31,6 +36,9 @@ type Spec struct {
 func Build(spec Spec, cacheDir string) (string, error) {
 	if spec.Modules == nil {
 		spec.Modules = Modules
+		if spec.Later == nil {
+			spec.Later = LaterModules
+		}
 	}
 	key, err := cacheKey(spec)
 	if err != nil {
@@ -74,7 +82,7 @@ func cacheKey(spec Spec) (string, error) {
 	h := sha256.New()
 	fmt.Fprintf(h, "format %s\n", formatVersion)
 	h.Write(spec.Init)
-	fmt.Fprintf(h, "\nmodules %s\n", strings.Join(spec.Modules, ","))
+	fmt.Fprintf(h, "\nmodules %s\nlater %s\n", strings.Join(spec.Modules, ","), strings.Join(spec.Later, ","))
 	if spec.ModulesDir != "" {
 		// The release name plus modules.order/builtin identify the build
 		// well enough; a rebuilt kernel of the same release changes their
@@ -100,6 +108,7 @@ func write(buf *bytes.Buffer, spec Spec) error {
 	c.CharDev("dev/console", 0o600, 5, 1)
 	c.File("init", 0o755, spec.Init)
 	var load []string
+	nBoot := 0 // load[:nBoot] before the process, the rest later
 	if spec.ModulesDir != "" {
 		idx, err := indexModules(spec.ModulesDir)
 		if err != nil {
@@ -108,6 +117,22 @@ func write(buf *bytes.Buffer, spec Spec) error {
 		files, err := idx.closure(spec.Modules)
 		if err != nil {
 			return err
+		}
+		nBoot = len(files)
+		// The later closure without what the box loaded already, in
+		// its own dependency order.
+		all, err := idx.closure(append(append([]string{}, spec.Modules...), spec.Later...))
+		if err != nil {
+			return err
+		}
+		boot := map[string]bool{}
+		for _, f := range files {
+			boot[f] = true
+		}
+		for _, f := range all {
+			if !boot[f] {
+				files = append(files, f)
+			}
 		}
 		made := map[string]bool{}
 		for _, f := range files {
@@ -139,7 +164,8 @@ func write(buf *bytes.Buffer, spec Spec) error {
 			c.File(strings.TrimPrefix(load[i], "/"), 0o644, data)
 		}
 	}
-	c.File("lib/modules/kiwi-box.load", 0o644, []byte(strings.Join(load, "\n")+"\n"))
+	c.File(strings.TrimPrefix(vmproto.ModuleLoadList, "/"), 0o644, []byte(strings.Join(load[:nBoot], "\n")+"\n"))
+	c.File(strings.TrimPrefix(vmproto.ModuleLaterList, "/"), 0o644, []byte(strings.Join(load[nBoot:], "\n")+"\n"))
 	return c.Close()
 }
 

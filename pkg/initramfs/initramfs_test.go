@@ -90,7 +90,7 @@ func TestBuildWithHostModules(t *testing.T) {
 		}
 		b, _ := os.ReadFile(p)
 		files := readNewc(t, b)
-		load := string(files["lib/modules/kiwi-box.load"].data)
+		load := string(files["lib/modules/kiwi-box.load"].data) + string(files["lib/modules/kiwi-box.later"].data)
 		// Dependencies come first: virtio before virtio_pci, 9pnet
 		// before 9p (where the kernel has them as modules).
 		for _, pair := range [][2]string{{"/virtio.ko", "/virtio_pci.ko"}, {"/9pnet.ko", "/9p.ko"}, {"/jbd2.ko", "/ext4.ko"}} {

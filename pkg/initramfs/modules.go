@@ -13,22 +13,37 @@ import (
 	"strings"
 )
 
-// Modules a box needs, by purpose. Names use underscores, as the kernel
-// does. Modules the kernel has built in, or does not have at all, are
-// skipped: whether a share type works is checked when it is mounted.
+// Modules a box needs before its process starts, by purpose. Names use
+// underscores, as the kernel does. Modules the kernel has built in, or
+// does not have at all, are skipped: whether a share type works is
+// checked when it is mounted.
 var Modules = []string{
 	// first: libcrc32c (ext4, xfs, btrfs) asks the crypto API for crc32c
 	// when it loads, a soft dependency that modinfo's depends= omits
 	"crc32c_generic",
 	// devices QEMU gives the box
 	"virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng",
-	// shares
-	"9pnet_virtio", "9p", "virtiofs", "fuse", "overlay",
-	// what KIWI builds images with
-	"loop", "dm_mod", "ext4", "xfs", "btrfs", "squashfs", "vfat", "isofs",
+	// the default share
+	"virtiofs", "fuse",
+	// device nodes a build opens rather than mounts: nothing would load
+	// them on first use (/dev/loop-control, /dev/mapper/control)
+	"loop", "dm_mod", "af_packet",
+}
+
+// LaterModules are file systems, which the kernel asks for when they are
+// mounted: the guest loads them in the background, in this order, while
+// the box is set up and starts (btrfs alone benchmarks RAID6 and XOR
+// routines for seconds under TCG when it loads), and a mount that asks
+// the kernel for one of them meanwhile waits until it is there
+// (kiwi-box-init answers the kernel's module requests).
+var LaterModules = []string{
+	// first, as a box's setup may mount them: the scratch disk's file
+	// system, 9p shares (io.kiwi-shim.share=9p), overlay
+	"ext4", "9pnet_virtio", "9p", "overlay",
+	"xfs", "btrfs", "squashfs", "vfat", "isofs",
 	// Debian's kernels mount FAT with iocharset=ascii by default
 	// (CONFIG_FAT_DEFAULT_IOCHARSET): KIWI's EFI partition needs it
-	"nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii", "af_packet",
+	"nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii",
 }
 
 // modIndex maps module names to their files below a modules directory.

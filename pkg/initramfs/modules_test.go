@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/ulikunitz/xz"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
 // fakeModule returns a minimal relocatable ELF file whose .modinfo
@@ -101,5 +103,43 @@ func TestReadModuleCorrupt(t *testing.T) {
 	os.WriteFile(p, []byte("not xz at all"), 0o644)
 	if _, err := readModule(p); err == nil || !strings.Contains(err.Error(), "bad.ko.xz") {
 		t.Fatalf("corrupt module: %v", err)
+	}
+}
+
+// TestBuildLaterModules: the modules asked for later are listed apart,
+// in dependency order, without what the box loads before its process (a
+// shared dependency loads once, early).
+func TestBuildLaterModules(t *testing.T) {
+	mods := filepath.Join(t.TempDir(), "lib", "modules", "6.1.0-99-amd64")
+	fsDir := filepath.Join(mods, "kernel", "fs")
+	os.MkdirAll(fsDir, 0o755)
+	for name, info := range map[string][]string{
+		"shared.ko": {"name=shared", "depends="},
+		"early.ko":  {"name=early", "depends=shared"},
+		"bench.ko":  {"name=bench", "depends="},
+		"big.ko":    {"name=big", "depends=shared,bench"},
+		"small.ko":  {"name=small", "depends="},
+	} {
+		os.WriteFile(filepath.Join(fsDir, name), fakeModule(info...), 0o644)
+	}
+	p, err := Build(Spec{Init: []byte("x"), ModulesDir: mods, Modules: []string{"early"}, Later: []string{"big", "small", "early"}}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(p)
+	files := readNewc(t, raw)
+	dir := "/lib/modules/kiwi-box/kernel/fs/"
+	for list, want := range map[string][]string{
+		vmproto.ModuleLoadList:  {dir + "shared.ko", dir + "early.ko"},
+		vmproto.ModuleLaterList: {dir + "bench.ko", dir + "big.ko", dir + "small.ko"},
+	} {
+		if got := strings.Fields(string(files[strings.TrimPrefix(list, "/")].data)); strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Errorf("%s = %q, want %q", list, got, want)
+		}
+	}
+	for _, f := range []string{"shared.ko", "early.ko", "bench.ko", "big.ko", "small.ko"} {
+		if _, ok := files["lib/modules/kiwi-box/kernel/fs/"+f]; !ok {
+			t.Errorf("%s not in the archive", f)
+		}
 	}
 }

@@ -155,10 +155,45 @@ func Decode(payload []byte, v any) error {
 	return nil
 }
 
+// The guest's initramfs lists the kernel modules it loads in two files
+// (absolute paths in the guest, one per line, dependencies first), which
+// pkg/initramfs writes and kiwi-box-init reads.
+const (
+	// ModuleLoadList lists the modules the guest loads before the
+	// container's process starts.
+	ModuleLoadList = "/lib/modules/kiwi-box.load"
+	// ModuleLaterList lists the modules it loads afterwards, in the
+	// background.
+	ModuleLaterList = "/lib/modules/kiwi-box.later"
+)
+
 // Hello is the guest's first message.
 type Hello struct {
 	Version int    `json:"version"`
 	Kernel  string `json:"kernel"`
+	// Boot has the guest's clock readings up to Hello (Init, Modules,
+	// Hello).
+	Boot BootTimes `json:"boot"`
+}
+
+// Ready is the guest's report that the container's root is set up (the
+// payload of TReady; a guest may send none).
+type Ready struct {
+	// Boot has the guest's clock readings (Config, Mounts, Ready).
+	Boot BootTimes `json:"boot"`
+}
+
+// BootTimes are readings of the guest's CLOCK_BOOTTIME, in nanoseconds
+// since its kernel started, at the steps of a box's start: the host
+// combines them with its own clock to say where the boot time went. Zero
+// is "not measured".
+type BootTimes struct {
+	Init    int64 `json:"init,omitempty"`    // kiwi-box-init runs: the kernel's part is over
+	Modules int64 `json:"modules,omitempty"` // the modules the box needs are loaded
+	Hello   int64 `json:"hello,omitempty"`   // the control port is open, Hello goes out
+	Config  int64 `json:"config,omitempty"`  // the configuration has arrived
+	Mounts  int64 `json:"mounts,omitempty"`  // the container's root and mounts are in place
+	Ready   int64 `json:"ready,omitempty"`   // network, DNS, rlimits and the program's check done
 }
 
 // Config tells the guest how to build the container.

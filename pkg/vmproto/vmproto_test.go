@@ -83,7 +83,8 @@ func TestReadFrameRejects(t *testing.T) {
 func FuzzReadFrame(f *testing.F) {
 	var buf bytes.Buffer
 	w := NewWriter(&buf)
-	w.WriteJSON(THello, 0, Hello{Version: Version, Kernel: "6.1"})
+	w.WriteJSON(THello, 0, Hello{Version: Version, Kernel: "6.1", Boot: BootTimes{Init: 1, Modules: 2, Hello: 3}})
+	w.WriteJSON(TReady, 0, Ready{Boot: BootTimes{Config: 4, Mounts: 5, Ready: 6}})
 	w.WriteJSON(TExit, 3, Exit{Status: 1})
 	w.Write(TStdout, 1, []byte("data"))
 	f.Add(buf.Bytes())
@@ -104,6 +105,8 @@ func FuzzReadFrame(f *testing.F) {
 				Config
 			}
 			_ = Decode(fr.Payload, &v)
+			var rd Ready
+			_ = Decode(fr.Payload, &rd)
 		}
 	})
 }

@@ -103,21 +103,14 @@ func (d *device) Handle(q int, c *vhostuser.Chain) int {
 	return n
 }
 
-// FUSE opcodes (linux/fuse.h) that Quick tells apart.
-const (
-	opSetattr = 4
-	opRead    = 15
-	opWrite   = 16
-)
-
 // quickOps are the FUSE requests answered with a few system calls on
 // metadata the host has cached: no flush to disk, no directory listing,
 // nothing that frees a file's blocks (UNLINK and RENAME can).
 var quickOps = map[uint32]bool{
-	1: true, 2: true, 3: true, opSetattr: true, 5: true, 6: true, 8: true, 9: true, // LOOKUP FORGET GETATTR SETATTR READLINK SYMLINK MKNOD MKDIR
-	13: true, 14: true, opRead: true, opWrite: true, 17: true, 18: true, // LINK OPEN READ WRITE STATFS RELEASE
-	21: true, 22: true, 23: true, 24: true, 25: true, 27: true, 29: true, // SETXATTR GETXATTR LISTXATTR REMOVEXATTR FLUSH OPENDIR RELEASEDIR
-	34: true, 35: true, 42: true, // ACCESS CREATE BATCH_FORGET
+	opLookup: true, opForget: true, opGetattr: true, opSetattr: true, opReadlink: true, opSymlink: true, opMknod: true, opMkdir: true,
+	opLink: true, opOpen: true, opRead: true, opWrite: true, opStatfs: true, opRelease: true,
+	opSetxattr: true, opGetxattr: true, opListxattr: true, opRemovexattr: true, opFlush: true, opOpendir: true, opReleasedir: true,
+	opAccess: true, opCreate: true, opBatchForget: true,
 }
 
 // quickIO is the largest READ or WRITE Quick accepts.

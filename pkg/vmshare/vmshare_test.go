@@ -30,7 +30,7 @@ func initRequest() []byte {
 	binary.LittleEndian.PutUint32(body, 7)      // major
 	binary.LittleEndian.PutUint32(body[4:], 38) // minor
 	binary.LittleEndian.PutUint32(body[8:], 1<<20)
-	return request(26, 1, 0, body)
+	return request(opInit, 1, 0, body)
 }
 
 // FuzzHandleRequest sends arbitrary FUSE requests (as a guest could put
@@ -38,11 +38,11 @@ func initRequest() []byte {
 // panics, never replies more than the buffer holds, and never touches
 // anything outside the export.
 func FuzzHandleRequest(f *testing.F) {
-	f.Add(request(1, 2, 1, []byte("file\x00")))                             // LOOKUP
-	f.Add(request(1, 2, 1, []byte("../canary/secret\x00")))                 // LOOKUP escape
-	f.Add(request(9, 3, 1, append(make([]byte, 8), []byte("../x\x00")...))) // MKDIR escape
-	f.Add(request(6, 4, 1, []byte("/etc/passwd\x00link\x00")))              // SYMLINK
-	f.Add(request(45, 5, 1, append(make([]byte, 16), []byte("file\x00../moved\x00")...)))
+	f.Add(request(opLookup, 2, 1, []byte("file\x00")))
+	f.Add(request(opLookup, 2, 1, []byte("../canary/secret\x00")))                // escape
+	f.Add(request(opMkdir, 3, 1, append(make([]byte, 8), []byte("../x\x00")...))) // escape
+	f.Add(request(opSymlink, 4, 1, []byte("/etc/passwd\x00link\x00")))
+	f.Add(request(opRename2, 5, 1, append(make([]byte, 16), []byte("file\x00../moved\x00")...)))
 	f.Add([]byte{1, 2, 3})
 	// One export for the whole run, as one guest sends a stream of
 	// requests (and every root holds a descriptor).
@@ -95,7 +95,7 @@ func TestProtocolServerPanics(t *testing.T) {
 	out := make([]byte, 4096)
 	ps.HandleRequest([][]byte{initRequest()}, [][]byte{out})
 	// GETATTR of a node id the guest never looked up.
-	n, st := ps.HandleRequest([][]byte{request(3, 9, 12345, make([]byte, 16))}, [][]byte{out})
+	n, st := ps.HandleRequest([][]byte{request(opGetattr, 9, 12345, make([]byte, 16))}, [][]byte{out})
 	if st == fuse.OK && n > 16 {
 		t.Fatalf("GETATTR of an unknown node answered %d bytes", n)
 	}
@@ -110,7 +110,7 @@ func TestQuick(t *testing.T) {
 	setattr := func(valid uint32) []byte {
 		body := make([]byte, 88)
 		binary.LittleEndian.PutUint32(body, valid)
-		return request(4, 1, 2, body)
+		return request(opSetattr, 1, 2, body)
 	}
 	d := &device{}
 	for _, c := range []struct {
@@ -118,19 +118,19 @@ func TestQuick(t *testing.T) {
 		req  []byte
 		want bool
 	}{
-		{"lookup", request(1, 1, 1, []byte("f\x00")), true},
-		{"create", request(35, 1, 1, make([]byte, 20)), true},
-		{"read 4k", io(15, 4096), true},
-		{"read 1m", io(15, 1<<20), false},
-		{"write 64k", io(16, 64<<10), true},
-		{"write 1m", io(16, 1<<20), false},
+		{"lookup", request(opLookup, 1, 1, []byte("f\x00")), true},
+		{"create", request(opCreate, 1, 1, make([]byte, 20)), true},
+		{"read 4k", io(opRead, 4096), true},
+		{"read 1m", io(opRead, 1<<20), false},
+		{"write 64k", io(opWrite, 64<<10), true},
+		{"write 1m", io(opWrite, 1<<20), false},
 		{"utimes", setattr(fuse.FATTR_ATIME | fuse.FATTR_MTIME), true},
 		{"truncate", setattr(fuse.FATTR_SIZE), false},
-		{"fsync", request(20, 1, 2, make([]byte, 16)), false},
-		{"unlink", request(10, 1, 1, []byte("f\x00")), false},
-		{"readdirplus", request(44, 1, 1, make([]byte, 40)), false},
-		{"short header", request(1, 1, 1, nil)[:39], false},
-		{"read without body", request(15, 1, 2, nil), false},
+		{"fsync", request(opFsync, 1, 2, make([]byte, 16)), false},
+		{"unlink", request(opUnlink, 1, 1, []byte("f\x00")), false},
+		{"readdirplus", request(opReaddirplus, 1, 1, make([]byte, 40)), false},
+		{"short header", request(opLookup, 1, 1, nil)[:39], false},
+		{"read without body", request(opRead, 1, 2, nil), false},
 	} {
 		for _, split := range []bool{false, true} {
 			bufs := [][]byte{c.req}
@@ -166,7 +166,7 @@ func TestNullModes(t *testing.T) {
 	}{{"zero", 0o100000}, {"zerodir", 0o40000}} {
 		// fuse_out_header (16 bytes), fuse_entry_out: 40 bytes, then
 		// fuse_attr with its mode at offset 60.
-		n, st := ps.HandleRequest([][]byte{request(1, uint64(10+i), 1, []byte(c.name+"\x00"))}, [][]byte{out})
+		n, st := ps.HandleRequest([][]byte{request(opLookup, uint64(10+i), 1, []byte(c.name+"\x00"))}, [][]byte{out})
 		if st != fuse.OK || n < 16+40+64 {
 			t.Fatalf("LOOKUP %s: %d bytes, %v", c.name, n, st)
 		}
@@ -175,7 +175,7 @@ func TestNullModes(t *testing.T) {
 		}
 		// GETATTR: fuse_attr_out is 16 bytes before fuse_attr.
 		node := binary.LittleEndian.Uint64(out[16:])
-		n, st = ps.HandleRequest([][]byte{request(3, uint64(20+i), node, make([]byte, 16))}, [][]byte{out})
+		n, st = ps.HandleRequest([][]byte{request(opGetattr, uint64(20+i), node, make([]byte, 16))}, [][]byte{out})
 		if st != fuse.OK || n < 16+16+64 {
 			t.Fatalf("GETATTR %s: %d bytes, %v", c.name, n, st)
 		}
@@ -213,7 +213,7 @@ func TestLookupAgainNoLeak(t *testing.T) {
 	}
 	before := fds()
 	for i := range 500 {
-		if n, st := ps.HandleRequest([][]byte{request(1, uint64(i+2), 1, []byte("dir\x00"))}, [][]byte{out}); st != fuse.OK || n == 0 {
+		if n, st := ps.HandleRequest([][]byte{request(opLookup, uint64(i+2), 1, []byte("dir\x00"))}, [][]byte{out}); st != fuse.OK || n == 0 {
 			t.Fatalf("LOOKUP %d: %d bytes, %v", i, n, st)
 		}
 	}
@@ -245,13 +245,13 @@ func TestOversizedRequest(t *testing.T) {
 	if n := handle([][]byte{initRequest()}, [][]byte{out}); n == 0 {
 		t.Fatal("INIT refused")
 	}
-	if n := handle([][]byte{request(1, 2, 1, []byte("big\x00"))}, [][]byte{out}); n < 16+40 {
+	if n := handle([][]byte{request(opLookup, 2, 1, []byte("big\x00"))}, [][]byte{out}); n < 16+40 {
 		t.Fatalf("LOOKUP big: %d bytes", n)
 	}
 	node := binary.LittleEndian.Uint64(out[16:])
 	openIn := make([]byte, 8)
 	binary.LittleEndian.PutUint32(openIn, uint32(os.O_RDWR))
-	if n := handle([][]byte{request(14, 3, node, openIn)}, [][]byte{out}); n < 16+16 {
+	if n := handle([][]byte{request(opOpen, 3, node, openIn)}, [][]byte{out}); n < 16+16 {
 		t.Fatalf("OPEN big: %d bytes", n)
 	}
 	fh := binary.LittleEndian.Uint64(out[16:])
@@ -259,7 +259,7 @@ func TestOversizedRequest(t *testing.T) {
 		body := make([]byte, 40)
 		binary.LittleEndian.PutUint64(body, fh)
 		binary.LittleEndian.PutUint32(body[16:], uint32(size))
-		return request(15, unique, node, body)
+		return request(opRead, unique, node, body)
 	}
 	// The reply's payload in two descriptors, so that go-fuse cannot
 	// read into guest memory directly and allocates a buffer of its own.
@@ -288,11 +288,11 @@ func TestOversizedRequest(t *testing.T) {
 	binary.LittleEndian.PutUint64(writeIn, fh)
 	binary.LittleEndian.PutUint32(writeIn[16:], 2<<20)
 	data := make([]byte, 2<<20)
-	if n := handle([][]byte{request(16, 6, node, writeIn), data[:1<<20], data[1<<20:]}, [][]byte{out}); n != 0 {
+	if n := handle([][]byte{request(opWrite, 6, node, writeIn), data[:1<<20], data[1<<20:]}, [][]byte{out}); n != 0 {
 		t.Errorf("WRITE of 2 MiB: %d bytes, want it refused", n)
 	}
 	binary.LittleEndian.PutUint32(writeIn[16:], 1<<20)
-	if n := handle([][]byte{request(16, 7, node, writeIn), data[:1<<19], data[1<<19 : 1<<20]}, [][]byte{out}); n != 16+8 {
+	if n := handle([][]byte{request(opWrite, 7, node, writeIn), data[:1<<19], data[1<<19 : 1<<20]}, [][]byte{out}); n != 16+8 {
 		t.Errorf("WRITE of 1 MiB: %d bytes, want %d", n, 16+8)
 	}
 }
@@ -324,7 +324,7 @@ func TestInitDirectIOAllowMmap(t *testing.T) {
 			binary.LittleEndian.PutUint32(body[12:], initExt)
 			binary.LittleEndian.PutUint32(body[16:], tc.flags2)
 			out := make([]byte, 4096)
-			n, st := ps.HandleRequest([][]byte{request(26, 1, 0, body)}, [][]byte{out})
+			n, st := ps.HandleRequest([][]byte{request(opInit, 1, 0, body)}, [][]byte{out})
 			if st != fuse.OK || n < 16+36 {
 				t.Fatalf("INIT: %d bytes, %v", n, st)
 			}
