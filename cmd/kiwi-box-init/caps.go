@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"time"
 
 	"github.com/moby/sys/capability"
 	"github.com/moby/sys/mountinfo"
@@ -26,6 +27,14 @@ const execHelperName = "kiwi-box-exec"
 
 // execConfigFD is the helper's fd carrying its helperConfig.
 const execConfigFD = 3
+
+// execDoneFD is the helper's write end of a pipe that closes when it
+// executes the process (close-on-exec) or ends: PID 1 waits for that.
+const execDoneFD = 4
+
+// execDoneTimeout bounds how long PID 1 waits for the helper to execute
+// the process: below the monitor's 30 s wait for the start.
+const execDoneTimeout = 20 * time.Second
 
 // helperConfig is what the helper needs to become the process.
 type helperConfig struct {
@@ -129,12 +138,23 @@ func isExecHelper() bool { return len(os.Args) > 0 && os.Args[0] == execHelperNa
 
 // execHelper runs the helper: it only returns (a status) if it fails.
 func execHelper() int {
+	// Not to be inherited by the process: its closing tells PID 1 that
+	// the process runs.
+	unix.CloseOnExec(execDoneFD)
 	f := os.NewFile(execConfigFD, "exec-config")
 	var hc helperConfig
 	err := json.NewDecoder(io.LimitReader(f, vmproto.MaxPayload)).Decode(&hc)
 	f.Close()
 	if err == nil && hc.Proc != nil {
+		// The working directory may lie on a mount that mountProc moves:
+		// enter it again afterwards, on the mount as it is then.
+		cwd, cwdErr := os.Getwd()
 		err = mountProc(hc.Proc)
+		if err == nil && cwdErr == nil {
+			if cerr := os.Chdir(cwd); cerr != nil {
+				err = fmt.Errorf("working directory %s: %w", cwd, cerr)
+			}
+		}
 	}
 	if err == nil {
 		err = becomeProcess(&hc)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -362,7 +363,15 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 		return err
 	}
 	defer cfgR.Close()
-	attr.Files = append(append([]*os.File{}, files...), cfgR)
+	// The helper's copy of doneW closes when it executes the process (or
+	// ends): until then it may be changing the container's mounts, and
+	// an exec'd process must not join them half made.
+	doneR, doneW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer doneR.Close()
+	attr.Files = append(append([]*os.File{}, files...), cfgR, doneW)
 	if g.userNS != nil {
 		// Root of the new namespace, so that the helper keeps its
 		// capabilities across the exec; it becomes the user itself.
@@ -371,6 +380,7 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	// /proc/self/exe: this binary, wherever the container's root put it
 	// (it lives in the initramfs, outside the container's root).
 	proc, err := fork("/proc/self/exe", []string{execHelperName})
+	doneW.Close()
 	if err != nil {
 		cfgW.Close()
 		return fmt.Errorf("start %s (needs /proc in the container): %w", path, err)
@@ -389,6 +399,11 @@ func (g *guest) start(pr *proc, p vmproto.Process, files []*os.File) error {
 	// Bounded by MaxPayload, as the frame it came in: fits the pipe or
 	// is read at once by the helper.
 	go func() { cfgW.Write(hc); cfgW.Close() }()
+	// As runc's start: the process has been executed (or failed to be)
+	// when this returns. Bounded, so that a helper stuck in a mount does
+	// not stop the guest from serving.
+	doneR.SetReadDeadline(time.Now().Add(execDoneTimeout))
+	io.Copy(io.Discard, doneR)
 	pr.pid = proc.Pid
 	// The reaper waits for it; os.Process must not.
 	proc.Release()

@@ -124,21 +124,27 @@ func loadInBackground(mods []*os.File) {
 // request (modprobe) rather than the guest's init or the exec helper.
 func isModuleRequest() bool { return os.Getpid() != 1 && !isExecHelper() }
 
-// moduleRequest answers a module request: it waits while PID 1 loads the
-// later modules (or until moduleRequestTimeout) and reports success; the
-// kernel then looks for what it wanted again. A request for a file
-// system ("fs-NAME", a mount's) ends as soon as that file system is
-// registered. The name (which a container can choose) is only compared
-// with /proc/filesystems.
+// moduleRequest answers a module request. The later modules are file
+// systems and the character sets vfat mounts with: a request for a file
+// system ("fs-NAME", a mount's) waits while PID 1 loads them, until that
+// file system is registered; one for a character set ("nls_NAME") waits
+// until the loading is done; either ends with success, and the kernel
+// then looks for what it wanted again. Any other request (an exec's
+// "binfmt-*", a socket's "net-pf-*", ...) fails at once: nothing the box
+// loads later provides it. Waits are bounded by moduleRequestTimeout. The
+// name, which a container can choose, is only compared with
+// /proc/filesystems.
 func moduleRequest() int {
-	fs := ""
+	name := ""
 	if n := len(os.Args); n > 1 {
-		if name, ok := strings.CutPrefix(os.Args[n-1], "fs-"); ok {
-			fs = name
-		}
+		name = os.Args[n-1]
+	}
+	fs, isFS := strings.CutPrefix(name, "fs-")
+	if !isFS && !strings.HasPrefix(name, "nls_") {
+		return 1
 	}
 	deadline := time.Now().Add(moduleRequestTimeout)
-	for loaderRunning() && !(fs != "" && fsRegistered(fs)) && time.Now().Before(deadline) {
+	for loaderRunning() && !(isFS && fsRegistered(fs)) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return 0

@@ -110,6 +110,28 @@ func kernelLog(format string, args ...any) {
 	f.Close()
 }
 
+// cloneOrder returns the order in which to clone and detach the mounts at
+// paths: first to last, so that the clones are made in the table's
+// order, which is the order Linux 6.8 and later list a namespace's mounts
+// in (by mount ID) whatever their place; or last to first when a later
+// mount sits on an earlier one's place or above it (its path is that
+// path or a parent of it), which hides the earlier one until the later
+// one is detached (those clones then list in reverse on 6.8+).
+func cloneOrder(paths []string) []int {
+	order := make([]int, len(paths))
+	reverse := false
+	for i := range paths {
+		order[i] = i
+		for _, later := range paths[i+1:] {
+			reverse = reverse || isBelow(paths[i], later)
+		}
+	}
+	if reverse {
+		slices.Reverse(order)
+	}
+	return order
+}
+
 // reattachPaths clones, detaches and attaches again the mounts at paths.
 func reattachPaths(paths []string) error {
 	fds := make([]int, len(paths))
@@ -134,7 +156,7 @@ func reattachPaths(paths []string) error {
 		}
 		return nil
 	}
-	for i := len(paths) - 1; i >= 0; i-- {
+	for _, i := range cloneOrder(paths) {
 		p := paths[i]
 		fd, err := unix.OpenTree(unix.AT_FDCWD, p, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
 		if err != nil {

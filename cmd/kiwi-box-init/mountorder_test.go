@@ -97,3 +97,21 @@ func TestMountsAfter(t *testing.T) {
 		})
 	}
 }
+
+func TestCloneOrder(t *testing.T) {
+	tests := []struct {
+		paths []string
+		want  []int
+	}{
+		{[]string{"/dev", "/sys", "/etc/hosts", "/run/.containerenv"}, []int{0, 1, 2, 3}},
+		{[]string{"/data", "/data"}, []int{1, 0}},      // stacked
+		{[]string{"/a/b", "/c", "/a"}, []int{2, 1, 0}}, // a later mount hides an earlier one
+		{[]string{"/a", "/a/b"}, []int{0, 1}},          // a later one inside an earlier one is fine
+		{nil, []int{}},
+	}
+	for _, tt := range tests {
+		if got := cloneOrder(tt.paths); !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("cloneOrder(%q) = %v, want %v", tt.paths, got, tt.want)
+		}
+	}
+}

@@ -67,9 +67,9 @@ func boxOptions(ctx *cli.Context) (boxbuild.Options, error) {
 	case ctx.Bool("9p-sharing") && ctx.Bool("virtiofs-sharing"):
 		return o, errors.New("--9p-sharing and --virtiofs-sharing exclude each other")
 	case ctx.Bool("9p-sharing"):
-		o.Share = "9p"
+		o.Share = config.Share9P
 	case ctx.Bool("virtiofs-sharing"):
-		o.Share = "virtiofs"
+		o.Share = config.ShareVirtioFS
 	}
 	switch {
 	case ctx.Bool("x86_64") && ctx.Bool("aarch64"):

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
 
 // checkResult is one line of `kiwi-shim check`.
@@ -65,7 +66,7 @@ func (e *env) checks() []checkResult {
 	}
 	host := vm.HostArch()
 	for _, arch := range []string{"x86_64", "aarch64"} {
-		qemu, err := e.findQEMU(arch)
+		qemu, err := vmmode.FindQEMU(e.cfg.VM, arch)
 		if err != nil {
 			status := "warn"
 			if arch == host {
@@ -83,7 +84,7 @@ func (e *env) checks() []checkResult {
 				add("accelerator", "ok", a.Name+": "+a.Reason, "")
 			}
 		}
-		k, err := e.findKernel(arch)
+		k, err := vmmode.FindKernel(e.cfg.VM, arch, e.cacheDirs()...)
 		switch {
 		case err != nil && arch == host:
 			add("kernel "+arch, "fail", "no guest kernel", "kiwi-shim setup")

@@ -13,6 +13,8 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
+	"github.com/kiwi-shim/kiwi-shim/pkg/settings"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
 
 var createFlags = []cli.Flag{
@@ -56,26 +58,9 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if err != nil {
 		return err
 	}
-	settings, err := oci.ParseAnnotations(spec.Annotations)
+	s, err := settings.Resolve(e.cfg, bundle, spec, e.log.With("id", id))
 	if err != nil {
 		return err
-	}
-	mode := settings.Mode
-	if mode == "" {
-		mode = e.cfg.DefaultMode
-	}
-	count := settings.LoopCount
-	if count == 0 {
-		count = e.cfg.Loop.DefaultCount
-	}
-	sandbox := oci.IsPodSandbox(spec.Annotations)
-	if sandbox {
-		// A pod's pause container runs nothing but holds the namespaces
-		// the pod's containers join: no VM, no loop devices.
-		if mode != config.ModeContainer {
-			e.log.Info("pod sandbox runs in container mode", "id", id)
-		}
-		mode = config.ModeContainer
 	}
 	if e.rootless && e.rootlessErr != nil {
 		return e.rootlessErr
@@ -86,24 +71,24 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	if n := ctx.Int("preserve-fds"); n < 0 {
 		return fmt.Errorf("--preserve-fds %d: must not be negative", n)
 	}
-	if mode == config.ModeVM {
-		if err := vmPreserveFds(ctx.Int("preserve-fds")); err != nil {
+	if s.Mode == config.ModeVM {
+		if err := vmmode.CheckPreserveFds(ctx.Int("preserve-fds")); err != nil {
 			return err
 		}
-		return createVM(ctx, e, id, bundle, spec, settings)
+		return createVM(ctx, e, id, bundle, spec, s)
 	}
-	if e.rootless && !sandbox {
+	if e.rootless && !s.Sandbox {
 		return fmt.Errorf("container mode needs real root: it leases the host's loop devices and hands them to runc; without root use VM mode (annotation %s=vm, the default), where the build gets the guest's own loop devices", oci.AnnotationMode)
 	}
-	if settings.ScratchSize > 0 {
+	if s.Scratch.Size > 0 {
 		e.log.Info("container mode has no scratch disk: the container writes to its own file systems", "id", id, "annotation", oci.AnnotationVMScratch)
 	}
 	m, err := e.manager(ctx)
 	if err != nil {
 		return err
 	}
-	if !sandbox && count > m.Alloc.Capacity() {
-		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, count, m.Alloc.Capacity())
+	if !s.Sandbox && s.LoopCount > m.Alloc.Capacity() {
+		return fmt.Errorf("annotation %s=%d: this host offers at most %d loop devices (loop.capacity)", oci.AnnotationLoopCount, s.LoopCount, m.Alloc.Capacity())
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -111,7 +96,7 @@ func createContainer(ctx *cli.Context, e *env, id string) error {
 	}
 	return m.Create(context.Background(), containermode.CreateOptions{
 		Self: self,
-		ID:   id, Bundle: bundle, Spec: spec, Settings: settings, LoopCount: count, Sandbox: sandbox,
+		ID:   id, Bundle: bundle, Spec: spec, Settings: s.Annotations, LoopCount: s.LoopCount, Sandbox: s.Sandbox,
 		PidFile: ctx.String("pid-file"), ConsoleSocket: ctx.String("console-socket"),
 		NoPivot: ctx.Bool("no-pivot"), NoNewKeyring: ctx.Bool("no-new-keyring"),
 		PreserveFds: ctx.Int("preserve-fds"), KeeperCmd: keeperCmd(ctx),
@@ -138,17 +123,4 @@ func (e *env) pinBridges(id string, spec *specs.Spec) {
 			e.log.Info("pinned the address of bridge "+br+": it followed its ports' lowest address, so each container start or stop could change the gateway address under running containers", "id", id)
 		}
 	}
-}
-
-// vmPreserveFds refuses --preserve-fds N > 0 in VM mode. The descriptors
-// are the host's (pipes, sockets, files, terminals): a process in the
-// guest cannot hold them, and relaying them would have to emulate each
-// kind (a file's seeks and mappings, a socket's ancillary data) over the
-// control port. Refusing at create names the option instead of a "Bad
-// file descriptor" in the box.
-func vmPreserveFds(n int) error {
-	if n > 0 {
-		return fmt.Errorf("--preserve-fds %d is not supported in VM mode: the container's processes run in a VM and cannot use the host's descriptors; use container mode (annotation %s=container) to pass descriptors", n, oci.AnnotationMode)
-	}
-	return nil
 }

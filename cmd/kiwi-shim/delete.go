@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"os"
 
 	"github.com/urfave/cli"
 
@@ -23,7 +22,7 @@ var deleteCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		rec, m, err := e.load(ctx, id)
+		c, err := e.load(ctx, id)
 		if errors.Is(err, state.ErrNotExist) && ctx.Bool("force") {
 			// Nothing of ours; make sure the runtime has nothing either.
 			if m, merr := e.manager(ctx); merr == nil {
@@ -33,14 +32,12 @@ var deleteCommand = cli.Command{
 			}
 			// A state directory without a record is a create that died
 			// before writing one: what it started goes with it.
-			dir := e.store().Dir(id)
-			e.killHelpers(id, dir)
-			os.RemoveAll(dir)
+			e.vmManager(ctx).RemoveUnrecorded(id)
 			return nil
 		}
 		if err != nil {
 			return err
 		}
-		return e.deleteContainer(rec, m, ctx.Bool("force"))
+		return c.Delete(ctx.Bool("force"))
 	}),
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -94,17 +95,14 @@ func (e *env) collect(ctx *cli.Context, l gc.Leftover) error {
 		ce.root = filepath.Dir(filepath.Dir(l.Dir))
 		rec := l.Container
 		if l.Kind == gc.KindRecord {
-			var m *containermode.Manager
-			if rec.Mode != config.ModeVM {
-				var err error
-				if m, err = ce.manager(ctx); err != nil {
-					return err
-				}
+			c, err := ce.open(ctx, rec)
+			if err != nil {
+				return err
 			}
-			return ce.deleteContainer(rec, m, true)
+			return c.Delete(true)
 		}
 		if rec.Mode == config.ModeVM {
-			return ce.releaseVM(rec, l.Dir)
+			return ce.vmManager(ctx).Release(context.Background(), rec)
 		}
 		containermode.StopKeeper(rec.KeeperPID, rec.ID)
 		rec.KeeperPID = 0

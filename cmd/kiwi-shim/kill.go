@@ -2,9 +2,6 @@ package main
 
 import (
 	"github.com/urfave/cli"
-
-	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
-	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var killCommand = cli.Command{
@@ -14,7 +11,7 @@ var killCommand = cli.Command{
 	Description: `The signal is a name (TERM, SIGTERM) or a number; the default is SIGTERM.
    With --all, every process of the container gets it.`,
 	Flags: []cli.Flag{cli.BoolFlag{Name: "all, a", Usage: "signal all processes of the container"}},
-	Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
+	Action: containerAction(func(ctx *cli.Context, _ *env, c container) error {
 		sig := "SIGTERM"
 		if ctx.NArg() > 1 {
 			sig = ctx.Args().Get(1)
@@ -23,6 +20,6 @@ var killCommand = cli.Command{
 		if err != nil {
 			return err
 		}
-		return e.signalContainer(rec, m, signum, ctx.Bool("all"))
+		return c.Signal(signum, ctx.Bool("all"))
 	}),
 }

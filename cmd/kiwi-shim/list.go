@@ -29,11 +29,11 @@ var listCommand = cli.Command{
 		}
 		states := []*state.OCI{}
 		for _, id := range ids {
-			rec, m, err := e.load(ctx, id)
+			c, err := e.load(ctx, id)
 			if err != nil {
 				continue // being created or deleted right now
 			}
-			st, err := e.ociState(rec, m)
+			st, err := c.State()
 			if err != nil {
 				return err
 			}

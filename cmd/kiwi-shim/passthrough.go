@@ -1,9 +1,7 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -13,17 +11,13 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
-	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
-	"github.com/kiwi-shim/kiwi-shim/pkg/state"
-	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
-// passthrough makes a command that container mode hands to the low-level
-// runtime with its arguments untouched (runc knows them all); the flags
-// declared here document them and catch typos.
-// VM-mode containers have no low-level runtime: vmAction does the work
-// there, or the command is refused when it is nil.
-func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(*cli.Context, *env, *state.Container) error) cli.Command {
+// passthrough makes a command that acts on one container in its mode
+// (action, one of the container's methods): container mode hands it to
+// the low-level runtime with its arguments untouched (runc knows them
+// all); the flags declared here document them and catch typos.
+func passthrough(name, usage, argsUsage string, flags []cli.Flag, action func(container, *cli.Context) error) cli.Command {
 	return cli.Command{
 		Name:      name,
 		Usage:     usage,
@@ -32,23 +26,8 @@ func passthrough(name, usage, argsUsage string, flags []cli.Flag, vmAction func(
 		// As in runc: flags come before the id, and whatever follows the
 		// id (exec's command line) is never parsed as our flags.
 		SkipArgReorder: true,
-		Action: containerAction(func(ctx *cli.Context, e *env, rec *state.Container, m *containermode.Manager) (err error) {
-			if m == nil {
-				if vmAction == nil {
-					return fmt.Errorf("%s is not supported for VM-mode containers", name)
-				}
-				return vmAction(ctx, e, rec)
-			}
-			args := rawArgs(name)
-			if name == "exec" && !oci.IsPodSandbox(rec.Annotations) {
-				var cleanup func()
-				args, cleanup, err = withKiwiCapabilities(args, e.store().Dir(rec.ID))
-				if err != nil {
-					return err
-				}
-				defer cleanup()
-			}
-			return m.Runtime.Run(context.Background(), append([]string{name}, args...)...)
+		Action: containerAction(func(ctx *cli.Context, _ *env, c container) error {
+			return action(c, ctx)
 		}),
 	}
 }
@@ -71,29 +50,19 @@ var execCommand = passthrough("exec", "run a further process in a running contai
 		cli.IntFlag{Name: "preserve-fds", Usage: "pass N additional file descriptors"},
 		cli.StringSliceFlag{Name: "cgroup", Usage: "run in this sub-cgroup"},
 		cli.BoolFlag{Name: "ignore-paused", Usage: "allow exec in a paused container"},
-	}, vmExec)
+	}, container.Exec)
 
 var psCommand = passthrough("ps", "list the processes of a container", "<container-id> [ps options]",
-	[]cli.Flag{cli.StringFlag{Name: "format, f", Value: "table", Usage: "table or json"}}, vmPs)
+	[]cli.Flag{cli.StringFlag{Name: "format, f", Value: "table", Usage: "table or json"}}, container.Ps)
 
 // In VM mode, pause stops the VM's vCPUs and resume continues them
 // (QEMU's QMP stop and cont, from the monitor).
-var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil,
-	func(_ *cli.Context, e *env, rec *state.Container) error { return vmRequest(vm.Pause, e, rec) })
+var pauseCommand = passthrough("pause", "suspend all processes of a container", "<container-id>", nil, container.Pause)
 
-var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil,
-	func(_ *cli.Context, e *env, rec *state.Container) error { return vmRequest(vm.Resume, e, rec) })
+var resumeCommand = passthrough("resume", "resume a paused container", "<container-id>", nil, container.Resume)
 
-// vmRequest runs a request to a VM container's monitor; a monitor that is
-// gone is a container that is not running, in runc's words.
-func vmRequest(fn func(stateDir string) error, e *env, rec *state.Container) error {
-	err := fn(e.store().Dir(rec.ID))
-	if errors.Is(err, vm.ErrMonitorGone) {
-		return fmt.Errorf("container not running: %w", err)
-	}
-	return err
-}
-
+// In VM mode, update changes the CPU controls of the VM's host processes
+// only (see vmmode.Manager.Update).
 var updateCommand = passthrough("update", "update a container's resource limits", "<container-id>",
 	[]cli.Flag{
 		cli.StringFlag{Name: "resources, r", Usage: "path to a linux resources JSON file, or - for stdin"},
@@ -111,7 +80,7 @@ var updateCommand = passthrough("update", "update a container's resource limits"
 		cli.StringFlag{Name: "kernel-memory-tcp", Usage: "kernel TCP memory limit"},
 		cli.StringFlag{Name: "l3-cache-schema", Usage: "L3 cache schema"},
 		cli.StringFlag{Name: "mem-bw-schema", Usage: "memory bandwidth schema"},
-	}, vmUpdate)
+	}, container.Update)
 
 // withKiwiCapabilities rewrites exec's --process file (as conmon and
 // containerd pass it) into the state directory with KIWI's capabilities

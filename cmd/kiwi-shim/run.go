@@ -34,12 +34,12 @@ var runCommand = cli.Command{
 		if err := createContainer(ctx, e, id); err != nil {
 			return err
 		}
-		rec, m, err := e.load(ctx, id)
+		c, err := e.load(ctx, id)
 		if err != nil {
 			return err
 		}
-		if err := e.startContainer(rec, m); err != nil {
-			e.deleteContainer(rec, m, true)
+		if err := c.Start(); err != nil {
+			c.Delete(true)
 			return err
 		}
 		if detach {
@@ -49,13 +49,13 @@ var runCommand = cli.Command{
 		signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
 		go func() {
 			for s := range sigs {
-				e.signalContainer(rec, m, s.(unix.Signal), false)
+				c.Signal(s.(unix.Signal), false)
 			}
 		}()
-		status := waitFor(rec.Pid)
+		status := waitFor(c.Record().Pid)
 		signal.Stop(sigs)
 		if !ctx.Bool("keep") {
-			if err := e.deleteContainer(rec, m, true); err != nil {
+			if err := c.Delete(true); err != nil {
 				e.log.Error("delete after run", "id", id, "err", err)
 			}
 		}

@@ -8,13 +8,14 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
 
 var setupCommand = cli.Command{
 	Name:  "setup",
 	Usage: "put a guest kernel for VM mode into the cache directory",
 	Description: `Downloads Debian's kernel package of the configured series and flavour
-   (vm.kernel_version, default 6.1; vm.kernel_flavour, default generic)
+   (vm.kernel_version, default 6.12; vm.kernel_flavour, default generic)
    for the architecture with apt-get and unpacks it under
    cache_dir/kernels/ARCH/VERSION-FLAVOUR; the host's /boot is not
    touched. Does nothing when such a kernel is already there.
@@ -26,7 +27,7 @@ var setupCommand = cli.Command{
 		cli.StringFlag{Name: "kernel-flavour", Usage: "generic or cloud (default: vm.kernel_flavour)"},
 	},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
-		c := e.kernelChoice()
+		c := vmmode.KernelChoice(e.cfg.VM)
 		if v := ctx.String("kernel-version"); v != "" {
 			c.Version = v
 		}

@@ -5,17 +5,14 @@ import (
 	"os"
 
 	"github.com/urfave/cli"
-
-	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
-	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
 var stateCommand = cli.Command{
 	Name:      "state",
 	Usage:     "print the OCI state of a container as JSON",
 	ArgsUsage: "<container-id>",
-	Action: containerAction(func(_ *cli.Context, e *env, rec *state.Container, m *containermode.Manager) error {
-		st, err := e.ociState(rec, m)
+	Action: containerAction(func(_ *cli.Context, _ *env, c container) error {
+		st, err := c.State()
 		if err != nil {
 			return err
 		}

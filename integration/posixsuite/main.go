@@ -5,16 +5,23 @@
 //
 // usage: posixsuite [-skip NAME,...] DIR
 //
+//	posixsuite -map FILE...
+//
 // It prints one line per check ("ok NAME" or "FAIL NAME: why") and exits
 // 1 when a check failed. It only touches DIR/posixsuite.*, which it
 // removes at the end. Run as root, it also checks what an unprivileged
 // caller (uid and gid 65534) may do: it runs itself again as that user
 // (-probe, below), relative to a directory descriptor it passes, so that
 // the directories above DIR need not be open to that user.
+//
+// With -map it checks no directory: it maps each FILE, opened read-only,
+// MAP_SHARED and PROT_READ, and prints "FILE SIZE SHA256" of the mapped
+// bytes, or "FILE: error" and exits 1.
 package main
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -69,9 +76,23 @@ var checks = []check{
 func main() {
 	skip := flag.String("skip", "", "comma-separated checks not to run")
 	probe := flag.Bool("probe", false, "internal: run the probes OP:NAME... relative to descriptor 3 and print one errno a line")
+	mapShared := flag.Bool("map", false, "map each FILE read-only MAP_SHARED and print its size and SHA-256")
 	flag.Parse()
 	if *probe {
 		runProbes(flag.Args())
+		return
+	}
+	if *mapShared {
+		failed := false
+		for _, p := range flag.Args() {
+			if err := printMapped(p); err != nil {
+				fmt.Printf("%s: %v\n", p, err)
+				failed = true
+			}
+		}
+		if failed {
+			os.Exit(1)
+		}
 		return
 	}
 	if flag.NArg() != 1 {
@@ -603,6 +624,30 @@ func mapFile(p string, flags, prot, share int, want []byte, fn func(m []byte) er
 	if fn != nil {
 		return fn(m)
 	}
+	return nil
+}
+
+// printMapped maps all of p, opened read-only, MAP_SHARED and PROT_READ,
+// and prints its name, size and the SHA-256 of the mapped bytes.
+func printMapped(p string) error {
+	fd, err := unix.Open(p, unix.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Size == 0 {
+		return errors.New("empty file, nothing to map")
+	}
+	m, err := unix.Mmap(fd, 0, int(st.Size), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("mmap: %v", err)
+	}
+	defer unix.Munmap(m)
+	fmt.Printf("%s %d %x\n", p, len(m), sha256.Sum256(m))
 	return nil
 }
 

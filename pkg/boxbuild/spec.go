@@ -11,6 +11,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
@@ -19,10 +20,11 @@ const ScratchMount = "/var/tmp/kiwi-scratch"
 
 // Options are boxbuild's choices.
 type Options struct {
-	// Mode is "vm" or "container".
-	Mode string
-	// Share is "9p" or "virtiofs" (VM mode).
-	Share string
+	// Mode is the box's mode.
+	Mode config.Mode
+	// Share is how host directories reach the guest (VM mode); "": the
+	// configured kind.
+	Share config.ShareKind
 	// Memory (e.g. "8G"), CPUs and Arch size and choose the VM.
 	Memory string
 	CPUs   int
@@ -80,8 +82,8 @@ func Spec(rootfs string, img ocispec.ImageConfig, k KiwiArgs, o Options) (*specs
 	}
 	env = append(env, "TERM=xterm", "HOME=/root", "LANG=C.UTF-8")
 
-	ann := map[string]string{oci.AnnotationMode: o.Mode}
-	if o.Mode == "vm" {
+	ann := map[string]string{oci.AnnotationMode: string(o.Mode)}
+	if o.Mode == config.ModeVM {
 		if o.Memory != "" {
 			ann[oci.AnnotationVMMemory] = o.Memory
 		}
@@ -92,7 +94,7 @@ func Spec(rootfs string, img ocispec.ImageConfig, k KiwiArgs, o Options) (*specs
 			ann[oci.AnnotationVMArch] = o.Arch
 		}
 		if o.Share != "" {
-			ann[oci.AnnotationShare] = o.Share
+			ann[oci.AnnotationShare] = string(o.Share)
 		}
 		if o.Scratch > 0 {
 			ann[oci.AnnotationVMScratch] = strconv.FormatInt(o.Scratch, 10) + ":" + ScratchMount

@@ -37,17 +37,52 @@ const (
 // EnvOverrides are the environment variables that override the file.
 var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour}
 
+// The guest kernel VM mode boots unless vm.kernel_version and
+// vm.kernel_flavour name another: Debian 12's 6.12 (from its security
+// archive), generic flavour. 6.12 has FUSE, virtio-fs, virtio-pci and the
+// virtio console built in (ten fewer modules to load) and lets virtio-fs
+// clients map direct-I/O files shared (FUSE_DIRECT_IO_ALLOW_MMAP, 6.6+).
+// Generic rather than cloud because cloud has no 9p at all
+// (CONFIG_NET_9P unset), which vm.share = "9p" and the
+// io.kiwi-shim.share=9p annotation need. 6.1 stays selectable.
+const (
+	DefaultKernelVersion = "6.12"
+	DefaultKernelFlavour = "generic"
+)
+
+// Mode is how a container runs: in a VM of its own (ModeVM) or through
+// runc with leased host loop devices (ModeContainer).
+type Mode string
+
 // Modes a container can run in.
 const (
-	ModeVM        = "vm"
-	ModeContainer = "container"
+	ModeVM        Mode = "vm"
+	ModeContainer Mode = "container"
 )
+
+// Valid reports whether m is one of the modes.
+func (m Mode) Valid() bool { return m == ModeVM || m == ModeContainer }
+
+// ShareKind is how host directories (the container's root and its bind
+// mounts) reach a VM's guest.
+type ShareKind string
+
+// Share kinds.
+const (
+	// ShareVirtioFS serves them over virtio-fs from kiwi-sharefs.
+	ShareVirtioFS ShareKind = "virtiofs"
+	// Share9P serves them over 9p from QEMU's built-in server.
+	Share9P ShareKind = "9p"
+)
+
+// Valid reports whether k is one of the share kinds.
+func (k ShareKind) Valid() bool { return k == ShareVirtioFS || k == Share9P }
 
 // Config is the host configuration.
 type Config struct {
 	// DefaultMode is the mode of containers without an io.kiwi-shim.mode
 	// annotation: "vm" or "container".
-	DefaultMode string `toml:"default_mode"`
+	DefaultMode Mode `toml:"default_mode"`
 	// CacheDir holds guest kernels, initramfs images and boxes.
 	CacheDir string `toml:"cache_dir"`
 	// WorkDir holds boxbuild's unpacked boxes while they run; like the
@@ -91,7 +126,7 @@ type VM struct {
 	// CPUs is the default number of guest CPUs.
 	CPUs int `toml:"cpus"`
 	// KernelVersion is the series of Debian's guest kernel that setup
-	// fetches and VM mode boots: "6.1" (default) or "6.12".
+	// fetches and VM mode boots: "6.12" (DefaultKernelVersion) or "6.1".
 	KernelVersion string `toml:"kernel_version"`
 	// KernelFlavour is its flavour: "generic" (default; has 9p) or
 	// "cloud" (no 9p).
@@ -103,7 +138,7 @@ type VM struct {
 	QEMU map[string]string `toml:"qemu"`
 	// Share is how host directories reach the guest: "virtiofs"
 	// (kiwi-sharefs, the default) or "9p" (QEMU's built-in server).
-	Share string `toml:"share"`
+	Share ShareKind `toml:"share"`
 	// ShareFS is the kiwi-sharefs binary (default: next to kiwi-shim,
 	// then PATH).
 	ShareFS string `toml:"sharefs"`
@@ -120,7 +155,7 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: "6.1", KernelFlavour: "generic", Share: "virtiofs", ScratchDir: "/var/tmp/kiwi-shim/scratch"},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch"},
 	}
 }
 
@@ -248,8 +283,8 @@ func (c *Config) Validate() error {
 	if c.VM.KernelFlavour != "generic" && c.VM.KernelFlavour != "cloud" {
 		return fmt.Errorf("vm.kernel_flavour %q: want \"generic\" or \"cloud\"", c.VM.KernelFlavour)
 	}
-	if c.VM.Share != "virtiofs" && c.VM.Share != "9p" {
-		return fmt.Errorf("vm.share %q: want \"virtiofs\" or \"9p\"", c.VM.Share)
+	if !c.VM.Share.Valid() {
+		return fmt.Errorf("vm.share %q: want %q or %q", c.VM.Share, ShareVirtioFS, Share9P)
 	}
 	if _, err := ParseSize(c.VM.Memory); err != nil {
 		return fmt.Errorf("vm.memory: %w", err)

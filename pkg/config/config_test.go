@@ -20,7 +20,7 @@ func TestParse(t *testing.T) {
 			check: func(c Config) bool { return c.DefaultMode == ModeContainer && c.Container.Runtime == "/usr/sbin/runc" }},
 		{name: "vm tables", in: "[vm]\naccel = \"tcg\"\n[vm.kernel]\nx86_64 = \"/k\"\n",
 			check: func(c Config) bool { return c.VM.Accel == "tcg" && c.VM.Kernel["x86_64"] == "/k" }},
-		{name: "kernel defaults to generic 6.1", in: "", check: func(c Config) bool { return c.VM.KernelVersion == "6.1" && c.VM.KernelFlavour == "generic" }},
+		{name: "kernel defaults to generic 6.12", in: "", check: func(c Config) bool { return c.VM.KernelVersion == "6.12" && c.VM.KernelFlavour == "generic" }},
 		{name: "kernel 6.1 cloud", in: "[vm]\nkernel_version = \"6.1\"\nkernel_flavour = \"cloud\"\n",
 			check: func(c Config) bool { return c.VM.KernelVersion == "6.1" && c.VM.KernelFlavour == "cloud" }},
 		{name: "bad kernel version", in: "[vm]\nkernel_version = \"6.12.118\"\n", wantErr: "vm.kernel_version"},

@@ -40,16 +40,18 @@ var knownAnnotations = map[string]bool{
 // Settings are the per-container choices made with annotations. Zero
 // values mean "not set": callers fall back to the config file.
 type Settings struct {
-	// Mode is "vm", "container" or "".
-	Mode string
+	// Mode is the container's mode, or "".
+	Mode config.Mode
 	// LoopCount is the number of loop devices to lease (container mode).
 	LoopCount int
 	// LoopTimeout bounds the wait for loop devices; 0 waits for ever.
 	LoopTimeout time.Duration
 	// LoopControl gives the container /dev/loop-control.
 	LoopControl bool
-	// VMMemory, VMCPUs, VMArch and Share configure VM mode.
-	VMMemory, VMArch, Share string
+	// VMMemory, VMCPUs and VMArch configure VM mode.
+	VMMemory, VMArch string
+	// Share is how host directories reach the guest, or "".
+	Share config.ShareKind
 	// ShareCache is the guest's caching of bind mounts served over
 	// virtio-fs: a kiwi-sharefs cache mode (auto, always, metadata,
 	// never) or "".
@@ -91,10 +93,10 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 		}
 		switch k {
 		case AnnotationMode:
-			if v != "vm" && v != "container" {
+			if !config.Mode(v).Valid() {
 				return s, bad(`"vm" or "container"`)
 			}
-			s.Mode = v
+			s.Mode = config.Mode(v)
 		case AnnotationLoopCount:
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > 256 {
@@ -147,10 +149,10 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 			}
 			s.VMDNS = v
 		case AnnotationShare:
-			if v != "virtiofs" && v != "9p" {
+			if !config.ShareKind(v).Valid() {
 				return s, bad(`"virtiofs" or "9p"`)
 			}
-			s.Share = v
+			s.Share = config.ShareKind(v)
 		case AnnotationShareCache:
 			if v != "auto" && v != "always" && v != "metadata" && v != "never" {
 				return s, bad(`"auto", "always", "metadata" or "never"`)

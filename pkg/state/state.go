@@ -16,6 +16,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
@@ -28,8 +29,8 @@ type Container struct {
 	ID string `json:"id"`
 	// Bundle is the bundle directory the caller created the container from.
 	Bundle string `json:"bundle"`
-	// Mode is "vm" or "container".
-	Mode string `json:"mode"`
+	// Mode is the mode the container runs in.
+	Mode config.Mode `json:"mode"`
 	// Created is when create ran.
 	Created time.Time `json:"created"`
 	// Annotations are the spec's annotations, for `state`.

@@ -10,6 +10,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
@@ -35,13 +36,13 @@ const RootTag = "rootfs"
 // devices.
 //
 // A scratch disk, when scratchPath is set, is mounted there last.
-func GuestConfig(spec *specs.Spec, rootfs, share, scratchPath string, netPlan NetworkPlan) (vmproto.Config, []Share, error) {
+func GuestConfig(spec *specs.Spec, rootfs string, share config.ShareKind, scratchPath string, netPlan NetworkPlan) (vmproto.Config, []Share, error) {
 	p := spec.Process
 	cfg := vmproto.Config{
 		Network:      netPlan.guestNetwork(),
 		Hostname:     spec.Hostname,
 		RootTag:      RootTag,
-		RootShare:    share,
+		RootShare:    string(share),
 		RootReadonly: spec.Root.Readonly,
 		Process:      processFromSpec(p),
 	}

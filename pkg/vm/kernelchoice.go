@@ -5,6 +5,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 )
 
 // Guest kernel flavours, as Debian builds them.
@@ -18,13 +20,9 @@ const (
 )
 
 // DefaultKernelVersion is the kernel series VM mode boots unless the
-// config names another. It stays Debian 12's own 6.1 until the whole
-// suite (KIWI builds in VMs, the fault matrix, containerd, rootless) has
-// passed on 6.12: Debian 12 serves 6.12 from its security archive, it
-// boots faster under TCG and lets virtio-fs clients map direct-I/O files
-// shared (FUSE_DIRECT_IO_ALLOW_MMAP, 6.6+), but its modules load more
-// slowly, so that a box starts only 0.3 s sooner (README, Benchmarks).
-const DefaultKernelVersion = "6.1"
+// config names another: config.DefaultKernelVersion (6.12), whose
+// comment gives the reasons. 6.1 stays selectable.
+const DefaultKernelVersion = config.DefaultKernelVersion
 
 // KernelChoice selects the guest kernel among those Debian serves: a
 // series (major.minor) and a flavour.
@@ -40,7 +38,7 @@ type KernelChoice struct {
 // because it keeps 9p (the cloud flavour has none), although cloud
 // starts a box sooner under TCG (README, Benchmarks).
 func DefaultKernelChoice() KernelChoice {
-	return KernelChoice{Version: DefaultKernelVersion, Flavour: FlavourGeneric}
+	return KernelChoice{Version: DefaultKernelVersion, Flavour: config.DefaultKernelFlavour}
 }
 
 var seriesRE = regexp.MustCompile(`^[0-9]+\.[0-9]+$`)

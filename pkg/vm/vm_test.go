@@ -267,3 +267,15 @@ linux-image-6.12.107+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs
 		t.Fatalf("cloud releases %v", got)
 	}
 }
+
+// TestDefaultKernelChoice: VM mode boots Debian's generic 6.12 unless the
+// config names another kernel (the generic flavour keeps 9p).
+func TestDefaultKernelChoice(t *testing.T) {
+	c := DefaultKernelChoice()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c != (KernelChoice{Version: "6.12", Flavour: FlavourGeneric}) {
+		t.Fatalf("default kernel %s, want 6.12-generic", c)
+	}
+}

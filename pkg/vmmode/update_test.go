@@ -1,4 +1,4 @@
-package main
+package vmmode
 
 import (
 	"testing"
@@ -6,10 +6,10 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// TestVMUpdatable: VM mode updates CPU controls only; memory and PID
+// TestUpdatable: VM mode updates CPU controls only; memory and PID
 // limits pass when they are the container's own (CRI sends every field)
 // and are refused when they change.
-func TestVMUpdatable(t *testing.T) {
+func TestUpdatable(t *testing.T) {
 	i64 := func(n int64) *int64 { return &n }
 	u64 := func(n uint64) *uint64 { return &n }
 	orig := &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(2 << 30)}, Pids: &specs.LinuxPids{Limit: i64(100)}}
@@ -28,13 +28,13 @@ func TestVMUpdatable(t *testing.T) {
 		{"unified", &specs.LinuxResources{Unified: map[string]string{"memory.high": "1"}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := vmUpdatable(tc.req, orig)
+			err := Updatable(tc.req, orig)
 			if (err == nil) != tc.ok {
-				t.Errorf("vmUpdatable: %v, want ok=%v", err, tc.ok)
+				t.Errorf("Updatable: %v, want ok=%v", err, tc.ok)
 			}
 		})
 	}
-	if err := vmUpdatable(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(1)}}, &specs.LinuxResources{}); err == nil {
+	if err := Updatable(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(1)}}, &specs.LinuxResources{}); err == nil {
 		t.Error("a memory limit on a container created without one was accepted")
 	}
 }
