@@ -173,7 +173,7 @@ func NewProtocolServer(e Export, log *slog.Logger, trace bool) (*fuse.ProtocolSe
 		log.Error("FUSE handler panicked", "panic", fmt.Sprint(p))
 		return fuse.EIO
 	}
-	return fuse.NewProtocolServer(fs.NewNodeFS(root, opts), &opts.MountOptions), nil
+	return fuse.NewProtocolServer(sharefs.KillPrivOnWrite(fs.NewNodeFS(root, opts)), &opts.MountOptions), nil
 }
 
 // newDevice builds the device that serves e's requests.
