@@ -569,8 +569,12 @@ type Lease struct {
 	claims []*os.File
 }
 
-// Devices are the leased devices.
-func (l *Lease) Devices() []Device { return l.devs }
+// Devices are the leased devices (none once released or closed).
+func (l *Lease) Devices() []Device {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]Device(nil), l.devs...)
+}
 
 // Since is when the lease was granted. Grants are serialised, so the
 // order of Since is the order in which requests were served.
@@ -579,6 +583,8 @@ func (l *Lease) Since() time.Time { return l.since }
 // Files are the locked lease and claim files. A child process that
 // inherits them keeps the lease alive for as long as it lives.
 func (l *Lease) Files() []*os.File {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return append(append([]*os.File(nil), l.files...), l.claims...)
 }
 
