@@ -10,7 +10,7 @@
 // are slots: the kubelet counts with them, the allocator picks the
 // devices). The plugin leases N devices under a fresh random allocation
 // id, holds the lease, and answers with the annotation
-// io.kiwi-shim.loop.lease=ID:loopA,loopB (oci.AnnotationLoopLease). The
+// "io.kiwi-shim.loop.lease=ID:loopA loopB" (oci.AnnotationLoopLease). The
 // kubelet puts it into the container's CRI config, containerd into the
 // OCI spec, and kiwi-shim's create starts the container's keeper with it.
 // The keeper adopts exactly that lease (Adopt): it connects to the

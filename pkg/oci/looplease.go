@@ -14,8 +14,10 @@ import (
 // answer; the kubelet passes it into the container's CRI config and
 // containerd into the OCI spec (it is listed in container_annotations).
 // The container's keeper then adopts exactly that lease instead of
-// leasing devices of its own. Value: "ID:loopA,loopB", ID being 32
-// lower-case hex digits.
+// leasing devices of its own. Value: "ID:loopA loopB", ID being 32
+// lower-case hex digits, the devices separated by single spaces (not
+// commas: podman's and nerdctl's --annotation split their argument at
+// commas).
 const AnnotationLoopLease = "io.kiwi-shim.loop.lease"
 
 // maxLeaseDevices bounds the devices one lease annotation may name, as
@@ -36,7 +38,7 @@ type LoopLease struct {
 
 // String formats the lease as the annotation's value.
 func (l LoopLease) String() string {
-	return l.ID + ":" + strings.Join(l.Devices, ",")
+	return l.ID + ":" + strings.Join(l.Devices, " ")
 }
 
 // ParseLoopLease parses and checks an io.kiwi-shim.loop.lease value. The
@@ -45,12 +47,12 @@ func (l LoopLease) String() string {
 func ParseLoopLease(v string) (LoopLease, error) {
 	id, list, ok := strings.Cut(v, ":")
 	if !ok {
-		return LoopLease{}, errors.New(`want "ID:loopA,loopB"`)
+		return LoopLease{}, errors.New(`want "ID:loopA loopB"`)
 	}
 	if err := validLeaseID(id); err != nil {
 		return LoopLease{}, err
 	}
-	names := strings.Split(list, ",")
+	names := strings.Split(list, " ")
 	if len(names) > maxLeaseDevices {
 		return LoopLease{}, fmt.Errorf("%d devices: at most %d", len(names), maxLeaseDevices)
 	}

@@ -14,18 +14,18 @@ func TestParseLoopLease(t *testing.T) {
 		wantErr string
 	}{
 		{testLeaseID + ":loop3", []string{"loop3"}, ""},
-		{testLeaseID + ":loop0,loop12", []string{"loop0", "loop12"}, ""},
+		{testLeaseID + ":loop0 loop12", []string{"loop0", "loop12"}, ""},
 		{testLeaseID, nil, "want"},
 		{testLeaseID + ":", nil, "loop device name"},
-		{testLeaseID + ":loop1,", nil, "loop device name"},
+		{testLeaseID + ":loop1 ", nil, "loop device name"},
 		{testLeaseID + ":loop01", nil, "loop device name"},
 		{testLeaseID + ":loop-1", nil, "loop device name"},
 		{testLeaseID + ":/dev/loop1", nil, "loop device name"},
 		{testLeaseID + ":loop1048576", nil, "loop device name"},
-		{testLeaseID + ":loop1,loop1", nil, "twice"},
+		{testLeaseID + ":loop1 loop1", nil, "twice"},
 		{strings.ToUpper(testLeaseID) + ":loop1", nil, "hex"},
 		{"abc:loop1", nil, "hex"},
-		{testLeaseID + ":" + strings.Repeat("loop1,", 300) + "loop1", nil, "at most"},
+		{testLeaseID + ":" + strings.Repeat("loop1 ", 300) + "loop1", nil, "at most"},
 	}
 	for _, tt := range tests {
 		l, err := ParseLoopLease(tt.in)
@@ -52,7 +52,7 @@ func TestParseLoopLease(t *testing.T) {
 // formats back to exactly the value (so nothing the parser accepts can be
 // read two ways).
 func FuzzParseLoopLease(f *testing.F) {
-	f.Add(testLeaseID + ":loop3,loop5")
+	f.Add(testLeaseID + ":loop3 loop5")
 	f.Add(testLeaseID + ":loop0")
 	f.Add(":")
 	f.Fuzz(func(t *testing.T, v string) {
