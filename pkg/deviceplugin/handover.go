@@ -126,7 +126,7 @@ func (p *Plugin) handOver(c *net.UnixConn) error {
 func writeMsg(c *net.UnixConn, m handoverMsg, files []*os.File) error {
 	b, err := json.Marshal(m)
 	if err != nil {
-		return err
+		return fmt.Errorf("hand-over: encode: %w", err)
 	}
 	var oob []byte
 	if len(files) > 0 {
