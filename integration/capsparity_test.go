@@ -1,13 +1,10 @@
 package integration
 
 import (
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestVMRuncSpecCapabilities runs the configuration `runc spec` writes
@@ -28,31 +25,8 @@ func TestVMRuncSpecCapabilities(t *testing.T) {
 		t.Fatalf("runc run: exit %d: %s", ref.code, ref.stderr)
 	}
 
-	root := filepath.Join(dir, "root")
-	k := func(args ...string) result {
-		return run(t, nil, shim(), append([]string{"--root", root}, args...)...)
-	}
-	out, err := os.Create(filepath.Join(dir, "out"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer out.Close()
-	create := exec.Command(shim(), "--root", root, "create", "--bundle", bundle, "caps-vm")
-	create.Stdout, create.Stderr = out, out
-	if err := create.Run(); err != nil {
-		b, _ := os.ReadFile(out.Name())
-		t.Fatalf("create: %v\n%s", err, b)
-	}
-	t.Cleanup(func() { k("delete", "--force", "caps-vm") })
-	if r := k("start", "caps-vm"); r.code != 0 {
-		t.Fatalf("start: %s", r.stderr)
-	}
-	eventually(t, 60*time.Second, "caps-vm stopped", func() bool { return strings.Contains(k("state", "caps-vm").stdout, `"status": "stopped"`) })
-	if r := k("delete", "caps-vm"); r.code != 0 {
-		t.Fatalf("delete: %s", r.stderr)
-	}
-	b, _ := os.ReadFile(out.Name())
-	got, want := capSets(string(b)), capSets(ref.stdout)
+	b := runVMBundle(t, dir, bundle, "caps-vm", nil)
+	got, want := capSets(b), capSets(ref.stdout)
 	// A box also has KIWI's capabilities (oci.KIWICapabilities) in its
 	// bounding, effective and permitted sets; the inheritable and ambient
 	// sets are the spec's, as runc makes them.

@@ -3,11 +3,9 @@ package integration
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -71,7 +69,7 @@ func TestShareClearsSetIDOnWrite(t *testing.T) {
 				r := run(t, nil, "runc", "--root", filepath.Join(dir, "runc-root"), "run", "--bundle", bundle, "setid-runc")
 				out = r.stdout + r.stderr
 			} else {
-				out = runVMBundle(t, dir, bundle, "setid-vm")
+				out = runVMBundle(t, dir, bundle, "setid-vm", nil)
 			}
 			if !strings.Contains(out, "appended") {
 				t.Fatalf("the container did not write:\n%s", out)
@@ -92,6 +90,14 @@ func TestShareClearsSetIDOnWrite(t *testing.T) {
 // addBind adds a read-write bind mount of src at dst to bundle's spec.
 func addBind(t testing.TB, bundle, src, dst string) {
 	t.Helper()
+	editSpec(t, bundle, func(s *specs.Spec) {
+		s.Mounts = append(s.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: src, Options: []string{"rbind", "rw"}})
+	})
+}
+
+// editSpec changes bundle's config.json with edit.
+func editSpec(t testing.TB, bundle string, edit func(*specs.Spec)) {
+	t.Helper()
 	p := filepath.Join(bundle, "config.json")
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -101,44 +107,11 @@ func addBind(t testing.TB, bundle, src, dst string) {
 	if err := json.Unmarshal(b, &s); err != nil {
 		t.Fatal(err)
 	}
-	s.Mounts = append(s.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: src, Options: []string{"rbind", "rw"}})
+	edit(&s)
 	if b, err = json.Marshal(&s); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// runVMBundle runs bundle in a VM with kiwi-shim create, start and
-// delete under a root in dir, and returns what the box and kiwi-shim
-// printed.
-func runVMBundle(t testing.TB, dir, bundle, id string) string {
-	t.Helper()
-	root := filepath.Join(dir, "root")
-	k := func(args ...string) result {
-		return run(t, nil, shim(), append([]string{"--root", root}, args...)...)
-	}
-	outPath := filepath.Join(dir, id+".out")
-	out, err := os.Create(outPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer out.Close()
-	create := exec.Command(shim(), "--root", root, "create", "--bundle", bundle, id)
-	create.Stdout, create.Stderr = out, out
-	if err := create.Run(); err != nil {
-		b, _ := os.ReadFile(outPath)
-		t.Fatalf("create: %v\n%s", err, b)
-	}
-	t.Cleanup(func() { k("delete", "--force", id) })
-	if r := k("start", id); r.code != 0 {
-		t.Fatalf("start: %s", r.stderr)
-	}
-	eventually(t, 60*time.Second, id+" stopped", func() bool { return strings.Contains(k("state", id).stdout, `"status": "stopped"`) })
-	if r := k("delete", id); r.code != 0 {
-		t.Fatalf("delete: %s", r.stderr)
-	}
-	b, _ := os.ReadFile(outPath)
-	return string(b)
 }

@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -50,33 +49,15 @@ func TestShareRequestsPerFile(t *testing.T) {
 		leaveClean(t, dir)
 		bundle := busyboxBundle(t, dir, `"sh", "-c", "mkdir /out && tar -xf /files.tar -C /out && echo unpacked"`, `{}`, true)
 		writeTar(t, filepath.Join(bundle, "rootfs", "files.tar"), n)
-		root := filepath.Join(dir, "root")
-		k := func(args ...string) result {
-			return run(t, nil, shim(), append([]string{"--debug", "--root", root}, args...)...)
-		}
-		id := fmt.Sprintf("sharereq-%d", n)
-		out, _ := os.Create(filepath.Join(dir, "out"))
-		defer out.Close()
-		create := exec.Command(shim(), "--debug", "--root", root, "create", "--bundle", bundle, id)
-		create.Stdout, create.Stderr = out, out
-		if err := create.Run(); err != nil {
-			b, _ := os.ReadFile(out.Name())
-			t.Fatalf("create: %v\n%s", err, b)
-		}
-		t.Cleanup(func() { k("delete", "--force", id) })
-		if r := k("start", id); r.code != 0 {
-			t.Fatalf("start: %s", r.stderr)
-		}
-		eventually(t, 120*time.Second, id+" stopped", func() bool { return strings.Contains(k("state", id).stdout, `"status": "stopped"`) })
-		if b, _ := os.ReadFile(out.Name()); !strings.Contains(string(b), "unpacked") {
-			t.Fatalf("the box did not unpack the files:\n%s", b)
-		}
-		trace, err := os.ReadFile(filepath.Join(root, "containers", id, "sharefs.log"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if r := k("delete", id); r.code != 0 {
-			t.Fatalf("delete: %s", r.stderr)
+		var trace []byte
+		out := runVMBundle(t, dir, bundle, fmt.Sprintf("sharereq-%d", n), func(stateDir string) {
+			var err error
+			if trace, err = os.ReadFile(filepath.Join(stateDir, "sharefs.log")); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if !strings.Contains(out, "unpacked") {
+			t.Fatalf("the box did not unpack the files:\n%s", out)
 		}
 		c := map[string]int{}
 		var seq []string // the requests from the first mention of one file to the next file's
