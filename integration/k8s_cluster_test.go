@@ -61,6 +61,10 @@ const (
 	k8sNodeLink    = "kiwik8s0"
 	k8sServiceCIDR = "198.51.100.128/25"
 	k8sServiceIP   = "198.51.100.129" // the first: service "kubernetes"
+	// k8sNodeLoops is each node's loop capacity (loop.capacity of the
+	// node's kiwi-shim configuration), which its device plugin advertises
+	// as kiwi-shim.io/loop.
+	k8sNodeLoops = 4
 )
 
 // k8sNodes are the cluster's nodes: name, address, pod bridge and subnet.
@@ -105,6 +109,7 @@ type k8sNode struct {
 	mntns      string // file holding the node's mount namespace
 	mntnsID    string // its /proc/PID/ns/mnt link text
 	cgroupRoot string
+	shimConf   string // the node's kiwi-shim configuration: its loop allocator
 	ctrd       *containerd
 	cri        *cri
 	procs      []*k8sProc
@@ -360,6 +365,15 @@ func (c *k8sCluster) startNode(name, ip, bridge, subnet, tools, crictl string) {
 		t.Fatal(err)
 	}
 	mustRun(t, nil, "unshare", "--mount="+n.mntns, "--propagation", "private", "sh", "-c", strings.Join(script, "\n"))
+	// The node's kiwi-shim configuration: its own loop allocator with
+	// k8sNodeLoops devices (the host-wide claims keep the two nodes'
+	// allocators off each other's devices). containerd passes
+	// KIWI_SHIM_CONFIG on to the shims, the device plugin reads it too.
+	n.shimConf = filepath.Join(n.dir, "kiwi-shim.toml")
+	shimConf := fmt.Sprintf("[loop]\ndir = %q\ncapacity = %d\n", filepath.Join(n.dir, "loop"), k8sNodeLoops)
+	if err := os.WriteFile(n.shimConf, []byte(shimConf), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	// The kubelet wants its cgroup root to exist already.
 	if err := makeCgroupRoot(n.cgroupRoot); err != nil {
 		t.Fatal(err)
@@ -422,7 +436,7 @@ state = %[2]q
 	if err := os.WriteFile(filepath.Join(d, "cni", "10-kiwi.conflist"), []byte(cni), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"PATH=" + tools + ":" + bin + ":" + os.Getenv("PATH")}
+	env := []string{"PATH=" + tools + ":" + bin + ":" + os.Getenv("PATH"), "KIWI_SHIM_CONFIG=" + n.shimConf}
 	p := n.c.start(n.name+"-containerd", n.mntns, env, filepath.Join(tools, "containerd"), "--config", confPath)
 	n.procs = append(n.procs, p)
 	n.ctrd = &containerd{t: t, dir: d, sock: sock, ctr: filepath.Join(tools, "ctr"), ns: criNS}
@@ -475,9 +489,19 @@ func (n *k8sNode) startKubelet() {
 		"--hostname-override="+n.name, "--node-ip="+n.ip, "--v=2")
 	n.procs = append(n.procs, p)
 
-	// Hook: the node's kiwi-shim device plugin (kiwi-shim.io/loop) starts
-	// here, in the node's namespace, once the kubelet serves its
-	// registration socket in n.devicePluginDir(); see startInNode.
+	// The node's kiwi-shim device plugin (kiwi-shim.io/loop), in the
+	// node's namespace, where the kubelet's registration socket is at its
+	// default place, once the kubelet serves it.
+	n.c.waitFor(time.Minute, n.name+" kubelet's device plugin socket", func() bool {
+		_, err := os.Stat(filepath.Join(n.devicePluginDir(), "kubelet.sock"))
+		return err == nil
+	})
+	n.startInNode("device-plugin", nil, shim(), "--config", n.shimConf, "device-plugin")
+}
+
+// loopStatus is `kiwi-shim loop status` of the node's allocator.
+func (n *k8sNode) loopStatus() loopStatus {
+	return status(n.c.t, []string{"KIWI_SHIM_CONFIG=" + n.shimConf})
 }
 
 // devicePluginDir is the node's kubelet device plugin directory, as the
@@ -645,6 +669,16 @@ func (c *k8sCluster) teardown() {
 	for _, d := range []string{filepath.Join(root, "containers"), filepath.Join(root, "runc"), root} {
 		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("kiwi-shim state left: %v", err)
+		}
+	}
+	// No loop device is still leased from a node's allocator.
+	for _, n := range c.nodes {
+		if n.shimConf == "" {
+			continue
+		}
+		r := run(t, []string{"KIWI_SHIM_CONFIG=" + n.shimConf}, shim(), "loop", "status")
+		if r.code != 0 || !strings.Contains(r.stdout, "leased: 0 ") {
+			t.Errorf("node %s: loop status (want none held): exit %d\n%s%s", n.name, r.code, r.stdout, r.stderr)
 		}
 	}
 	if left := slices.DeleteFunc(netnsList(), func(n string) bool { return slices.Contains(c.netns, n) }); len(left) > 0 {
