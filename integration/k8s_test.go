@@ -9,28 +9,39 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
 
 // TestK8sKiwiPods: on the two-node cluster (k8s_cluster_test.go) a pod
-// with runtimeClassName kiwi in container mode is scheduled onto each
-// node, runs through that node's containerd and the kiwi shim (kiwi-shim
-// holds its state while it runs), completes, and its log comes back
-// through the API server and the kubelet; deleting the pods removes
-// kiwi-shim's state.
+// with runtimeClassName kiwi is scheduled onto each node, in container
+// mode and then in VM mode; it runs through that node's containerd and
+// the kiwi shim (kiwi-shim holds its state while it runs; in VM mode the
+// guest's kernel answers uname), completes, has an address on its node's
+// pod network, and its log comes back through the API server and the
+// kubelet; deleting the pods removes kiwi-shim's state.
 func TestK8sKiwiPods(t *testing.T) {
+	rel := guestRelease(t)
 	noVMLeft(t)
 	leaveClean(t, "")
 	c := startK8sCluster(t)
+	for _, mode := range []string{"container", "vm"} {
+		c.kiwiPods(mode, rel)
+	}
+}
 
+// kiwiPods runs a pod in mode (container, vm) on each node; see
+// TestK8sKiwiPods.
+func (c *k8sCluster) kiwiPods(mode, guestRel string) {
+	t := c.t
 	pod := func(node string) string {
 		return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata:
-  name: kiwi-%[1]s
+  name: %[3]s-%[1]s
   annotations:
-    io.kiwi-shim.mode: container
+    io.kiwi-shim.mode: %[3]s
 spec:
   runtimeClassName: kiwi
   restartPolicy: Never
@@ -40,17 +51,17 @@ spec:
   - name: box
     image: %[2]s
     imagePullPolicy: Never
-    command: ["sh", "-c", "echo kiwi pod on %[1]s; ip -4 -o addr show eth0; sleep 10; echo done"]
-`, node, c.image)
+    command: ["sh", "-c", "echo kiwi pod on %[1]s; echo kernel $(uname -r); ip -4 -o addr show eth0; sleep 10; echo done"]
+`, node, c.image, mode)
 	}
 	for _, n := range c.nodes {
 		c.kubectlIn(pod(n.name), "apply", "-f", "-")
 	}
 	start := time.Now()
 	for _, n := range c.nodes {
-		name := "kiwi-" + n.name
+		name := mode + "-" + n.name
 		var id string
-		c.waitFor(3*time.Minute, name+" running", func() bool {
+		c.waitFor(5*time.Minute, name+" running", func() bool {
 			out := c.kubectl("get", "pod", name, "-o", "jsonpath={.status.phase} {.spec.nodeName} {.status.containerStatuses[0].containerID}").stdout
 			f := strings.Fields(out)
 			if len(f) == 3 && f[0] == "Running" {
@@ -72,10 +83,19 @@ spec:
 			t.Fatalf("%s runs, but not through kiwi-shim (no %s): %v", name, state, err)
 		}
 	}
-	t.Logf("both pods running %s after creation", time.Since(start).Round(time.Second))
+	t.Logf("%s mode: both pods running %s after creation", mode, time.Since(start).Round(time.Second))
+	var host syscall.Utsname
+	syscall.Uname(&host)
+	hostRel := ""
+	for _, b := range host.Release {
+		if b == 0 {
+			break
+		}
+		hostRel += string(rune(b))
+	}
 	for _, n := range c.nodes {
-		name := "kiwi-" + n.name
-		c.waitFor(2*time.Minute, name+" succeeded", func() bool {
+		name := mode + "-" + n.name
+		c.waitFor(5*time.Minute, name+" succeeded", func() bool {
 			phase := c.kubectl("get", "pod", name, "-o", "jsonpath={.status.phase}").stdout
 			if phase == "Failed" {
 				t.Fatalf("%s failed:\n%s", name, c.kubectl("describe", "pod", name).stdout)
@@ -85,6 +105,13 @@ spec:
 		logs := c.kubectlMust("logs", name)
 		if !strings.Contains(logs, "kiwi pod on "+n.name) || !strings.Contains(logs, "done") {
 			t.Fatalf("%s's log:\n%s", name, logs)
+		}
+		wantRel := hostRel
+		if mode == "vm" {
+			wantRel = guestRel
+		}
+		if !strings.Contains(logs, "kernel "+wantRel+"\n") {
+			t.Fatalf("%s did not run on the %s's kernel %s:\n%s", name, map[string]string{"vm": "guest", "container": "host"}[mode], wantRel, logs)
 		}
 		_, subnet, _ := net.ParseCIDR(n.subnet)
 		m := regexp.MustCompile(`inet ([0-9.]+)/`).FindStringSubmatch(logs)
