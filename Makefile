@@ -104,12 +104,13 @@ test-tree-on-share: deps build kernel
 
 # A real two-node Kubernetes cluster on this machine (etcd, API server,
 # controller manager, scheduler, two kubelets each with its own
-# containerd, RuntimeClass kiwi; integration/k8s_cluster_test.go) and
-# kiwi pods on it (build tag k8s). contrib/k8s/build builds Kubernetes
-# and etcd from the module proxy once (nice 19, one compile at a time;
-# long, see docs/testing.md) into /var/cache/kiwi-shim-test/k8s/.
-# Outside make test.
-test-k8s: deps build
+# containerd and kiwi-shim device plugin, RuntimeClass kiwi;
+# integration/k8s_cluster_test.go, build tag k8s), kiwi pods in
+# container and VM mode on it, and a Job requesting kiwi-shim.io/loop.
+# contrib/k8s/build builds Kubernetes and etcd from the module proxy once
+# (nice 19, one compile at a time; long, see docs/testing.md) into
+# /var/cache/kiwi-shim-test/k8s/. Outside make test.
+test-k8s: deps build kernel
 	@k8sbin=$$(./contrib/k8s/build) && \
 	KIWI_K8S_BIN=$$k8sbin KIWI_SHIM_BIN=$(BIN) $(GO) test -tags k8s -count=1 -p 1 -timeout 30m -v -run 'TestK8s' ./integration/
 
