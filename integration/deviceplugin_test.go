@@ -183,3 +183,48 @@ func TestDevicePluginContainerMode(t *testing.T) {
 		t.Fatalf("after the crash the box got %v (exit %d), want %v\n%s%s\nplugin:\n%s", got, r.code, lease.Devices, r.stdout, r.stderr, logs())
 	}
 }
+
+// TestDevicePluginVMMode: a VM-mode box with a Kubernetes allocation
+// holds exactly that lease while it runs (its guest has loop devices of
+// its own, but the node's accounting must match what was scheduled) and
+// frees it when it is removed.
+func TestDevicePluginVMMode(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 3, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	plugin, logs, c := devicePlugin(t, p)
+	lease := allocateLoops(t, c, 2)
+	id := p.must("run", "-d", "--annotation", oci.AnnotationLoopLease+"="+lease.String(), "--rootfs", rootfs, "sh", "-c", "echo started; sleep 600")
+	// Wait until the guest runs the command: the lease must be held
+	// while the VM lives, not only while create runs.
+	deadline := time.Now().Add(5 * time.Minute)
+	var out string
+	for !strings.Contains(out, "started") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the VM box did not start in 5 min:\n%s", out)
+		}
+		time.Sleep(500 * time.Millisecond)
+		out = p.must("logs", id)
+	}
+	st := status(t, p.loopEnv)
+	var got []string
+	for _, h := range st.Held {
+		got = append(got, filepath.Base(h.Device))
+		if h.Owner == "" || !strings.HasPrefix(id, h.Owner) || h.PID == plugin.Process.Pid {
+			t.Errorf("holder %+v: want the box %s's keeper", h, id)
+		}
+	}
+	slices.Sort(got)
+	if want := slices.Sorted(slices.Values(lease.Devices)); !slices.Equal(got, want) {
+		t.Fatalf("while the VM box runs the allocator holds %v, the allocation is %v\nplugin:\n%s", got, want, logs())
+	}
+	p.must("rm", "-f", "-t", "0", id)
+	deadline = time.Now().Add(15 * time.Second)
+	for len(status(t, p.loopEnv).Held) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("15 s after the box was removed its lease is still held: %+v", status(t, p.loopEnv).Held)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

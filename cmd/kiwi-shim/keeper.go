@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/deviceplugin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
@@ -35,7 +37,14 @@ var keeperCommand = cli.Command{
 		sctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 		defer stop()
 		owner := ctx.String("owner")
-		o := containermode.KeepOptions{Owner: owner, SyncPartitions: !ctx.Bool("hold-only"), Log: e.log}
+		o := containermode.KeepOptions{
+			Owner:          owner,
+			SyncPartitions: !ctx.Bool("hold-only"),
+			// On cgroup v2 the keeper rebuilds runc's device filter
+			// from the rules runc recorded for the container.
+			Devices: devcgroup.Options{RuncState: filepath.Join(e.runtimeRoot(), owner, "state.json")},
+			Log:     e.log,
+		}
 		if v := ctx.String("lease"); v != "" {
 			want, err := oci.ParseLoopLease(v)
 			if err != nil {

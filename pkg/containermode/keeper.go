@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 )
 
@@ -44,6 +45,9 @@ type KeepOptions struct {
 	// container's /dev (container mode); a VM-mode box only holds the
 	// lease, its guest has loop devices of its own.
 	SyncPartitions bool
+	// Devices says where the container's device cgroup is described
+	// (runc's state on cgroup v2), for the partition sync.
+	Devices devcgroup.Options
 	// Log receives progress and errors.
 	Log *slog.Logger
 }
@@ -100,7 +104,7 @@ func Keep(ctx context.Context, o KeepOptions, in io.Reader, out io.Writer) error
 	go func() {
 		defer close(synced)
 		if o.SyncPartitions {
-			newPartitionSync(pid, lease.Devices(), log).run(pctx)
+			newPartitionSync(pid, lease.Devices(), o.Devices, log).run(pctx)
 		}
 	}()
 	err = waitExit(ctx, pid)

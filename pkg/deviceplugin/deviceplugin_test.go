@@ -442,3 +442,46 @@ func helperPlugin(v string) int {
 	}
 	return 0
 }
+
+// TestStaleHandoverSocketsAreRemoved: a plugin that starts removes the
+// hand-over socket a killed plugin left behind (nobody accepts on it)
+// and leaves a live plugin's socket alone.
+func TestStaleHandoverSocketsAreRemoved(t *testing.T) {
+	e := newEnv(t, 2, 2)
+	dir := HandoverDir(e.loopDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	listen := func(name string) *net.UnixListener {
+		l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: filepath.Join(dir, name), Net: "unixpacket"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	// A dead plugin's socket: the file stays, nobody listens.
+	dead := listen("1.sock")
+	dead.SetUnlinkOnClose(false)
+	dead.Close()
+	live := listen("2.sock")
+	defer live.Close()
+	go func() {
+		for {
+			c, err := live.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+
+	k := startKubelet(t, e.kubelet)
+	e.run(t, Options{})
+	k.registered(t)
+	if _, err := os.Stat(filepath.Join(dir, "1.sock")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the dead plugin's socket: %v, want it removed", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "2.sock")); err != nil {
+		t.Errorf("the live plugin's socket: %v, want it kept", err)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -67,6 +68,7 @@ func (p *Plugin) listenHandover() (*net.UnixListener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("hand-over socket: %w", err)
 	}
+	p.removeStaleSockets()
 	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
 	if err != nil {
 		return nil, fmt.Errorf("hand-over socket: %w", err)
@@ -91,6 +93,26 @@ func (p *Plugin) serveHandover(ctx context.Context, l *net.UnixListener) {
 				p.log.Warn("hand-over", "err", err)
 			}
 		}()
+	}
+}
+
+// removeStaleSockets removes the hand-over sockets of plugins that died
+// without cleaning up (kill -9, a node's crash): nobody accepts on them,
+// and a keeper asks at most maxSockets sockets, so they must not pile up.
+// A socket that cannot be judged (not refused) is left alone.
+func (p *Plugin) removeStaleSockets() {
+	socks, _ := filepath.Glob(filepath.Join(p.opts.HandoverDir, "*.sock"))
+	for _, s := range socks {
+		c, err := net.DialTimeout("unixpacket", s, time.Second)
+		if err == nil {
+			c.Close()
+			continue
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			if err := os.Remove(s); err == nil {
+				p.log.Info("removed a dead plugin's hand-over socket", "socket", s)
+			}
+		}
 	}
 }
 
@@ -126,7 +148,7 @@ func (p *Plugin) handOver(c *net.UnixConn) error {
 func writeMsg(c *net.UnixConn, m handoverMsg, files []*os.File) error {
 	b, err := json.Marshal(m)
 	if err != nil {
-		return err
+		return fmt.Errorf("hand-over: encode: %w", err)
 	}
 	var oob []byte
 	if len(files) > 0 {
