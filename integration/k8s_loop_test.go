@@ -5,7 +5,6 @@ package integration
 import (
 	"fmt"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -36,8 +35,9 @@ echo end $(date +%s)
 // kiwi-shim.io/loop: 2, never has more than 2 pods running on a node at
 // once (their own timestamps and node names), each box sees exactly 2
 // loop devices and uses them, all complete; the nodes' allocators never
-// lease more than their capacity. Then a running pod holding 2 devices is
-// deleted and its leases are freed at once.
+// lease more than their capacity. Then a running pod holding 2 devices
+// (container mode, then VM mode) is deleted and its leases are freed at
+// once.
 func TestK8sLoopJob(t *testing.T) {
 	noVMLeft(t)
 	leaveClean(t, "")
@@ -158,14 +158,26 @@ spec:
 	}
 	c.kubectlMust("delete", "job", "loops", "--wait", "--timeout=90s", "--cascade=foreground")
 
-	// A running pod holding 2 devices; deleting it frees them at once.
-	n := c.nodes[0]
+	// A running pod holding 2 devices, in container mode on one node and
+	// in VM mode (whose box holds the allocation while the VM runs) on
+	// the other; deleting it frees them at once.
+	c.holdAndDelete(c.nodes[0], "container")
+	c.holdAndDelete(c.nodes[1], "vm")
+}
+
+// holdAndDelete runs a pod in mode on node n that requests
+// kiwi-shim.io/loop: 2 and waits; while it runs, n's allocator leases
+// exactly 2 devices; once kubectl delete returns, none.
+func (c *k8sCluster) holdAndDelete(n *k8sNode, mode string) {
+	t := c.t
+	t.Helper()
+	name := "holder-" + mode
 	holder := fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata:
-  name: holder
+  name: %s
   annotations:
-    io.kiwi-shim.mode: container
+    io.kiwi-shim.mode: %s
 spec:
   runtimeClassName: kiwi
   restartPolicy: Never
@@ -180,27 +192,25 @@ spec:
       limits:
         kiwi-shim.io/loop: 2
     command: ["sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 600 & wait"]
-`, n.name, c.image)
+`, name, mode, n.name, c.image)
 	c.kubectlIn(holder, "apply", "-f", "-")
-	c.waitFor(2*time.Minute, "holder running", func() bool {
-		return c.kubectl("get", "pod", "holder", "-o", "jsonpath={.status.phase}").stdout == "Running"
+	c.waitFor(3*time.Minute, name+" ready", func() bool {
+		return c.kubectl("get", "pod", name, "-o", "jsonpath={.status.phase}").stdout == "Running" &&
+			strings.Contains(c.kubectl("logs", name).stdout, "ready")
 	})
 	st := n.loopStatus()
 	if len(st.Held) != 2 {
-		t.Fatalf("holder runs, %s leases %+v, want 2 devices", n.name, st.Held)
+		t.Fatalf("%s runs, %s leases %+v, want 2 devices", name, n.name, st.Held)
 	}
-	held := slices.Collect(func(yield func(string) bool) {
-		for _, h := range st.Held {
-			if !yield(h.Device + " " + h.Owner) {
-				return
-			}
-		}
-	})
+	var held []string
+	for _, h := range st.Held {
+		held = append(held, h.Device+" "+h.Owner)
+	}
 	del := time.Now()
-	c.kubectlMust("delete", "pod", "holder", "--wait", "--timeout=60s")
+	c.kubectlMust("delete", "pod", name, "--wait", "--timeout=60s")
 	deleted := time.Since(del)
 	if st := n.loopStatus(); len(st.Held) != 0 {
-		t.Fatalf("holder deleted (%s), but %s still leases %+v", deleted.Round(time.Millisecond), n.name, st.Held)
+		t.Fatalf("%s deleted (%s), but %s still leases %+v", name, deleted.Round(time.Millisecond), n.name, st.Held)
 	}
-	t.Logf("holder leased %v; freed when kubectl delete returned (%s)", held, deleted.Round(time.Millisecond))
+	t.Logf("%s on %s leased %v; all freed when kubectl delete returned (%s)", name, n.name, held, deleted.Round(time.Millisecond))
 }
