@@ -106,7 +106,8 @@ test-tree-on-share: deps build kernel
 # controller manager, scheduler, two kubelets each with its own
 # containerd and kiwi-shim device plugin, RuntimeClass kiwi;
 # integration/k8s_cluster_test.go, build tag k8s), kiwi pods in
-# container and VM mode on it, and a Job requesting kiwi-shim.io/loop.
+# container and VM mode on it, Jobs requesting kiwi-shim.io/loop (real
+# KIWI builds in both modes; the box image, make demo's). About 11 min.
 # contrib/k8s/build builds Kubernetes and etcd from the module proxy once
 # (nice 19, one compile at a time; long, see docs/testing.md) into
 # /var/cache/kiwi-shim-test/k8s/. Outside make test.
