@@ -13,10 +13,10 @@ import (
 )
 
 // k8sBuildScript is the build Job's workload, as in kiwiBuild: KIWI's oem
-// build with its tree on /build, the image and
-// package list copied to the pod's own directory of the output volume
-// (named after the pod: with the host's network its host name is the host's),
-// with the pod's start and end (Unix seconds).
+// build with its tree on /build, the image and package list copied to the
+// pod's own directory of the output volume (named after the pod: with the
+// host's network its host name is the host's), with the pod's start and
+// end (Unix seconds).
 const k8sBuildScript = `echo start $(date +%s)
 echo loops $(ls /dev | grep -cE '^loop[0-9]+$')
 mkdir -p /out/$POD_NAME
