@@ -15,7 +15,7 @@ DEB_PACKAGES := podman runc conmon uidmap catatonit containernetworking-plugins 
 	slirp4netns fuse-overlayfs busybox-static qemu-system-x86 qemu-system-arm qemu-utils fuse3 netavark aardvark-dns \
 	debootstrap e2fsprogs fdisk util-linux iproute2 cpio procps
 
-.PHONY: all build deps kernel box test test-e2e test-cgroup2 test-parallel test-tree-on-share test-conformance test-unit test-integration lint bench fuzz soak install clean demo
+.PHONY: all build deps kernel box test test-e2e test-cgroup2 test-parallel test-tree-on-share test-k8s test-conformance test-unit test-integration lint bench fuzz soak install clean demo
 
 all: build
 
@@ -101,6 +101,19 @@ test-parallel: deps build kernel
 # the scratch disk).
 test-tree-on-share: deps build kernel
 	KIWI_SHIM_BIN=$(BIN) $(GO) test -tags treeshare -count=1 -p 1 -timeout 180m -v -run 'TestKiwiTreeOnShare$$' ./integration/
+
+# A real two-node Kubernetes cluster on this machine (etcd, API server,
+# controller manager, scheduler, two kubelets each with its own
+# containerd and kiwi-shim device plugin, RuntimeClass kiwi;
+# integration/k8s_cluster_test.go, build tag k8s), kiwi pods in
+# container and VM mode on it, Jobs requesting kiwi-shim.io/loop (real
+# KIWI builds in both modes; the box image, make demo's). About 11 min.
+# contrib/k8s/build builds Kubernetes and etcd from the module proxy once
+# (nice 19, one compile at a time; long, see docs/testing.md) into
+# /var/cache/kiwi-shim-test/k8s/. Outside make test.
+test-k8s: deps build kernel
+	@k8sbin=$$(./contrib/k8s/build) && \
+	KIWI_K8S_BIN=$$k8sbin KIWI_SHIM_BIN=$(BIN) $(GO) test -tags k8s -count=1 -p 1 -timeout 50m -v -run 'TestK8s' ./integration/
 
 # The OCI runtime-tools validation suite against runc and container mode.
 test-conformance: deps build
