@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -119,7 +120,11 @@ func TestHooksRuntime(t *testing.T) {
 			bundle := busyboxBundle(t, dir, `"true"`, fmt.Sprintf(`{"io.kiwi-shim.mode": %q}`, mode), false)
 			logFile := filepath.Join(dir, "hooks.log")
 			hook := filepath.Join(dir, "hook.sh")
-			body := fmt.Sprintf("#!/bin/sh\nstate=$(cat)\necho \"$1 $state\" >>%q\n[ \"$2\" = fail ] && { echo hook-said-no >&2; exit 5; }\nexit 0\n", logFile)
+			// "state ID" as the hook's extra arguments: it also asks
+			// kiwi-shim for the container's state while it runs.
+			stateLog := filepath.Join(dir, "state.log")
+			body := fmt.Sprintf("#!/bin/sh\nstate=$(cat)\necho \"$1 $state\" >>%q\n[ \"$2\" = fail ] && { echo hook-said-no >&2; exit 5; }\n"+
+				"[ \"$2\" = state ] && echo \"$1 $(%q --root %q state \"$3\" 2>&1 | tr -d '\\n')\" >>%q\nexit 0\n", logFile, shim(), root, stateLog)
 			if err := os.WriteFile(hook, []byte(body), 0o755); err != nil {
 				t.Fatal(err)
 			}
@@ -199,6 +204,20 @@ func TestHooksRuntime(t *testing.T) {
 			}
 
 			if mode == "vm" {
+				// kiwi-shim state while create runs the hooks: creating.
+				// (Container mode is runc's answer, not asked here.)
+				setHooks(&specs.Hooks{Prestart: h("prestart", "state", "h4"), CreateRuntime: h("createRuntime", "state", "h4")})
+				if out, err := create("h4"); err != nil {
+					t.Fatalf("create: %v\n%s", err, out)
+				}
+				k("delete", "--force", "h4")
+				b, _ := os.ReadFile(stateLog)
+				for _, stage := range []string{"prestart", "createRuntime"} {
+					if !regexp.MustCompile(`(?m)^` + stage + ` .*"status": "creating"`).Match(b) {
+						t.Errorf("%s: kiwi-shim state during the hook was not creating:\n%s", stage, b)
+					}
+				}
+
 				setHooks(&specs.Hooks{CreateContainer: h("createContainer")})
 				out, err := create("h3")
 				if err == nil || !strings.Contains(out, "createContainer hooks") || !strings.Contains(out, "not supported in VM mode") {

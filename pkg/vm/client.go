@@ -209,6 +209,13 @@ func signalAndWait(pid int, sig unix.Signal, timeout time.Duration) {
 	}
 }
 
+// MonitorAlive reports whether pid is the monitor of the VM whose state
+// directory is stateDir (it may not serve its socket yet: before create's
+// go-ahead it waits while the create hooks run).
+func MonitorAlive(stateDir string, pid int) bool {
+	return pid > 0 && cmdlineHas(pid, stateDir)
+}
+
 func cmdlineHas(pid int, s string) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	return err == nil && strings.Contains(string(b), s)

@@ -170,6 +170,10 @@ func (m *Manager) launch(ctx context.Context, o CreateOptions, mc *machine) (err
 	// Closed without the go-ahead (create failed), it ends the monitor.
 	defer b.close()
 	rec.Pid = b.cmd.Process.Pid
+	// Recorded now, so that state answers "creating" while the hooks run.
+	if err := m.Store.Save(rec); err != nil {
+		return err
+	}
 	// The host side of the box exists: prestart and createRuntime run
 	// here, on the host, in kiwi-shim's namespaces, with the monitor as
 	// the container's process. A failure fails create, and the rollback

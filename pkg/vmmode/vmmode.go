@@ -99,6 +99,10 @@ func (m *Manager) state(rec *state.Container) *state.OCI {
 	}
 	if ms, err := m.monitor().State(m.dir(rec.ID)); err == nil {
 		st.Status, st.Pid = ms.Status, ms.Pid
+	} else if vm.MonitorAlive(m.dir(rec.ID), rec.Pid) {
+		// The monitor waits for create's go-ahead while the prestart
+		// and createRuntime hooks run: the container is being created.
+		st.Status, st.Pid = string(specs.StateCreating), rec.Pid
 	}
 	return st
 }
