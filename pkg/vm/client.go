@@ -177,8 +177,12 @@ func Exec(stateDir string, p vmproto.Process, eio ExecIO) (int, error) {
 // (SIGTERM), then killed if it does not go within the timeout, and QEMU is
 // killed if it outlived the monitor. Pids are checked against their
 // command lines before any signal, so a recycled pid is never hit.
+//
+// A monitor removing its own abandoned container passes its own pid: it
+// is not signalled (it would wait out the timeout for itself and then
+// kill itself, leaving the container behind).
 func Stop(stateDir string, monitorPid int, timeout time.Duration) {
-	if monitorPid > 0 && cmdlineHas(monitorPid, stateDir) {
+	if monitorPid > 0 && monitorPid != os.Getpid() && cmdlineHas(monitorPid, stateDir) {
 		signalAndWait(monitorPid, unix.SIGTERM, timeout)
 	}
 	// QEMU and kiwi-sharefs die with the monitor (PDEATHSIG); these are
