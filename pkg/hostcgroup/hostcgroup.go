@@ -144,6 +144,12 @@ func Join(p string, pid int) error {
 	return nil
 }
 
+// Leave moves process pid to the root cgroup of every controller (the
+// only cgroup v2 always accepts a process into). A monitor removing its
+// own container leaves the container's cgroup first: the kernel refuses
+// to remove a cgroup that holds a process.
+func Leave(pid int) error { return Join("/", pid) }
+
 // Remove deletes the cgroup p. Its processes must be gone; processes that
 // are still exiting are waited for up to timeout. A cgroup that does not
 // exist is not an error.

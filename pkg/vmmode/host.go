@@ -2,6 +2,7 @@ package vmmode
 
 import (
 	"context"
+	"os"
 	"os/exec"
 	"time"
 
@@ -36,6 +37,9 @@ type Host interface {
 	CreateCgroup(path string) error
 	SetCPU(path string, cpu *specs.LinuxCPU) error
 	RemoveCgroup(path string, timeout time.Duration) error
+	// LeaveCgroup moves the calling process to the root cgroup (a
+	// monitor about to remove its own container's).
+	LeaveCgroup() error
 	// CreateScratch makes a scratch disk image of size bytes in dir and
 	// returns its path.
 	CreateScratch(ctx context.Context, dir, id string, size int64) (string, error)
@@ -88,6 +92,9 @@ func (OSHost) SetCPU(path string, cpu *specs.LinuxCPU) error { return hostcgroup
 func (OSHost) RemoveCgroup(path string, timeout time.Duration) error {
 	return hostcgroup.Remove(path, timeout)
 }
+
+// LeaveCgroup moves the calling process to the root cgroup.
+func (OSHost) LeaveCgroup() error { return hostcgroup.Leave(os.Getpid()) }
 
 // CreateScratch makes a scratch disk (vm.CreateScratch).
 func (OSHost) CreateScratch(ctx context.Context, dir, id string, size int64) (string, error) {

@@ -97,6 +97,12 @@ func (m *Manager) RemoveAbandoned(ctx context.Context, dir string) {
 		m.Log.Warn("abandoned container not removed", "dir", dir, "err", err)
 		return
 	}
+	if rec.Cgroup != "" {
+		// The monitor is in the box's cgroup, which Release removes.
+		if err := m.host().LeaveCgroup(); err != nil {
+			m.Log.Warn("leave the abandoned container's cgroup", "id", rec.ID, "err", err)
+		}
+	}
 	if err := m.Release(ctx, rec); err != nil {
 		m.Log.Warn("abandoned container not released", "id", rec.ID, "err", err)
 		return

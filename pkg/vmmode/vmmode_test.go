@@ -149,6 +149,7 @@ func (f *fakeHost) RemoveCgroup(p string, timeout time.Duration) error {
 	f.record(fmt.Sprintf("cgroup remove %s %s", p, timeout))
 	return f.cgroupRemoveErr
 }
+func (f *fakeHost) LeaveCgroup() error { f.record("cgroup leave"); return nil }
 func (f *fakeHost) CreateScratch(_ context.Context, _, id string, size int64) (string, error) {
 	f.record(fmt.Sprintf("scratch %s %d", id, size))
 	if f.scratchErr != nil {
@@ -520,6 +521,12 @@ func TestRemoveAbandoned(t *testing.T) {
 	}
 	if !has(mon.Calls(), "stop box") || !has(h.Calls(), "cgroup remove /kiwi/box") {
 		t.Errorf("not released: monitor %q host %q", mon.Calls(), h.Calls())
+	}
+	// The monitor is in the cgroup it removes: it leaves it first.
+	calls := h.Calls()
+	leave, remove := slices.Index(calls, "cgroup leave"), slices.IndexFunc(calls, func(c string) bool { return strings.HasPrefix(c, "cgroup remove") })
+	if leave < 0 || leave > remove {
+		t.Errorf("the monitor did not leave the cgroup before removing it: %q", calls)
 	}
 	// A directory that is not the record's is left alone.
 	other := newRecord(t, m, "other")
