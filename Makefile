@@ -113,7 +113,7 @@ test-tree-on-share: deps build kernel
 # /var/cache/kiwi-shim-test/k8s/. Outside make test.
 test-k8s: deps build kernel
 	@k8sbin=$$(./contrib/k8s/build) && \
-	KIWI_K8S_BIN=$$k8sbin KIWI_SHIM_BIN=$(BIN) $(GO) test -tags k8s -count=1 -p 1 -timeout 50m -v -run 'TestK8s' ./integration/
+	KIWI_K8S_BIN=$$k8sbin KIWI_SHIM_BIN=$(BIN) $(GO) test -tags k8s -count=1 -p 1 -timeout 90m -v -run 'TestK8s' ./integration/
 
 # The OCI runtime-tools validation suite against runc and container mode.
 test-conformance: deps build
