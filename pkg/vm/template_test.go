@@ -1,0 +1,290 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// templateFiles makes a QEMU, kernel and initramfs stand-in in a fresh
+// directory and returns a machine that names them.
+func templateFiles(t *testing.T) Machine {
+	t.Helper()
+	dir := t.TempDir()
+	m := Machine{Arch: "x86_64", Accel: "tcg", MemoryMiB: 2048, CPUs: 2,
+		QEMU: filepath.Join(dir, "qemu"), Kernel: filepath.Join(dir, "vmlinux"), Initrd: filepath.Join(dir, "initrd")}
+	for _, p := range []string{m.QEMU, m.Kernel, m.Initrd} {
+		if err := os.WriteFile(p, []byte(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m
+}
+
+func TestTemplateKey(t *testing.T) {
+	base := templateFiles(t)
+	key, err := TemplateKey(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := TemplateKey(base)
+	if err != nil || again != key {
+		t.Fatalf("same machine, key %s then %s (%v)", key, again, err)
+	}
+	// A container's devices are not part of the template.
+	withDevices := base
+	withDevices.Disks = []Disk{{Path: "/scratch", Serial: ScratchSerial}}
+	withDevices.TapMACs = []string{"02:00:00:00:00:01"}
+	withDevices.VirtioFS = []VirtioFS{{Tag: "rootfs", Socket: "/s"}}
+	withDevices.ConsoleLog = "/elsewhere/console.log"
+	if k, err := TemplateKey(withDevices); err != nil || k != key {
+		t.Errorf("container devices changed the key: %s, want %s (%v)", k, key, err)
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(m *Machine)
+	}{
+		{"memory", func(m *Machine) { m.MemoryMiB = 4096 }},
+		{"cpus", func(m *Machine) { m.CPUs = 1 }},
+		{"arch", func(m *Machine) { m.Arch = "aarch64" }},
+		{"accel", func(m *Machine) { m.Accel = "kvm" }},
+		{"cmdline", func(m *Machine) { m.Cmdline = "debug" }},
+		{"kernel path", func(m *Machine) {
+			p := m.Kernel + ".other"
+			os.WriteFile(p, []byte("k"), 0o644)
+			m.Kernel = p
+		}},
+		{"initrd content", func(m *Machine) {
+			os.WriteFile(m.Initrd, []byte("another init, another size"), 0o644)
+		}},
+		{"qemu mtime", func(m *Machine) {
+			later := time.Now().Add(time.Hour)
+			os.Chtimes(m.QEMU, later, later)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := templateFiles(t)
+			k0, err := TemplateKey(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.change(&m)
+			k1, err := TemplateKey(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k0 == k1 {
+				t.Errorf("key unchanged after a change of %s", tc.name)
+			}
+		})
+	}
+	missing := base
+	missing.Kernel = filepath.Join(t.TempDir(), "none")
+	if _, err := TemplateKey(missing); err == nil || !strings.Contains(err.Error(), "kernel") {
+		t.Errorf("missing kernel: %v", err)
+	}
+}
+
+func TestTemplateFiles(t *testing.T) {
+	dir := t.TempDir()
+	const key = "0123456789abcdef0123456789abcdef"
+	if _, ok := LookupTemplate(dir, key); ok {
+		t.Fatal("found a template in an empty directory")
+	}
+	stream := []byte(strings.Repeat("QEVM", 1000))
+	tmp := filepath.Join(dir, ".tmp-stream")
+	if err := os.WriteFile(tmp, stream, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := commitTemplate(dir, key, tmp, 1500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Errorf("temporary file left: %v", err)
+	}
+	if ref.Size != int64(len(stream)) || filepath.Dir(ref.Path) != dir {
+		t.Errorf("ref %+v", ref)
+	}
+	got, ok := LookupTemplate(dir, key)
+	if !ok || got != ref {
+		t.Fatalf("lookup: %+v %v, want %+v", got, ok, ref)
+	}
+	if d, err := TemplateMakeTime(dir, key); err != nil || d != 1500*time.Millisecond {
+		t.Errorf("make time %s, %v", d, err)
+	}
+	f, err := openTemplate(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// Only the template and its record are left in the directory.
+	ents, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if want := fmt.Sprintf("[%s.json %s.tmpl]", key, key); fmt.Sprint(names) != want {
+		t.Errorf("directory holds %v, want %s", names, want)
+	}
+
+	// A truncated template is neither found nor opened.
+	if err := os.Truncate(ref.Path, ref.Size/2); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := LookupTemplate(dir, key); ok {
+		t.Error("truncated template found")
+	}
+	if _, err := openTemplate(ref); err == nil || !strings.Contains(err.Error(), "truncated") {
+		t.Errorf("truncated template opened: %v", err)
+	}
+	// A record that names another key, or is no record, is no template.
+	os.WriteFile(ref.Path, stream, 0o600)
+	if _, ok := LookupTemplate(dir, key); !ok {
+		t.Fatal("restored template not found")
+	}
+	_, meta := templatePaths(dir, key)
+	b, _ := json.Marshal(templateMeta{Size: ref.Size, Key: "other"})
+	os.WriteFile(meta, b, 0o600)
+	if _, ok := LookupTemplate(dir, key); ok {
+		t.Error("template found through another key's record")
+	}
+	os.WriteFile(meta, []byte("{"), 0o600)
+	if _, ok := LookupTemplate(dir, key); ok {
+		t.Error("template found through a broken record")
+	}
+	// An empty stream is refused.
+	empty := filepath.Join(dir, ".tmp-empty")
+	os.WriteFile(empty, nil, 0o600)
+	if _, err := commitTemplate(dir, key, empty, 0); err == nil {
+		t.Error("empty stream committed")
+	}
+}
+
+func TestTemplateLock(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "k.lock")
+	unlock, err := lockTemplate(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	got := make(chan error, 1)
+	go func() {
+		_, err := lockTemplate(ctx, p)
+		got <- err
+	}()
+	cancel()
+	if err := <-got; err == nil {
+		t.Error("second lock taken while the first is held")
+	}
+	unlock()
+	unlock2, err := lockTemplate(context.Background(), p)
+	if err != nil {
+		t.Fatalf("lock after release: %v", err)
+	}
+	unlock2()
+}
+
+func TestShellQuote(t *testing.T) {
+	if q, err := shellQuote("/var/cache/kiwi-shim/templates/.k.tmp-1"); err != nil || q != "'/var/cache/kiwi-shim/templates/.k.tmp-1'" {
+		t.Errorf("quote: %q %v", q, err)
+	}
+	for _, bad := range []string{"/a'b", "/a\nb"} {
+		if _, err := shellQuote(bad); err == nil {
+			t.Errorf("quoted %q", bad)
+		}
+	}
+}
+
+func TestTemplateMachineArgs(t *testing.T) {
+	box := Machine{Arch: "x86_64", Accel: "tcg", MemoryMiB: 2048, CPUs: 2, Kernel: "/k", Initrd: "/i",
+		ControlSocket: "/s/guest.sock", QMPSocket: "/s/qmp.sock", ConsoleLog: "/s/console.log",
+		Network: NetTap, TapMACs: []string{"02:00:00:00:00:01"},
+		VirtioFS: []VirtioFS{{Tag: "rootfs", Socket: "/s/v0.sock"}},
+		Disks:    []Disk{{Path: "/scratch.img", Serial: ScratchSerial}},
+		Shares:   []Share{{Tag: "kiwi1", Path: "/d"}}}
+	tmpl, err := TemplateMachine(box).Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restore := box
+	restore.Hotplug, restore.IncomingFD = true, 4
+	rargs, err := restore.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tj, rj := strings.Join(tmpl, " "), strings.Join(rargs, " ")
+	// The template and the restore have the same machine: the restore
+	// adds back ends only, and the incoming stream.
+	for _, want := range []string{"q35,memory-backend=mem", "memory-backend-memfd,id=mem,share=on,size=2048M",
+		"pcie-root-port,id=hp0,chassis=1", fmt.Sprintf("pcie-root-port,id=hp%d,chassis=%d", HotplugPorts-1, HotplugPorts)} {
+		if !strings.Contains(tj, want) || !strings.Contains(rj, want) {
+			t.Errorf("%q missing:\ntemplate: %s\nrestore: %s", want, tj, rj)
+		}
+	}
+	// The guest's devices, in order, are the template's.
+	devices := func(args []string) []string {
+		var d []string
+		for i, a := range args {
+			if (a == "-device" || a == "-machine" || a == "-object") && i+1 < len(args) {
+				d = append(d, args[i+1])
+			}
+		}
+		return d
+	}
+	if td, rd := devices(tmpl), devices(rargs); fmt.Sprint(td) != fmt.Sprint(rd) {
+		t.Errorf("restore's devices differ from the template's:\ntemplate: %v\nrestore:  %v", td, rd)
+	}
+	for _, dev := range []string{"virtio-net-pci", "vhost-user-fs-pci", "virtio-blk-pci", "virtio-9p-pci", "socket,id=vfs0", "-S", "-incoming"} {
+		if strings.Contains(tj, dev) {
+			t.Errorf("template has %q: %s", dev, tj)
+		}
+	}
+	for _, want := range []string{"-netdev tap,id=tap0,fd=3", "if=none,id=disk0", "-fsdev local,id=fs0", "-S -incoming fd:4"} {
+		if !strings.Contains(rj, want) {
+			t.Errorf("restore lacks %q: %s", want, rj)
+		}
+	}
+	for _, dev := range []string{"-device virtio-net-pci", "-device vhost-user-fs-pci", "-device virtio-blk-pci", "-device virtio-9p-pci", "socket,id=vfs0"} {
+		if strings.Contains(rj, dev) {
+			t.Errorf("restore has %q on its command line: %s", dev, rj)
+		}
+	}
+	cmds, err := restore.HotplugCommands()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range cmds {
+		s := c.Execute
+		if d, ok := c.Arguments["driver"]; ok {
+			s += " " + fmt.Sprint(d) + "@" + fmt.Sprint(c.Arguments["bus"])
+		}
+		got = append(got, s)
+	}
+	want := "[chardev-add device_add vhost-user-fs-pci@hp0 device_add virtio-blk-pci@hp1 device_add virtio-net-pci@hp2 device_add virtio-9p-pci@hp3]"
+	if fmt.Sprint(got) != want {
+		t.Errorf("hot-plug commands %v, want %s", got, want)
+	}
+	if mac := cmds[3].Arguments["mac"]; mac != "02:00:00:00:00:01" {
+		t.Errorf("NIC's MAC %v", mac)
+	}
+	// More devices than ports: the box boots cold.
+	many := restore
+	for i := range HotplugPorts {
+		many.Shares = append(many.Shares, Share{Tag: fmt.Sprintf("s%d", i), Path: "/d"})
+	}
+	if _, err := many.HotplugCommands(); err == nil {
+		t.Error("more devices than root ports accepted")
+	}
+	cold := box
+	cold.IncomingFD = 4
+	if _, err := cold.Args(); err == nil {
+		t.Error("incoming stream into a machine without the template's layout accepted")
+	}
+}
