@@ -256,6 +256,14 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 			return code, abandoned
 		default:
 			m.log.Warn("vm template not restored: booting the box cold", "id", m.cfg.ID, "template", m.cfg.Template.Path, "err", err)
+			var bad *badTemplateError
+			if errors.As(err, &bad) {
+				if rerr := RemoveTemplate(*m.cfg.Template); rerr != nil {
+					m.log.Warn("remove the template that failed", "id", m.cfg.ID, "template", m.cfg.Template.Path, "err", rerr)
+				} else {
+					m.log.Warn("removed the template that failed to load: the next box makes it again", "id", m.cfg.ID, "template", m.cfg.Template.Path)
+				}
+			}
 			m.mu.Lock()
 			if m.qmp != nil {
 				m.qmp.Close()

@@ -47,7 +47,7 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	t := *m.cfg.Template
 	f, err := openTemplate(t)
 	if err != nil {
-		return nil, err
+		return nil, &badTemplateError{err}
 	}
 	mach := m.cfg.Machine
 	mach.Hotplug = true
@@ -107,7 +107,7 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 		if ctx.Err() != nil {
 			err = errAbandoned
 		} else if gone := m.qemuGone(qemu); gone != nil && (endedItself || m.bootSignal() != 0) {
-			err = gone
+			err = gone // not the template's fault
 		}
 	}()
 	qc, err := acceptBounded(ctx, ql, restoreConnectTimeout, done)
@@ -125,7 +125,7 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 		return r, m.qemuFailed("control port", err)
 	}
 	if err := waitLoaded(ctx, q); err != nil {
-		return r, m.qemuFailed("load the template", err)
+		return r, &badTemplateError{m.qemuFailed("load the template", err)}
 	}
 	for _, c := range cmds {
 		if _, err := q.run(c.Execute, c.Arguments, qmpTimeout); err != nil {
@@ -139,6 +139,14 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	r.took = time.Since(m.qemuStart)
 	return r, nil
 }
+
+// badTemplateError is a restore that failed because of the template:
+// QEMU could not load it (or it is not the file that was saved). The
+// monitor removes it, so that the next box makes a new one.
+type badTemplateError struct{ err error }
+
+func (e *badTemplateError) Error() string { return e.err.Error() }
+func (e *badTemplateError) Unwrap() error { return e.err }
 
 // qemuFailed describes a failed step of a restore with QEMU's last words.
 func (m *monitor) qemuFailed(step string, err error) error {

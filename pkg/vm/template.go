@@ -211,6 +211,21 @@ func TemplateMakeTime(dir, key string) (time.Duration, error) {
 	return md.MakeIn, nil
 }
 
+// RemoveTemplate removes a template that failed to load, its record
+// first, so that it is made again on its next use.
+func RemoveTemplate(t TemplateRef) error {
+	dir, base := filepath.Split(t.Path)
+	key := strings.TrimSuffix(base, templateExt)
+	_, meta := templatePaths(dir, key)
+	if err := os.Remove(meta); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Remove(t.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
 // openTemplate opens a template for QEMU to load and checks that it is
 // the file that was made (its size): a truncated one is refused here,
 // before QEMU starts.
