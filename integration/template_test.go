@@ -18,7 +18,42 @@ import (
 func templatePodman(t *testing.T, extra string) (*podman, string) {
 	t.Helper()
 	dir := t.TempDir()
-	return newPodman(t, 2, fmt.Sprintf("[vm]\ntemplate = \"auto\"\ntemplate_dir = %q\n%s", dir, extra)), dir
+	p := newPodman(t, 2, fmt.Sprintf("[vm]\ntemplate = \"auto\"\ntemplate_dir = %q\n%s", dir, extra))
+	// Every call's log (create's, the monitor's: the template's making
+	// and restore) goes to one file of the test's, shown on failure:
+	// podman's own --log file is gone with the container.
+	logPath := filepath.Join(t.TempDir(), "runtime.log")
+	b, err := os.ReadFile(p.runtime)
+	if err != nil {
+		t.Fatal(err)
+	}
+	filter := fmt.Sprintf(`log=%q
+skip=
+for a do
+	shift
+	if [ -n "$skip" ]; then skip=; set -- "$@" "$log"; continue; fi
+	case $a in
+	--log) skip=1; set -- "$@" "$a" ;;
+	--log=*) set -- "$@" "--log=$log" ;;
+	*) set -- "$@" "$a" ;;
+	esac
+done
+`, logPath)
+	head, rest, ok := strings.Cut(string(b), "\n")
+	if !ok || !strings.Contains(rest, " --root ") {
+		t.Fatalf("podman's runtime wrapper: %q", b)
+	}
+	wrapper := head + "\n" + filter + strings.Replace(rest, " --root ", ` --log "$log" --root `, 1)
+	if err := os.WriteFile(p.runtime, []byte(wrapper), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("kiwi-shim log:\n%s", b)
+		}
+	})
+	return p, dir
 }
 
 // templateFiles lists the templates in dir (their .tmpl files).
@@ -159,14 +194,27 @@ func TestVMTemplateFaults(t *testing.T) {
 	p, dir := templatePodman(t, "")
 	noVMLeft(t)
 	rootfs := busyboxRootfs(t)
+	n := 0
 	box := func(what, wantPorts string) {
 		t.Helper()
+		// Not --rm: a failed box's runtime log (podman's oci-log, where
+		// the monitor's warnings go) is shown before it is removed.
+		n++
+		name := fmt.Sprintf("tmplfault-%d-%d", os.Getpid(), n)
 		start := time.Now()
-		r := p.run("", "run", "--rm", "--rootfs", rootfs, "sh", "-c", "echo hello; "+rootPorts)
+		r := p.run("", "run", "--name", name, "--rootfs", rootfs, "sh", "-c", "echo hello; "+rootPorts)
+		took := time.Since(start)
 		if r.code != 0 || r.stdout != "hello\n"+wantPorts+"\n" {
-			t.Fatalf("%s: exit %d, stdout %q (want hello and %s root ports), stderr %q", what, r.code, r.stdout, wantPorts, r.stderr)
+			t.Errorf("%s: exit %d, stdout %q (want hello and %s root ports), stderr %q", what, r.code, r.stdout, wantPorts, r.stderr)
+			t.Logf("runtime log:\n%s", runtimeLog(t, p, name))
 		}
-		t.Logf("%s: %s", what, time.Since(start).Round(time.Millisecond))
+		if r := p.run("", "rm", "-f", "-t", "0", name); r.code != 0 {
+			t.Errorf("rm %s: exit %d, stderr %q", name, r.code, r.stderr)
+		}
+		if t.Failed() {
+			t.FailNow()
+		}
+		t.Logf("%s: %s", what, took.Round(time.Millisecond))
 	}
 	// First use makes the template; the box is restored from it.
 	box("first box (makes the template)", "12")
@@ -220,4 +268,19 @@ func TestVMTemplateFaults(t *testing.T) {
 		t.Fatalf("truncated template not replaced: %v %v", fi, err)
 	}
 	noVMLeft(t)
+}
+
+// runtimeLog returns the runtime's log of podman's container name (its
+// oci-log: create's and the monitor's records), for a failure's report.
+func runtimeLog(t *testing.T, p *podman, name string) string {
+	t.Helper()
+	dir, err := p.cmd("inspect", "--format", "{{.StaticDir}}", name).Output()
+	if err != nil {
+		return fmt.Sprintf("(podman inspect: %v)", err)
+	}
+	b, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(dir)), "oci-log"))
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	return string(b)
 }

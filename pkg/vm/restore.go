@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -104,10 +105,20 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 		}
 		qemu.Process.Kill()
 		<-done
+		// The dead QEMU's connections that were not accepted yet would
+		// be taken by the cold boot's accepts.
+		drainListener(gl)
+		drainListener(ql)
 		if ctx.Err() != nil {
 			err = errAbandoned
 		} else if gone := m.qemuGone(qemu); gone != nil && (endedItself || m.bootSignal() != 0) {
 			err = gone // not the template's fault
+		} else if endedItself && loadFailed(m.qemuLogPath()) {
+			// QEMU refused the stream, at whatever step the monitor was.
+			var bad *badTemplateError
+			if !errors.As(err, &bad) {
+				err = &badTemplateError{err}
+			}
 		}
 	}()
 	qc, err := acceptBounded(ctx, ql, restoreConnectTimeout, done)
@@ -147,6 +158,34 @@ type badTemplateError struct{ err error }
 
 func (e *badTemplateError) Error() string { return e.err.Error() }
 func (e *badTemplateError) Unwrap() error { return e.err }
+
+// loadFailed reports whether QEMU's log says that it could not load the
+// incoming migration stream (QEMU 7.2 then exits).
+func loadFailed(qemuLog string) bool {
+	b, err := os.ReadFile(qemuLog)
+	return err == nil && bytes.Contains(b, []byte("load of migration failed"))
+}
+
+// drainListener closes the connections waiting on l, once their
+// process has ended: a listener that outlives a failed restore serves
+// the cold boot next.
+func drainListener(l net.Listener) {
+	dl, ok := l.(deadliner)
+	if !ok {
+		return
+	}
+	defer dl.SetDeadline(time.Time{})
+	for {
+		// A deadline already passed fails Accept before it looks at
+		// the queue: a short one takes what is queued.
+		dl.SetDeadline(time.Now().Add(20 * time.Millisecond))
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		c.Close()
+	}
+}
 
 // qemuFailed describes a failed step of a restore with QEMU's last words.
 func (m *monitor) qemuFailed(step string, err error) error {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -286,5 +288,64 @@ func TestTemplateMachineArgs(t *testing.T) {
 	cold.IncomingFD = 4
 	if _, err := cold.Args(); err == nil {
 		t.Error("incoming stream into a machine without the template's layout accepted")
+	}
+}
+
+// TestDrainListener: the connections queued on a listener are taken and
+// closed; the listener then accepts a new one as before.
+func TestDrainListener(t *testing.T) {
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for range 2 {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	drainListener(l)
+	c, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("new")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer got.Close()
+	b := make([]byte, 3)
+	if _, err := io.ReadFull(got, b); err != nil || string(b) != "new" {
+		t.Fatalf("accepted after the drain: %q %v, want the new connection", b, err)
+	}
+}
+
+// TestLoadFailed: QEMU's log of a stream it refused, and others.
+func TestLoadFailed(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		log  string
+		want bool
+	}{
+		{"qemu-system-x86_64: Not a migration stream\nqemu-system-x86_64: load of migration failed: Invalid argument\n", true},
+		{"qemu-system-x86_64: warning: netdev tap0 has no peer\n", false},
+		{"", false},
+	} {
+		p := filepath.Join(dir, "qemu.log")
+		if err := os.WriteFile(p, []byte(c.log), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if got := loadFailed(p); got != c.want {
+			t.Errorf("loadFailed(%q) = %v, want %v", c.log, got, c.want)
+		}
+	}
+	if loadFailed(filepath.Join(dir, "none")) {
+		t.Error("loadFailed of a missing log")
 	}
 }
