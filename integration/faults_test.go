@@ -27,6 +27,7 @@ func TestFaultMatrix(t *testing.T) {
 	guestRelease(t)
 	parts := []string{"vm-monitor", "qemu-system-x86_64", "kiwi-sharefs", "guest-kernel", "containerd-shim"}
 	marks := map[string]string{}
+	why := map[string]string{} // a failed cell's first message
 	for _, part := range parts {
 		for _, phase := range faultPhases {
 			cell := part + "/" + phase
@@ -37,12 +38,14 @@ func TestFaultMatrix(t *testing.T) {
 				continue
 			}
 			ran := false
+			var first string
 			ok := t.Run(cell, func(t *testing.T) {
 				ran = true
+				r := failureRecorder{TB: t, first: &first}
 				if part == "containerd-shim" {
-					shimFault(t, phase)
+					shimFault(r, phase)
 				} else {
-					podmanFault(t, part, phase)
+					podmanFault(r, part, phase)
 				}
 			})
 			switch {
@@ -52,6 +55,7 @@ func TestFaultMatrix(t *testing.T) {
 				marks[cell] = "pass"
 			default:
 				marks[cell] = "FAIL"
+				why[cell] = first
 			}
 		}
 	}
@@ -64,6 +68,18 @@ func TestFaultMatrix(t *testing.T) {
 		fmt.Fprintf(&b, "\n%-20s", part)
 		for _, ph := range faultPhases {
 			fmt.Fprintf(&b, " %-8s", marks[part+"/"+ph])
+		}
+	}
+	// The reasons go with the matrix, which is what a truncated CI log
+	// keeps.
+	for _, part := range parts {
+		for _, ph := range faultPhases {
+			if w, ok := why[part+"/"+ph]; ok {
+				if len(w) > 400 {
+					w = w[:400] + "..."
+				}
+				fmt.Fprintf(&b, "\n%s/%s: %s", part, ph, w)
+			}
 		}
 	}
 	t.Log(b.String())
@@ -89,7 +105,7 @@ func faultScript(part, phase string) string {
 
 // killPart kills the part of container id: a host process by kill -9, or
 // the guest's kernel by a crash from inside.
-func killPart(t *testing.T, p *podman, part, id string) {
+func killPart(t testing.TB, p *podman, part, id string) {
 	t.Helper()
 	if part == "guest-kernel" {
 		// Ends with the guest: the exec's own status does not matter.
@@ -99,7 +115,44 @@ func killPart(t *testing.T, p *podman, part, id string) {
 	killProc(t, part, id)
 }
 
-func podmanFault(t *testing.T, part, phase string) {
+// failureRecorder passes everything to the subtest and keeps the text of
+// its first failure, for the matrix.
+type failureRecorder struct {
+	testing.TB
+	first *string
+}
+
+func (r failureRecorder) note(s string) {
+	if *r.first == "" {
+		*r.first = s
+	}
+}
+
+func (r failureRecorder) Errorf(format string, args ...any) {
+	r.TB.Helper()
+	r.note(fmt.Sprintf(format, args...))
+	r.TB.Errorf(format, args...)
+}
+
+func (r failureRecorder) Fatalf(format string, args ...any) {
+	r.TB.Helper()
+	r.note(fmt.Sprintf(format, args...))
+	r.TB.Fatalf(format, args...)
+}
+
+func (r failureRecorder) Error(args ...any) {
+	r.TB.Helper()
+	r.note(fmt.Sprint(args...))
+	r.TB.Error(args...)
+}
+
+func (r failureRecorder) Fatal(args ...any) {
+	r.TB.Helper()
+	r.note(fmt.Sprint(args...))
+	r.TB.Fatal(args...)
+}
+
+func podmanFault(t testing.TB, part, phase string) {
 	p := newPodman(t, 2, "")
 	noVMLeft(t)
 	leaveClean(t, "")
@@ -167,7 +220,7 @@ func podmanFault(t *testing.T, part, phase string) {
 	checkNothingOf(t, id)
 }
 
-func shimFault(t *testing.T, phase string) {
+func shimFault(t testing.TB, phase string) {
 	noVMLeft(t)
 	leaveClean(t, "")
 	noLinkLeft(t)
@@ -244,7 +297,7 @@ func shimFault(t *testing.T, phase string) {
 
 // noLinkLeft checks that the test adds no network interface (a tap, a
 // veth end) to the host's namespace.
-func noLinkLeft(t *testing.T) {
+func noLinkLeft(t testing.TB) {
 	t.Helper()
 	names := func() map[string]bool {
 		ifs, _ := net.Interfaces()
@@ -284,7 +337,7 @@ func (s *syncBuffer) String() string {
 }
 
 // waitFile waits for the container to create a file on its share.
-func waitFile(t *testing.T, path string) {
+func waitFile(t testing.TB, path string) {
 	t.Helper()
 	eventually(t, 60*time.Second, path+" written by the container", func() bool {
 		_, err := os.Stat(path)
@@ -296,7 +349,7 @@ func waitFile(t *testing.T, path string) {
 func procOf(part, id string) bool { return len(pidsOf(part, id)) > 0 }
 
 // checkNothingOf checks that no process and no mount names container id.
-func checkNothingOf(t *testing.T, id string) {
+func checkNothingOf(t testing.TB, id string) {
 	t.Helper()
 	eventually(t, 30*time.Second, "no process of "+id, func() bool {
 		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")

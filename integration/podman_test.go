@@ -81,7 +81,18 @@ kiwi-shim = [%q]
 		for _, id := range strings.Fields(string(ids)) {
 			p.cmd("rm", "-f", "-t", "0", id).Run()
 		}
-		// Whatever the test did, nothing of it may remain.
+		// Whatever the test did, nothing of it may remain; podman's
+		// cleanup (conmon's exit command) may still be deleting a
+		// container that a fault killed: give it the moment the other
+		// checks give.
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			ents, _ := os.ReadDir(filepath.Join(p.root, "containers"))
+			if len(ents) == 0 && len(status(t, p.loopEnv).Held) == 0 {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		if st := status(t, p.loopEnv); len(st.Held) != 0 {
 			t.Errorf("loop devices still leased after the test: %+v", st.Held)
 		}

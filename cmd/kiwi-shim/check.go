@@ -120,9 +120,10 @@ func (e *env) checks() []checkResult {
 	} else {
 		add("loop devices", "ok", fmt.Sprintf("capacity %d, %d leased, %d waiting", st.Capacity, len(st.Held), st.Waiting), "")
 	}
-	rs = append(rs, cgroupCheck())
-	if p, err := containermode.FindRuntime(e.cfg.Container.Runtime); err != nil {
-		add("container mode", "warn", err.Error(), "apt-get install runc")
+	p, rerr := containermode.FindRuntime(e.cfg.Container.Runtime)
+	rs = append(rs, cgroupCheck(p))
+	if rerr != nil {
+		add("container mode", "warn", rerr.Error(), "apt-get install runc")
 	} else {
 		add("container mode", "ok", "low-level runtime "+p, "")
 	}
@@ -212,22 +213,34 @@ func hasSubIDs(file, name string, id int) bool {
 
 // cgroupCheck reports the host's cgroup layout and manager, and what
 // container mode can do with them: it shows a leased device's partitions
-// to the container by opening them in the container's device cgroup,
-// which today means the cgroup v1 devices controller.
-func cgroupCheck() checkResult {
+// to the container by allowing them in the container's device cgroup,
+// through the cgroup v1 devices controller or, on cgroup v2, by replacing
+// runc's eBPF device filter (pkg/devcgroup), which needs runc's state and
+// so runc rather than crun. runtime is the configured low-level runtime's
+// path, "" if none was found.
+func cgroupCheck(runtime string) checkResult {
 	manager := "cgroupfs"
+	systemd := false
 	if _, err := os.Stat("/run/systemd/system"); err == nil {
 		manager = "systemd running (podman's default cgroup_manager is systemd; runc's --systemd-cgroup)"
+		systemd = true
 	}
 	switch cgroups.Mode() {
 	case cgroups.Unified:
-		return checkResult{Name: "cgroups", Status: "warn",
-			Detail: "v2 (unified), manager " + manager + ": container mode runs, but the partitions of leased loop devices stay invisible in the container (cgroup v2 device filters are not yet extended), so a KIWI build that partitions a disk fails there",
-			Fix:    "use VM mode (the default) for partitioned images on this host"}
+		if filepath.Base(runtime) == "crun" {
+			return checkResult{Name: "cgroups", Status: "warn",
+				Detail: "v2 (unified), manager " + manager + ": with crun the partitions of leased loop devices stay invisible in the container (the keeper rebuilds the runtime's device filter from runc's state, which crun does not keep), so a KIWI build that partitions a disk fails in container mode",
+				Fix:    "install runc and set container.runtime = \"runc\", or use VM mode for partitioned images"}
+		}
+		how := "the loop keeper replaces runc's eBPF device filter (in place, BPF_F_REPLACE) with one that also allows exactly the partition numbers"
+		if systemd {
+			how += ", and with --systemd-cgroup adds them to the container scope's DeviceAllow too"
+		}
+		return checkResult{Name: "cgroups", Status: "ok", Detail: "v2 (unified), manager " + manager + ": container mode shows leased loop devices and their partitions (" + how + ")"}
 	case cgroups.Hybrid:
-		return checkResult{Name: "cgroups", Status: "ok", Detail: "v1 with the unified hierarchy beside it (hybrid), manager " + manager + ": container mode shows leased loop devices and their partitions"}
+		return checkResult{Name: "cgroups", Status: "ok", Detail: "v1 with the unified hierarchy beside it (hybrid), manager " + manager + ": container mode shows leased loop devices and their partitions (v1 devices controller)"}
 	case cgroups.Legacy:
-		return checkResult{Name: "cgroups", Status: "ok", Detail: "v1, manager " + manager + ": container mode shows leased loop devices and their partitions"}
+		return checkResult{Name: "cgroups", Status: "ok", Detail: "v1, manager " + manager + ": container mode shows leased loop devices and their partitions (v1 devices controller)"}
 	default:
 		return checkResult{Name: "cgroups", Status: "warn", Detail: "no cgroup hierarchy found: container mode cannot confine devices"}
 	}

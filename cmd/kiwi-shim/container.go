@@ -18,6 +18,10 @@ import (
 
 func (e *env) store() state.Store { return state.NewStore(e.root) }
 
+// runtimeRoot is the --root container mode gives runc (or crun), apart
+// from kiwi-shim's own records.
+func (e *env) runtimeRoot() string { return filepath.Join(e.root, "runc") }
+
 // manager builds the container-mode manager from the configuration and the
 // global flags, which are passed on to the low-level runtime.
 func (e *env) manager(ctx *cli.Context) (*containermode.Manager, error) {
@@ -32,7 +36,7 @@ func (e *env) manager(ctx *cli.Context) (*containermode.Manager, error) {
 	return &containermode.Manager{
 		Runtime: containermode.Runtime{
 			Path:          path,
-			Root:          filepath.Join(e.root, "runc"),
+			Root:          e.runtimeRoot(),
 			Log:           ctx.GlobalString("log"),
 			LogFormat:     ctx.GlobalString("log-format"),
 			SystemdCgroup: ctx.GlobalBool("systemd-cgroup") || ctx.GlobalString("cgroup-manager") == "systemd",

@@ -4,11 +4,13 @@ import (
 	"context"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 )
 
@@ -30,6 +32,9 @@ var keeperCommand = cli.Command{
 		sctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 		defer stop()
 		req := loopdev.Request{Owner: ctx.String("owner"), Count: ctx.Int("count"), Wait: true}
-		return containermode.Keep(sctx, a, req, ctx.Duration("timeout"), os.Stdin, os.Stdout, e.log)
+		// On cgroup v2 the keeper rebuilds runc's device filter from
+		// the rules runc recorded for the container.
+		dev := devcgroup.Options{RuncState: filepath.Join(e.runtimeRoot(), req.Owner, "state.json")}
+		return containermode.Keep(sctx, a, req, ctx.Duration("timeout"), dev, os.Stdin, os.Stdout, e.log)
 	}),
 }

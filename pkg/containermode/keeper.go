@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 )
 
@@ -35,8 +36,9 @@ import (
 // Keep runs the keeper side: it leases the devices, reports them on out,
 // waits for the container's pid on in, then holds the lease until that
 // process exits or ctx is cancelled (SIGTERM from delete). timeout, when
-// positive, bounds only the wait for the devices.
-func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeout time.Duration, in io.Reader, out io.Writer, log *slog.Logger) error {
+// positive, bounds only the wait for the devices. dev says where the
+// container's device cgroup is described (runc's state on cgroup v2).
+func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeout time.Duration, dev devcgroup.Options, in io.Reader, out io.Writer, log *slog.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pids := make(chan int, 1)
@@ -86,7 +88,7 @@ func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeou
 	synced := make(chan struct{})
 	go func() {
 		defer close(synced)
-		newPartitionSync(pid, lease.Devices(), log).run(pctx)
+		newPartitionSync(pid, lease.Devices(), dev, log).run(pctx)
 	}()
 	err = waitExit(ctx, pid)
 	stopSync()

@@ -1,18 +1,20 @@
 package containermode
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
 )
 
@@ -27,59 +29,41 @@ import (
 // open every NVMe disk of the host. Instead the keeper watches its own
 // devices and, for exactly their partitions, creates the node in the
 // container's /dev and allows exactly that number in its device cgroup,
-// and takes both away again when the partition goes.
+// and takes both away again when the partition goes (pkg/devcgroup: the
+// v1 devices controller, or on cgroup v2 runc's eBPF filter replaced by
+// one with the partitions added, and systemd's DeviceAllow list).
 
 // partitionSync mirrors the partitions of the leased devices into one
 // container.
 type partitionSync struct {
-	pid    int
-	devs   []loopdev.Device
-	host   loopdev.Host
-	log    *slog.Logger
-	cgroup string            // devices cgroup directory (v1), "" if none
-	known  map[string]string // "loop0p1" -> the cgroup rule allowed for it
+	pid     int
+	devs    []loopdev.Device
+	host    loopdev.Host
+	log     *slog.Logger
+	access  devcgroup.Access         // nil: partitions stay invisible
+	devDir  func() (int, error)      // opens the container's /dev (containerDev)
+	known   map[string]devcgroup.Dev // "loop0p1" -> its number, as made and allowed
+	synced  bool                     // known matches the container
+	lastErr string                   // last Set error logged, to log each once
 }
 
-func newPartitionSync(pid int, devs []loopdev.Device, log *slog.Logger) *partitionSync {
-	ps := &partitionSync{pid: pid, devs: devs, host: loopdev.DefaultHost(), log: log, known: map[string]string{}}
-	cg, err := devicesCgroup(pid)
+func newPartitionSync(pid int, devs []loopdev.Device, opts devcgroup.Options, log *slog.Logger) *partitionSync {
+	ps := &partitionSync{pid: pid, devs: devs, host: loopdev.DefaultHost(), log: log, known: map[string]devcgroup.Dev{}}
+	ps.devDir = ps.containerDev
+	access, err := devcgroup.Open(pid, opts)
 	if err != nil {
-		log.Warn("partition nodes: no devices cgroup; partitions stay invisible in the container", "err", err)
+		log.Warn("partition nodes: cannot change the container's device cgroup; partitions stay invisible in the container", "err", err)
+		return ps
 	}
-	ps.cgroup = cg
+	log.Debug("partition nodes: device cgroup", "access", access.String())
+	ps.access = access
 	return ps
-}
-
-// devicesCgroup finds the cgroup v1 devices directory of pid.
-func devicesCgroup(pid int) (string, error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		parts := strings.SplitN(sc.Text(), ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		for _, c := range strings.Split(parts[1], ",") {
-			if c == "devices" {
-				dir := filepath.Join("/sys/fs/cgroup/devices", filepath.Clean("/"+parts[2]))
-				if _, err := os.Stat(filepath.Join(dir, "devices.allow")); err != nil {
-					return "", err
-				}
-				return dir, nil
-			}
-		}
-	}
-	return "", errors.New("cgroup v2 device filters are eBPF programs owned by runc; not supported yet")
 }
 
 // run syncs until ctx is done, reacting to kernel uevents and checking
 // every second in case one was missed.
 func (ps *partitionSync) run(ctx context.Context) {
-	if ps.cgroup == "" {
+	if ps.access == nil {
 		return
 	}
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_KOBJECT_UEVENT)
@@ -94,15 +78,31 @@ func (ps *partitionSync) run(ctx context.Context) {
 	if fd >= 0 {
 		defer unix.Close(fd)
 	}
+	// wake ends the wait as soon as ctx is done: the keeper releases
+	// the lease only after this returns, and a device it still holds
+	// cannot go to the next box.
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		wake = -1
+	} else {
+		defer unix.Close(wake)
+		defer context.AfterFunc(ctx, func() {
+			one := []byte{1, 0, 0, 0, 0, 0, 0, 0} // any non-zero uint64
+			unix.Write(wake, one)
+		})()
+	}
 	buf := make([]byte, 8192)
 	for ctx.Err() == nil {
-		ps.sync()
+		ps.sync(ctx)
 		if fd < 0 {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		if n, _ := unix.Poll(fds, 1000); n > 0 {
+		if wake >= 0 {
+			fds = append(fds, unix.PollFd{Fd: int32(wake), Events: unix.POLLIN})
+		}
+		if n, _ := unix.Poll(fds, 1000); n > 0 && fds[0].Revents != 0 {
 			// Drain; any block event is a reason to look.
 			for {
 				m, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
@@ -114,44 +114,57 @@ func (ps *partitionSync) run(ctx context.Context) {
 	}
 }
 
-// sync makes the container's partition nodes match the kernel's.
-func (ps *partitionSync) sync() {
-	present := map[string]bool{}
+// sync makes the container's partition nodes and device cgroup match the
+// kernel's partitions of the leased devices.
+func (ps *partitionSync) sync(ctx context.Context) {
+	present := map[string]devcgroup.Dev{}
 	for _, d := range ps.devs {
 		parts, _ := ps.host.Partitions(d)
 		for _, p := range parts {
 			name := fmt.Sprintf("%sp%d", d.Name(), p)
-			present[name] = true
 			maj, min, err := partitionNumber(name)
 			if err != nil {
 				continue // gone again since the listing
 			}
-			// Partition numbers (major 259) are given out host-wide as
-			// partitions come: one that went and came back between two
-			// looks (a re-read partition table) may have another number
-			// now, and a node with the old one answers ENXIO.
-			old, ok := ps.known[name]
-			if ok && old == blockRule(maj, min) {
-				continue
-			}
-			if ok {
-				ps.remove(name, old)
-				delete(ps.known, name)
-			}
-			rule, err := ps.add(name, maj, min)
-			if err != nil {
-				ps.log.Warn("partition node", "node", name, "err", err)
-				continue
-			}
-			ps.known[name] = rule
+			present[name] = devcgroup.Dev{Major: maj, Minor: min}
 		}
 	}
-	for name, rule := range ps.known {
-		if !present[name] {
-			ps.remove(name, rule)
+	// Partition numbers (major 259) are given out host-wide as
+	// partitions come: one that went and came back between two looks
+	// (a re-read partition table) may have another number now, and a
+	// node with the old one answers ENXIO. Its node goes, and is made
+	// again below.
+	if ps.synced && maps.Equal(present, ps.known) {
+		return
+	}
+	for name, d := range ps.known {
+		if nd, ok := present[name]; !ok || nd != d {
+			ps.unlink(name)
 			delete(ps.known, name)
 		}
 	}
+	allowed := slices.Collect(maps.Values(present))
+	if err := ps.access.Set(ctx, allowed); err != nil {
+		if msg := err.Error(); msg != ps.lastErr {
+			ps.log.Warn("partition nodes: device cgroup", "access", ps.access.String(), "err", err)
+			ps.lastErr = msg
+		}
+		ps.synced = false // try again at the next look
+		return
+	}
+	ps.lastErr = ""
+	for name, d := range present {
+		if _, ok := ps.known[name]; ok {
+			continue
+		}
+		if err := ps.mknod(name, d); err != nil {
+			ps.log.Warn("partition node", "node", name, "err", err)
+			continue
+		}
+		ps.log.Debug("partition node added", "node", name, "rule", d.String())
+		ps.known[name] = d
+	}
+	ps.synced = len(ps.known) == len(present)
 }
 
 func partitionNumber(name string) (uint32, uint32, error) {
@@ -181,38 +194,28 @@ func (ps *partitionSync) containerDev() (int, error) {
 	})
 }
 
-// blockRule is the devices cgroup rule for one block device.
-func blockRule(maj, min uint32) string { return fmt.Sprintf("b %d:%d rwm", maj, min) }
-
-func (ps *partitionSync) add(name string, maj, min uint32) (string, error) {
-	rule := blockRule(maj, min)
-	dev, err := ps.containerDev()
+func (ps *partitionSync) mknod(name string, d devcgroup.Dev) error {
+	dev, err := ps.devDir()
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer unix.Close(dev)
-	err = unix.Mknodat(dev, name, unix.S_IFBLK|0o660, int(unix.Mkdev(maj, min)))
+	num := int(unix.Mkdev(d.Major, d.Minor))
+	err = unix.Mknodat(dev, name, unix.S_IFBLK|0o660, num)
 	if errors.Is(err, unix.EEXIST) {
 		// Left from a partition that came and went: replace it.
 		unix.Unlinkat(dev, name, 0)
-		err = unix.Mknodat(dev, name, unix.S_IFBLK|0o660, int(unix.Mkdev(maj, min)))
+		err = unix.Mknodat(dev, name, unix.S_IFBLK|0o660, num)
 	}
 	if err != nil {
-		return "", fmt.Errorf("mknod %s: %w", name, err)
+		return fmt.Errorf("mknod %s: %w", name, err)
 	}
-	if err := os.WriteFile(filepath.Join(ps.cgroup, "devices.allow"), []byte(rule), 0); err != nil {
-		unix.Unlinkat(dev, name, 0)
-		return "", fmt.Errorf("allow %s: %w", rule, err)
-	}
-	ps.log.Debug("partition node added", "node", name, "rule", rule)
-	return rule, nil
+	return nil
 }
 
-func (ps *partitionSync) remove(name, rule string) {
-	if dev, err := ps.containerDev(); err == nil {
+func (ps *partitionSync) unlink(name string) {
+	if dev, err := ps.devDir(); err == nil {
 		unix.Unlinkat(dev, name, 0)
 		unix.Close(dev)
 	}
-	// The number may be given to another device's partition next: deny it.
-	os.WriteFile(filepath.Join(ps.cgroup, "devices.deny"), []byte(rule), 0)
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/google/renameio/v2"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
@@ -56,23 +57,8 @@ func Build(spec Spec, cacheDir string) (string, error) {
 	if err := write(&buf, spec); err != nil {
 		return "", err
 	}
-	tmp, err := os.CreateTemp(dir, ".build-*")
-	if err != nil {
-		return "", fmt.Errorf("initramfs cache: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(buf.Bytes()); err != nil {
-		tmp.Close()
-		return "", fmt.Errorf("write initramfs: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return "", fmt.Errorf("write initramfs: %w", err)
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return "", err
-	}
 	// Concurrent builders produce identical files; the rename is atomic.
-	if err := os.Rename(tmp.Name(), out); err != nil {
+	if err := renameio.WriteFile(out, buf.Bytes(), 0o644, renameio.IgnoreUmask()); err != nil {
 		return "", fmt.Errorf("write initramfs: %w", err)
 	}
 	return out, nil

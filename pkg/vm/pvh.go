@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 
+	"github.com/google/renameio/v2"
 	"github.com/klauspost/compress/zstd"
 )
 
@@ -91,24 +92,8 @@ func UnpackPVH(image, cacheDir string) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("kernel cache: %w", err)
 	}
-	tmp, err := os.CreateTemp(dir, ".unpack-*")
-	if err != nil {
-		return "", fmt.Errorf("kernel cache: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(kernel); err != nil {
-		tmp.Close()
-		return "", fmt.Errorf("kernel cache: %w", err)
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return "", fmt.Errorf("kernel cache: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return "", fmt.Errorf("kernel cache: %w", err)
-	}
 	// Concurrent unpackers write the same bytes; the rename is atomic.
-	if err := os.Rename(tmp.Name(), out); err != nil {
+	if err := renameio.WriteFile(out, kernel, 0o644, renameio.IgnoreUmask()); err != nil {
 		return "", fmt.Errorf("kernel cache: %w", err)
 	}
 	return out, nil
@@ -144,11 +129,7 @@ func unpackBzImage(b []byte) ([]byte, error) {
 	case bytes.HasPrefix(payload, []byte("\xfd7zXZ\x00")):
 		// The kernel's XZ stream uses the x86 BCJ filter, which the Go
 		// XZ readers lack: xz (xz-utils, in every Debian) reads it.
-		out, err := unxz(payload)
-		if err == nil && len(out) != size {
-			err = fmt.Errorf("unpacked kernel has %d bytes, the image says %d", len(out), size)
-		}
-		return out, err
+		return unxz(payload, size)
 	case bytes.HasPrefix(payload, []byte{0x28, 0xb5, 0x2f, 0xfd}):
 		zr, err := zstd.NewReader(bytes.NewReader(payload[:len(payload)-4]), zstd.WithDecoderMaxWindow(1<<31), zstd.WithDecoderConcurrency(1))
 		if err != nil {
@@ -166,6 +147,13 @@ func unpackBzImage(b []byte) ([]byte, error) {
 	default:
 		return nil, fmt.Errorf("bzImage payload compressed in a way not read here (% x)", payload[:min(len(payload), 6)])
 	}
+	return readKernel(r, size)
+}
+
+// readKernel reads an unpacked kernel of size bytes from r, at most
+// maxKernelELF: a payload that unpacks to another size is cut short or
+// is not the image's kernel.
+func readKernel(r io.Reader, size int) ([]byte, error) {
 	var out bytes.Buffer
 	n, err := io.Copy(&out, io.LimitReader(r, maxKernelELF+1))
 	if n > maxKernelELF {
@@ -180,8 +168,9 @@ func unpackBzImage(b []byte) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// unxz decompresses an XZ stream with xz(1), bounded by maxKernelELF.
-func unxz(payload []byte) ([]byte, error) {
+// unxz decompresses an XZ stream of an unpacked size of size bytes with
+// xz(1).
+func unxz(payload []byte, size int) ([]byte, error) {
 	cmd := exec.Command("xz", "--decompress", "--stdout", "--quiet", "--single-stream")
 	cmd.Stdin = bytes.NewReader(payload)
 	var stderr bytes.Buffer
@@ -193,17 +182,17 @@ func unxz(payload []byte) ([]byte, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("xz payload: %w", err)
 	}
-	var out bytes.Buffer
-	n, rerr := io.Copy(&out, io.LimitReader(stdout, maxKernelELF+1))
-	if n > maxKernelELF {
+	out, rerr := readKernel(stdout, size)
+	if rerr != nil {
 		cmd.Process.Kill()
-		cmd.Wait()
-		return nil, fmt.Errorf("unpacked kernel larger than %d bytes", maxKernelELF)
 	}
-	if err := cmd.Wait(); err != nil || rerr != nil {
-		return nil, fmt.Errorf("xz payload: %v %v: %s", err, rerr, bytes.TrimSpace(stderr.Bytes()))
+	if err := cmd.Wait(); err != nil && rerr == nil {
+		return nil, fmt.Errorf("xz payload: %w: %s", err, bytes.TrimSpace(stderr.Bytes()))
 	}
-	return out.Bytes(), nil
+	if rerr != nil {
+		return nil, fmt.Errorf("xz payload: %w", rerr)
+	}
+	return out, nil
 }
 
 // checkPVH checks that kernel is an x86-64 ELF file with a PVH entry
