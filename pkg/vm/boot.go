@@ -234,7 +234,7 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 		}
 		p := bootPhases(m.qemuStart, helloAt, time.Now(), hello.Boot, ready.Boot)
 		if r != nil {
-			p.Restore = r.took
+			p.Restore, p.RestoreLoad = r.took, r.loaded
 		}
 		m.recordBoot(p)
 		return conn, nil

@@ -32,6 +32,10 @@ type BootPhases struct {
 	// the guest's own phases up to Hello are then the template's and
 	// zero here.
 	Restore time.Duration `json:"restore,omitempty"`
+	// RestoreLoad is the part of Restore up to the guest's load from
+	// the template (QEMU's start, its connections and the load); the
+	// rest is the device attachment.
+	RestoreLoad time.Duration `json:"restoreLoad,omitempty"`
 	// Start is `start` to the guest's report that the process runs
 	// (filled in later; zero until then).
 	Start time.Duration `json:"start,omitempty"`
@@ -116,7 +120,7 @@ func (p BootPhases) logAttrs() []any {
 		a = append(a, "start_ms", ms(p.Start))
 	}
 	if p.Restore > 0 {
-		a = append(a, "restore_ms", ms(p.Restore))
+		a = append(a, "restore_ms", ms(p.Restore), "restore_load_ms", ms(p.RestoreLoad))
 	}
 	return a
 }

@@ -34,8 +34,9 @@ type restored struct {
 	// ends with those connections, and a cold boot after a failure needs
 	// another one.
 	attached bool
-	// took is QEMU's start to the guest's continuation.
-	took time.Duration
+	// took is QEMU's start to the guest's continuation, loaded to the
+	// end of its load.
+	took, loaded time.Duration
 }
 
 // restore starts QEMU from the box's template (m.cfg.Template), waits
@@ -105,6 +106,12 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 		}
 		qemu.Process.Kill()
 		<-done
+		// QEMU may still be exiting when a step sees its connections
+		// end: its status, not the moment, says whether it exited.
+		exited := false
+		if ws, ok := qemu.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Exited() {
+			exited = true
+		}
 		// The dead QEMU's connections that were not accepted yet would
 		// be taken by the cold boot's accepts.
 		drainListener(gl)
@@ -113,7 +120,7 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 			err = errAbandoned
 		} else if gone := m.qemuGone(qemu); gone != nil && (endedItself || m.bootSignal() != 0) {
 			err = gone // not the template's fault
-		} else if endedItself && loadFailed(m.qemuLogPath()) {
+		} else if exited && loadFailed(m.qemuLogPath()) {
 			// QEMU refused the stream, at whatever step the monitor was.
 			var bad *badTemplateError
 			if !errors.As(err, &bad) {
@@ -138,6 +145,7 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	if err := waitLoaded(ctx, q); err != nil {
 		return r, &badTemplateError{m.qemuFailed("load the template", err)}
 	}
+	r.loaded = time.Since(m.qemuStart)
 	for _, c := range cmds {
 		if _, err := q.run(c.Execute, c.Arguments, qmpTimeout); err != nil {
 			return r, m.qemuFailed("attach the box's devices", err)
