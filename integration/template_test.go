@@ -197,9 +197,9 @@ grep " /build " /proc/mounts | cut -d" " -f3; dd if=/dev/zero of=/build/blob bs=
 
 // TestVMTemplateFaults: a template that QEMU cannot load (a corrupt
 // header or stream) makes the box boot cold, with the same result, and
-// is removed, so that the next box makes a new one; a template cut short
-// is made again at create; with no template at all, the first box makes
-// it.
+// is removed, so that the next box makes a new one; a template or RAM
+// file cut short is made again at create; with no template at all, the
+// first box makes it.
 func TestVMTemplateFaults(t *testing.T) {
 	guestRelease(t)
 	p, dir := templatePodman(t, "")
@@ -284,6 +284,19 @@ func TestVMTemplateFaults(t *testing.T) {
 	box("truncated: made again", "12")
 	if fi, err := os.Stat(tmpl); err != nil || fi.Size() < int64(len(good))/2+1 {
 		t.Fatalf("truncated template not replaced: %v %v", fi, err)
+	}
+	// So is a RAM file cut short (the guest's memory beside the stream).
+	ram := strings.TrimSuffix(tmpl, ".tmpl") + ".ram"
+	fi, err := os.Stat(ram)
+	if err != nil {
+		t.Fatalf("no RAM file beside the template: %v", err)
+	}
+	if err := os.Truncate(ram, fi.Size()/2); err != nil {
+		t.Fatal(err)
+	}
+	box("RAM file truncated: made again", "12")
+	if fi2, err := os.Stat(ram); err != nil || fi2.Size() != fi.Size() {
+		t.Fatalf("truncated RAM file not replaced: %v %v", fi2, err)
 	}
 	noVMLeft(t)
 }

@@ -234,7 +234,7 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 		}
 		p := bootPhases(m.qemuStart, helloAt, time.Now(), hello.Boot, ready.Boot)
 		if r != nil {
-			p.Restore, p.RestoreLoad = r.took, r.loaded
+			p.Restore, p.RestoreLoad, p.RestoreRAM = r.took, r.loaded, r.ram
 		}
 		m.recordBoot(p)
 		return conn, nil

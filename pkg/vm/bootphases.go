@@ -36,6 +36,9 @@ type BootPhases struct {
 	// the template (QEMU's start, its connections and the load); the
 	// rest is the device attachment.
 	RestoreLoad time.Duration `json:"restoreLoad,omitempty"`
+	// RestoreRAM is the copy of the template's RAM into the box's own
+	// memory, before QEMU's start (so not part of Total).
+	RestoreRAM time.Duration `json:"restoreRAM,omitempty"`
 	// Start is `start` to the guest's report that the process runs
 	// (filled in later; zero until then).
 	Start time.Duration `json:"start,omitempty"`
@@ -120,7 +123,7 @@ func (p BootPhases) logAttrs() []any {
 		a = append(a, "start_ms", ms(p.Start))
 	}
 	if p.Restore > 0 {
-		a = append(a, "restore_ms", ms(p.Restore), "restore_load_ms", ms(p.RestoreLoad))
+		a = append(a, "restore_ms", ms(p.Restore), "restore_load_ms", ms(p.RestoreLoad), "restore_ram_ms", ms(p.RestoreRAM))
 	}
 	return a
 }

@@ -61,10 +61,16 @@ type Machine struct {
 	// restored. A template is made from such a machine without any
 	// container device.
 	Hotplug bool `json:",omitempty"`
-	// IncomingFD, when not 0, makes QEMU load the guest from the
-	// migration stream (a template) at this inherited descriptor and
-	// stay stopped (-S) until it is told to continue.
+	// IncomingFD, when not 0, makes QEMU wait for the guest's migration
+	// stream (a template) at this inherited descriptor: -incoming defer,
+	// and the caller starts the load over QMP (restoreCommands), after
+	// which the guest stays stopped (-S) until it is told to continue.
 	IncomingFD int `json:"-"`
+	// RAMPath, when set, is the file the guest's RAM is (shared, as
+	// with the memfd): a template's RAM file when it is made, and the
+	// copy of it a restored box runs on (/proc/self/fd/N of a memfd).
+	// Such RAM is left out of the migration stream (x-ignore-shared).
+	RAMPath string `json:"-"`
 }
 
 // VirtioFS is one vhost-user-fs device.
@@ -172,7 +178,16 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args, "-netdev", "tap,id="+id+",fd="+strconv.Itoa(3+i))
 		device("virtio-net-pci,netdev=" + id + ",mac=" + mac)
 	}
-	if sharedRAM {
+	switch {
+	case m.RAMPath != "":
+		if strings.ContainsAny(m.RAMPath, ",\n") {
+			return nil, fmt.Errorf("RAM file %q cannot be passed to QEMU", m.RAMPath)
+		}
+		if !sharedRAM {
+			return nil, errors.New("a RAM file is only for a template's machine (Hotplug)")
+		}
+		args = append(args, "-object", "memory-backend-file,id=mem,share=on,mem-path="+m.RAMPath+",size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
+	case sharedRAM:
 		args = append(args, "-object", "memory-backend-memfd,id=mem,share=on,size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
 	}
 	for i, v := range m.VirtioFS {
@@ -216,7 +231,7 @@ func (m Machine) Args() ([]string, error) {
 		if !m.Hotplug {
 			return nil, errors.New("a guest is restored only into a template's machine (Hotplug)")
 		}
-		args = append(args, "-S", "-incoming", "fd:"+strconv.Itoa(m.IncomingFD))
+		args = append(args, "-S", "-incoming", "defer")
 	}
 	return args, nil
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"syscall"
 	"time"
 )
@@ -35,8 +36,8 @@ type restored struct {
 	// another one.
 	attached bool
 	// took is QEMU's start to the guest's continuation, loaded to the
-	// end of its load.
-	took, loaded time.Duration
+	// end of its load; ram is the copy of the template's RAM before.
+	took, loaded, ram time.Duration
 }
 
 // restore starts QEMU from the box's template (m.cfg.Template), waits
@@ -51,20 +52,28 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	if err != nil {
 		return nil, &badTemplateError{err}
 	}
+	defer f.Close()
+	copyStart := time.Now()
+	ram, err := openTemplateRAM(t)
+	if err != nil {
+		return nil, &badTemplateError{err}
+	}
+	defer ram.Close()
+	copied := time.Since(copyStart)
 	mach := m.cfg.Machine
 	mach.Hotplug = true
-	mach.IncomingFD = 3 + len(m.taps) // after the taps (Machine.Args)
+	// After the taps (Machine.Args): the stream, then the RAM.
+	mach.IncomingFD = 3 + len(m.taps)
+	mach.RAMPath = "/proc/self/fd/" + strconv.Itoa(mach.IncomingFD+1)
 	cmds, err := mach.HotplugCommands()
 	if err != nil {
-		f.Close()
 		return nil, err
 	}
-	qemu, done, err := m.startMachine(mach, append(append([]*os.File{}, m.taps...), f))
-	f.Close()
+	qemu, done, err := m.startMachine(mach, append(append([]*os.File{}, m.taps...), f, ram))
 	if err != nil {
 		return nil, err
 	}
-	r = &restored{qemu: qemu, done: done}
+	r = &restored{qemu: qemu, done: done, ram: copied}
 	m.mu.Lock()
 	m.qemu = qemu.Process
 	stopped := m.bootStop != 0
@@ -142,6 +151,13 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	if r.ctl, err = acceptBounded(ctx, gl, restoreConnectTimeout, done); err != nil {
 		return r, m.qemuFailed("control port", err)
 	}
+	// The RAM is the memfd already: the stream has the rest.
+	if _, err := q.run("migrate-set-capabilities", ignoreShared(), qmpTimeout); err != nil {
+		return r, m.qemuFailed("load the template", err)
+	}
+	if _, err := q.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(mach.IncomingFD)}, qmpTimeout); err != nil {
+		return r, &badTemplateError{m.qemuFailed("load the template", err)}
+	}
 	if err := waitLoaded(ctx, q); err != nil {
 		return r, &badTemplateError{m.qemuFailed("load the template", err)}
 	}
@@ -157,6 +173,13 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	}
 	r.took = time.Since(m.qemuStart)
 	return r, nil
+}
+
+// ignoreShared are the arguments of migrate-set-capabilities that leave
+// shared RAM (a template's RAM file, a box's copy of it) out of the
+// stream, on the saving side and on the loading side alike.
+func ignoreShared() map[string]any {
+	return map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
 }
 
 // badTemplateError is a restore that failed because of the template:

@@ -6,12 +6,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
@@ -24,9 +27,15 @@ import (
 // The template's machine has no device of any container: vhost-user-fs
 // devices cannot be migrated by QEMU 7.2, and a container's shares, NICs
 // and scratch disk are its own. It has HotplugPorts empty PCIe root
-// ports instead, and its RAM is a shared memfd as virtio-fs needs; the
-// box's QEMU is started with the same command line plus the back ends of
-// its devices, loads the template stopped, gets the devices hot-plugged
+// ports instead. Its RAM is a file (shared, as virtio-fs needs), saved
+// beside the stream and left out of it (QEMU's x-ignore-shared): a box
+// gets a memfd holding a copy of that file's data (a sparse copy: only
+// the pages the template's guest touched) as its RAM. So a restore reads
+// only what the guest used, and a restored box holds only that much host
+// memory, where a stream with the RAM in it makes QEMU touch, and so
+// allocate, every page of the shared RAM. The box's QEMU is started with
+// the same command line plus the back ends of its devices, loads the
+// template stopped, gets the devices hot-plugged
 // on those ports (HotplugCommands), continues, and only then gets the
 // container's configuration. The guest waits (bounded) for the devices
 // its configuration names.
@@ -46,11 +55,12 @@ const hotplugPortPrefix = "hp"
 
 // templateLayout versions the template machine's layout and the guest's
 // state at the save: a change of either makes other templates.
-const templateLayout = "kiwi-shim template 1"
+const templateLayout = "kiwi-shim template 2"
 
 // Template files in a template directory.
 const (
 	templateExt     = ".tmpl"
+	templateRAMExt  = ".ram"
 	templateMetaExt = ".json"
 )
 
@@ -162,19 +172,28 @@ type TemplateRef struct {
 	// Size is its size when it was made: a file of another size is
 	// truncated or replaced, and not loaded.
 	Size int64 `json:"size"`
+	// RAM is the guest's RAM file, of RAMSize bytes.
+	RAM     string `json:"ram"`
+	RAMSize int64  `json:"ramSize"`
 }
 
 // templateMeta is the record beside a template file.
 type templateMeta struct {
-	Size   int64         `json:"size"`
-	Made   time.Time     `json:"made"`
-	MakeIn time.Duration `json:"makeIn"` // boot and save, for the benchmarks
-	Key    string        `json:"key"`
+	Size    int64         `json:"size"`
+	RAMSize int64         `json:"ramSize"`
+	Made    time.Time     `json:"made"`
+	MakeIn  time.Duration `json:"makeIn"` // boot and save, for the benchmarks
+	Key     string        `json:"key"`
 }
 
 // templatePaths returns the template file and its record for key in dir.
 func templatePaths(dir, key string) (file, meta string) {
 	return filepath.Join(dir, key+templateExt), filepath.Join(dir, key+templateMetaExt)
+}
+
+// templateRAMPath returns the RAM file of the template file.
+func templateRAMPath(file string) string {
+	return strings.TrimSuffix(file, templateExt) + templateRAMExt
 }
 
 // LookupTemplate returns the template of key in dir, if there is a
@@ -186,14 +205,20 @@ func LookupTemplate(dir, key string) (TemplateRef, bool) {
 		return TemplateRef{}, false
 	}
 	var md templateMeta
-	if json.Unmarshal(b, &md) != nil || md.Key != key || md.Size <= 0 {
+	if json.Unmarshal(b, &md) != nil || md.Key != key || md.Size <= 0 || md.RAMSize <= 0 {
 		return TemplateRef{}, false
 	}
-	fi, err := os.Stat(file)
-	if err != nil || !fi.Mode().IsRegular() || fi.Size() != md.Size {
-		return TemplateRef{}, false
+	ram := templateRAMPath(file)
+	for _, f := range []struct {
+		path string
+		size int64
+	}{{file, md.Size}, {ram, md.RAMSize}} {
+		fi, err := os.Stat(f.path)
+		if err != nil || !fi.Mode().IsRegular() || fi.Size() != f.size {
+			return TemplateRef{}, false
+		}
 	}
-	return TemplateRef{Path: file, Size: md.Size}, true
+	return TemplateRef{Path: file, Size: md.Size, RAM: ram, RAMSize: md.RAMSize}, true
 }
 
 // TemplateMakeTime returns how long the template of key in dir took to
@@ -220,8 +245,10 @@ func RemoveTemplate(t TemplateRef) error {
 	if err := os.Remove(meta); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	if err := os.Remove(t.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	for _, f := range []string{t.Path, templateRAMPath(t.Path)} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	return nil
 }
@@ -269,24 +296,20 @@ func writeFileAtomic(path string, b []byte) error {
 	return os.Rename(tmp.Name(), path)
 }
 
-// commitTemplate moves a finished migration stream at tmp into place as
-// the template of key in dir and writes its record: first the file, then
-// the record, so that a record always names a complete file
-// (LookupTemplate checks the size).
-func commitTemplate(dir, key, tmp string, makeIn time.Duration) (TemplateRef, error) {
-	f, err := os.Open(tmp)
+// commitTemplate moves a finished migration stream at tmp and the RAM
+// file at tmpRAM into place as the template of key in dir and writes its
+// record: first the files, then the record, so that a record always
+// names complete files (LookupTemplate checks the sizes).
+func commitTemplate(dir, key, tmp, tmpRAM string, makeIn time.Duration) (TemplateRef, error) {
+	size, err := syncedSize(tmp)
 	if err != nil {
 		return TemplateRef{}, err
 	}
-	fi, err := f.Stat()
-	if err == nil {
-		err = f.Sync()
-	}
-	f.Close()
+	ramSize, err := syncedSize(tmpRAM)
 	if err != nil {
 		return TemplateRef{}, err
 	}
-	if fi.Size() == 0 {
+	if size == 0 || ramSize == 0 {
 		return TemplateRef{}, errors.New("QEMU saved an empty template")
 	}
 	file, meta := templatePaths(dir, key)
@@ -298,14 +321,92 @@ func commitTemplate(dir, key, tmp string, makeIn time.Duration) (TemplateRef, er
 	if err := os.Rename(tmp, file); err != nil {
 		return TemplateRef{}, err
 	}
-	b, err := json.Marshal(templateMeta{Size: fi.Size(), Made: time.Now().UTC(), MakeIn: makeIn, Key: key})
+	if err := os.Rename(tmpRAM, templateRAMPath(file)); err != nil {
+		return TemplateRef{}, err
+	}
+	b, err := json.Marshal(templateMeta{Size: size, RAMSize: ramSize, Made: time.Now().UTC(), MakeIn: makeIn, Key: key})
 	if err != nil {
 		return TemplateRef{}, err
 	}
 	if err := writeFileAtomic(meta, b); err != nil {
 		return TemplateRef{}, err
 	}
-	return TemplateRef{Path: file, Size: fi.Size()}, nil
+	return TemplateRef{Path: file, Size: size, RAM: templateRAMPath(file), RAMSize: ramSize}, nil
+}
+
+// syncedSize flushes the file at path to disk and returns its size.
+func syncedSize(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err == nil {
+		err = f.Sync()
+	}
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return fi.Size(), nil
+}
+
+// openTemplateRAM returns a memfd that holds a copy of the template's
+// RAM file: its data only (SEEK_DATA/SEEK_HOLE), the holes stay holes,
+// so the copy takes the host memory the template's guest used, not its
+// RAM size. A file of another size than the template's record is
+// refused.
+func openTemplateRAM(t TemplateRef) (*os.File, error) {
+	src, err := os.Open(t.RAM)
+	if err != nil {
+		return nil, fmt.Errorf("template RAM: %w", err)
+	}
+	defer src.Close()
+	fi, err := src.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("template RAM: %w", err)
+	}
+	if !fi.Mode().IsRegular() || fi.Size() != t.RAMSize {
+		return nil, fmt.Errorf("template RAM %s has %d bytes, %d were saved: truncated or replaced", t.RAM, fi.Size(), t.RAMSize)
+	}
+	fd, err := unix.MemfdCreate("kiwi-guest-ram", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("template RAM: memfd: %w", err)
+	}
+	dst := os.NewFile(uintptr(fd), "kiwi-guest-ram")
+	if err := copySparse(dst, src, t.RAMSize); err != nil {
+		dst.Close()
+		return nil, fmt.Errorf("template RAM %s: %w", t.RAM, err)
+	}
+	return dst, nil
+}
+
+// copySparse makes dst a copy of the size bytes of src, writing only
+// src's data segments.
+func copySparse(dst, src *os.File, size int64) error {
+	if err := dst.Truncate(size); err != nil {
+		return err
+	}
+	sfd := int(src.Fd())
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(sfd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return nil // only a hole up to the end
+		}
+		if err != nil {
+			return fmt.Errorf("seek data: %w", err)
+		}
+		hole, err := unix.Seek(sfd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fmt.Errorf("seek hole: %w", err)
+		}
+		hole = min(hole, size)
+		if _, err := io.Copy(io.NewOffsetWriter(dst, data), io.NewSectionReader(src, data, hole-data)); err != nil {
+			return err
+		}
+		off = hole
+	}
+	return nil
 }
 
 // shellQuote quotes a path for the shell that QEMU's exec: migration

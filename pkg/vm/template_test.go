@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // templateFiles makes a QEMU, kernel and initramfs stand-in in a fresh
@@ -103,14 +106,22 @@ func TestTemplateFiles(t *testing.T) {
 	if err := os.WriteFile(tmp, stream, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ref, err := commitTemplate(dir, key, tmp, 1500*time.Millisecond)
+	const ramSize = 1 << 20
+	tmpRAM := filepath.Join(dir, ".tmp-stream.ram")
+	if err := os.WriteFile(tmpRAM, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(tmpRAM, ramSize)
+	ref, err := commitTemplate(dir, key, tmp, tmpRAM, 1500*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
-		t.Errorf("temporary file left: %v", err)
+	for _, f := range []string{tmp, tmpRAM} {
+		if _, err := os.Stat(f); !os.IsNotExist(err) {
+			t.Errorf("temporary file left: %v", err)
+		}
 	}
-	if ref.Size != int64(len(stream)) || filepath.Dir(ref.Path) != dir {
+	if ref.Size != int64(len(stream)) || filepath.Dir(ref.Path) != dir || ref.RAMSize != ramSize || ref.RAM != filepath.Join(dir, key+".ram") {
 		t.Errorf("ref %+v", ref)
 	}
 	got, ok := LookupTemplate(dir, key)
@@ -125,13 +136,18 @@ func TestTemplateFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	// Only the template and its record are left in the directory.
+	ram, err := openTemplateRAM(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ram.Close()
+	// Only the template, its RAM and its record are left.
 	ents, _ := os.ReadDir(dir)
 	var names []string
 	for _, e := range ents {
 		names = append(names, e.Name())
 	}
-	if want := fmt.Sprintf("[%s.json %s.tmpl]", key, key); fmt.Sprint(names) != want {
+	if want := fmt.Sprintf("[%s.json %s.ram %s.tmpl]", key, key, key); fmt.Sprint(names) != want {
 		t.Errorf("directory holds %v, want %s", names, want)
 	}
 
@@ -145,13 +161,22 @@ func TestTemplateFiles(t *testing.T) {
 	if _, err := openTemplate(ref); err == nil || !strings.Contains(err.Error(), "truncated") {
 		t.Errorf("truncated template opened: %v", err)
 	}
-	// A record that names another key, or is no record, is no template.
+	// So is one whose RAM file lost its end.
 	os.WriteFile(ref.Path, stream, 0o600)
+	os.Truncate(ref.RAM, ramSize/2)
+	if _, ok := LookupTemplate(dir, key); ok {
+		t.Error("template with a truncated RAM file found")
+	}
+	if _, err := openTemplateRAM(ref); err == nil || !strings.Contains(err.Error(), "truncated") {
+		t.Errorf("truncated RAM file opened: %v", err)
+	}
+	os.Truncate(ref.RAM, ramSize)
+	// A record that names another key, or is no record, is no template.
 	if _, ok := LookupTemplate(dir, key); !ok {
 		t.Fatal("restored template not found")
 	}
 	_, meta := templatePaths(dir, key)
-	b, _ := json.Marshal(templateMeta{Size: ref.Size, Key: "other"})
+	b, _ := json.Marshal(templateMeta{Size: ref.Size, RAMSize: ramSize, Key: "other"})
 	os.WriteFile(meta, b, 0o600)
 	if _, ok := LookupTemplate(dir, key); ok {
 		t.Error("template found through another key's record")
@@ -163,8 +188,61 @@ func TestTemplateFiles(t *testing.T) {
 	// An empty stream is refused.
 	empty := filepath.Join(dir, ".tmp-empty")
 	os.WriteFile(empty, nil, 0o600)
-	if _, err := commitTemplate(dir, key, empty, 0); err == nil {
+	if _, err := commitTemplate(dir, key, empty, ref.RAM, 0); err == nil {
 		t.Error("empty stream committed")
+	}
+	// RemoveTemplate takes all three.
+	if err := RemoveTemplate(ref); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{ref.Path, ref.RAM, meta} {
+		if _, err := os.Stat(f); !os.IsNotExist(err) {
+			t.Errorf("%s left after RemoveTemplate: %v", f, err)
+		}
+	}
+}
+
+// TestCopySparse: a box's RAM is a copy of the template's data segments;
+// what the template's guest never touched stays a hole, so it takes no
+// memory in the box's memfd.
+func TestCopySparse(t *testing.T) {
+	const size = 8 << 20
+	dir := t.TempDir()
+	src, err := os.Create(filepath.Join(dir, "ram"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	src.Truncate(size)
+	want := make([]byte, size)
+	for _, seg := range []struct{ off, n int64 }{{0, 4096}, {3 << 20, 200 << 10}, {size - 8192, 8192}} {
+		b := bytes.Repeat([]byte{byte(seg.off>>12) | 1}, int(seg.n))
+		if _, err := src.WriteAt(b, seg.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[seg.off:], b)
+	}
+	ref := TemplateRef{RAM: src.Name(), RAMSize: size}
+	dst, err := openTemplateRAM(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	got, err := io.ReadAll(io.NewSectionReader(dst, 0, size+1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the copy differs from the template's RAM")
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dst.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	// The three segments take 212 KiB; the file is 8 MiB. (The source's
+	// file system may round its data segments up to its blocks.)
+	if used := st.Blocks * 512; used > 1<<20 {
+		t.Errorf("the copy takes %d bytes of memory, want the data only", used)
 	}
 }
 
@@ -210,12 +288,14 @@ func TestTemplateMachineArgs(t *testing.T) {
 		VirtioFS: []VirtioFS{{Tag: "rootfs", Socket: "/s/v0.sock"}},
 		Disks:    []Disk{{Path: "/scratch.img", Serial: ScratchSerial}},
 		Shares:   []Share{{Tag: "kiwi1", Path: "/d"}}}
-	tmpl, err := TemplateMachine(box).Args()
+	tm := TemplateMachine(box)
+	tm.RAMPath = "/t/k.ram"
+	tmpl, err := tm.Args()
 	if err != nil {
 		t.Fatal(err)
 	}
 	restore := box
-	restore.Hotplug, restore.IncomingFD = true, 4
+	restore.Hotplug, restore.IncomingFD, restore.RAMPath = true, 4, "/proc/self/fd/5"
 	rargs, err := restore.Args()
 	if err != nil {
 		t.Fatal(err)
@@ -223,7 +303,7 @@ func TestTemplateMachineArgs(t *testing.T) {
 	tj, rj := strings.Join(tmpl, " "), strings.Join(rargs, " ")
 	// The template and the restore have the same machine: the restore
 	// adds back ends only, and the incoming stream.
-	for _, want := range []string{"q35,memory-backend=mem", "memory-backend-memfd,id=mem,share=on,size=2048M",
+	for _, want := range []string{"q35,memory-backend=mem", "memory-backend-file,id=mem,share=on,mem-path=",
 		"pcie-root-port,id=hp0,chassis=1", fmt.Sprintf("pcie-root-port,id=hp%d,chassis=%d", HotplugPorts-1, HotplugPorts)} {
 		if !strings.Contains(tj, want) || !strings.Contains(rj, want) {
 			t.Errorf("%q missing:\ntemplate: %s\nrestore: %s", want, tj, rj)
@@ -239,7 +319,13 @@ func TestTemplateMachineArgs(t *testing.T) {
 		}
 		return d
 	}
-	if td, rd := devices(tmpl), devices(rargs); fmt.Sprint(td) != fmt.Sprint(rd) {
+	// The RAM is the template's file when it is made, the box's copy
+	// when it is restored: the same RAM block either way.
+	if !strings.Contains(tj, "mem-path=/t/k.ram,size=2048M") || !strings.Contains(rj, "mem-path=/proc/self/fd/5,size=2048M") {
+		t.Errorf("RAM files:\ntemplate: %s\nrestore: %s", tj, rj)
+	}
+	sameRAM := strings.NewReplacer("/t/k.ram", "RAM", "/proc/self/fd/5", "RAM")
+	if td, rd := sameRAM.Replace(fmt.Sprint(devices(tmpl))), sameRAM.Replace(fmt.Sprint(devices(rargs))); td != rd {
 		t.Errorf("restore's devices differ from the template's:\ntemplate: %v\nrestore:  %v", td, rd)
 	}
 	for _, dev := range []string{"virtio-net-pci", "vhost-user-fs-pci", "virtio-blk-pci", "virtio-9p-pci", "socket,id=vfs0", "-S", "-incoming"} {
@@ -247,7 +333,7 @@ func TestTemplateMachineArgs(t *testing.T) {
 			t.Errorf("template has %q: %s", dev, tj)
 		}
 	}
-	for _, want := range []string{"-netdev tap,id=tap0,fd=3", "if=none,id=disk0", "-fsdev local,id=fs0", "-S -incoming fd:4"} {
+	for _, want := range []string{"-netdev tap,id=tap0,fd=3", "if=none,id=disk0", "-fsdev local,id=fs0", "-S -incoming defer"} {
 		if !strings.Contains(rj, want) {
 			t.Errorf("restore lacks %q: %s", want, rj)
 		}

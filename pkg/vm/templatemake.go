@@ -59,11 +59,13 @@ func EnsureTemplate(ctx context.Context, m Machine, dir string, log *slog.Logger
 	}
 	start := time.Now()
 	tmp := filepath.Join(dir, fmt.Sprintf(".%s.tmp-%d", key, os.Getpid()))
+	tmpRAM := tmp + templateRAMExt
 	defer os.Remove(tmp)
-	if err := saveTemplate(ctx, m, tmp, log); err != nil {
+	defer os.Remove(tmpRAM)
+	if err := saveTemplate(ctx, m, tmp, tmpRAM, log); err != nil {
 		return TemplateRef{}, false, fmt.Errorf("make template: %w", err)
 	}
-	t, err = commitTemplate(dir, key, tmp, time.Since(start))
+	t, err = commitTemplate(dir, key, tmp, tmpRAM, time.Since(start))
 	if err != nil {
 		return TemplateRef{}, false, fmt.Errorf("make template: %w", err)
 	}
@@ -101,10 +103,12 @@ func lockTemplate(ctx context.Context, path string) (func(), error) {
 	}
 }
 
-// saveTemplate boots m with no container device and saves the guest,
-// once it waits for its configuration, to the file out.
-func saveTemplate(ctx context.Context, m Machine, out string, log *slog.Logger) error {
+// saveTemplate boots m with no container device, its RAM the file ram,
+// and saves the guest's other state, once it waits for its
+// configuration, to the file out.
+func saveTemplate(ctx context.Context, m Machine, out, ram string, log *slog.Logger) error {
 	m = TemplateMachine(m)
+	m.RAMPath = ram
 	quoted, err := shellQuote(out)
 	if err != nil {
 		return err
@@ -198,6 +202,10 @@ func saveTemplate(ctx context.Context, m Machine, out string, log *slog.Logger) 
 	// QEMU 7.2 throttles a migration to 128 MiB/s by default: a file
 	// takes what it gets.
 	if _, err := q.run("migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, qmpTimeout); err != nil {
+		return why(err)
+	}
+	// The RAM stays in its file (shared), not in the stream.
+	if _, err := q.run("migrate-set-capabilities", ignoreShared(), qmpTimeout); err != nil {
 		return why(err)
 	}
 	if _, err := q.run("migrate", map[string]any{"uri": "exec:cat > " + quoted}, qmpTimeout); err != nil {
