@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
+	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 )
 
 // TestGC: what a crash of the whole host-side stack leaves behind, found
@@ -95,13 +97,31 @@ func TestGC(t *testing.T) {
 	}
 	os.WriteFile(filepath.Join(scratch, "fresh-1.img"), nil, 0o600)
 
-	r := k("gc")
+	// A derived cache file unused since 2000, beside the real cache's
+	// files (which the boxes above just used); --cache-age spares every
+	// file younger than ten years, so that the host's own cache stays as
+	// it was.
+	cfg, err := config.Load(conf, false, config.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	staleCache := filepath.Join(cfg.CacheDir, initramfs.CacheSubdir, fmt.Sprintf("kiwi-shim-test-%d.cpio", time.Now().UnixNano()))
+	if err := os.WriteFile(staleCache, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(staleCache) })
+	y2k := time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+	os.Chtimes(staleCache, y2k, y2k)
+	const keepHostCache = "87600h"
+
+	r := k("gc", "--cache-age", keepHostCache)
 	if r.code != 0 {
 		t.Fatalf("gc: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	t.Logf("gc:\n%s", r.stdout)
 	for _, want := range []string{"stopped container: gc-crashed", "orphan process: pid", "orphan scratch disk: " + filepath.Join(scratch, "lost-1.img"),
-		"orphan work dir: " + filepath.Join(work, "boxbuild-dead-1"), "half-made state: " + filepath.Join(root, "containers", "half-made")} {
+		"orphan work dir: " + filepath.Join(work, "boxbuild-dead-1"), "half-made state: " + filepath.Join(root, "containers", "half-made"),
+		"unused cache file: " + staleCache} {
 		if !strings.Contains(r.stdout, "removed "+want) {
 			t.Errorf("gc did not say: removed %s", want)
 		}
@@ -127,10 +147,10 @@ func TestGC(t *testing.T) {
 	}
 	os.Remove(filepath.Join(scratch, "fresh-1.img"))
 
-	if r := k("gc"); r.code != 0 || r.stdout != "" {
+	if r := k("gc", "--cache-age", keepHostCache); r.code != 0 || r.stdout != "" {
 		t.Errorf("second gc: exit %d, found %q", r.code, r.stdout)
 	}
-	if r := k("gc", "--records"); r.code != 0 || !strings.Contains(r.stdout, "removed stopped record") || strings.Contains(r.stdout, "gc-alive") {
+	if r := k("gc", "--records", "--cache-age", "0"); r.code != 0 || !strings.Contains(r.stdout, "removed stopped record") || strings.Contains(r.stdout, "gc-alive") {
 		t.Errorf("gc --records: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	if _, err := os.Stat(filepath.Join(root, "containers", "gc-crashed")); !os.IsNotExist(err) {

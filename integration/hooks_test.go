@@ -128,20 +128,7 @@ func TestHooksRuntime(t *testing.T) {
 			}
 			setHooks := func(hs *specs.Hooks) {
 				t.Helper()
-				p := filepath.Join(bundle, "config.json")
-				b, err := os.ReadFile(p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				var s specs.Spec
-				if err := json.Unmarshal(b, &s); err != nil {
-					t.Fatal(err)
-				}
-				s.Hooks = hs
-				b, _ = json.Marshal(&s)
-				if err := os.WriteFile(p, b, 0o644); err != nil {
-					t.Fatal(err)
-				}
+				editSpec(t, bundle, func(s *specs.Spec) { s.Hooks = hs })
 				os.Remove(logFile)
 			}
 			k := func(args ...string) result {

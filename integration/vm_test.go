@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -461,4 +462,45 @@ sync; ls -l /build/blob | tr -s " " | cut -d" " -f5`
 	if left, _ := os.ReadDir(scratchDir); len(left) != 0 {
 		t.Fatalf("scratch images left after podman rm -f: %v", left)
 	}
+}
+
+// runVMBundle runs bundle in a VM with kiwi-shim create, start and delete
+// under a root in dir (with --debug when inspect is given, which is
+// called with the container's state directory before the delete) and
+// returns what the box and kiwi-shim printed.
+func runVMBundle(t testing.TB, dir, bundle, id string, inspect func(stateDir string)) string {
+	t.Helper()
+	root := filepath.Join(dir, "root")
+	global := []string{"--root", root}
+	if inspect != nil {
+		global = append(global, "--debug")
+	}
+	k := func(args ...string) result {
+		return run(t, nil, shim(), append(slices.Clone(global), args...)...)
+	}
+	outPath := filepath.Join(dir, id+".out")
+	out, err := os.Create(outPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	create := exec.Command(shim(), append(slices.Clone(global), "create", "--bundle", bundle, id)...)
+	create.Stdout, create.Stderr = out, out
+	if err := create.Run(); err != nil {
+		b, _ := os.ReadFile(outPath)
+		t.Fatalf("create: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { k("delete", "--force", id) })
+	if r := k("start", id); r.code != 0 {
+		t.Fatalf("start: %s", r.stderr)
+	}
+	eventually(t, 120*time.Second, id+" stopped", func() bool { return strings.Contains(k("state", id).stdout, `"status": "stopped"`) })
+	if inspect != nil {
+		inspect(filepath.Join(root, "containers", id))
+	}
+	if r := k("delete", id); r.code != 0 {
+		t.Fatalf("delete: %s", r.stderr)
+	}
+	b, _ := os.ReadFile(outPath)
+	return string(b)
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -209,7 +210,7 @@ func becomeProcess(hc *helperConfig) error {
 		caps.Set(capability.EFFECTIVE, capList(c.Effective)...)
 		caps.Set(capability.PERMITTED, capList(c.Permitted)...)
 		caps.Set(capability.INHERITABLE, capList(c.Inheritable)...)
-		caps.Set(capability.AMBIENT, capList(c.Ambient)...)
+		caps.Set(capability.AMBIENT, capList(raisableAmbient(c))...)
 		if err := caps.Apply(capability.CAPS); err != nil {
 			return fmt.Errorf("capabilities: %w", err)
 		}
@@ -223,6 +224,21 @@ func becomeProcess(hc *helperConfig) error {
 		}
 	}
 	return nil
+}
+
+// raisableAmbient is the part of c's ambient set that the kernel lets a
+// process raise: capabilities also in its permitted and inheritable sets.
+// runc leaves the rest out without an error, and so does the box: the
+// configuration that `runc spec` writes lists ambient capabilities and no
+// inheritable ones, and runs under runc with an empty ambient set.
+func raisableAmbient(c *vmproto.Capabilities) []string {
+	var out []string
+	for _, n := range c.Ambient {
+		if slices.Contains(c.Permitted, n) && slices.Contains(c.Inheritable, n) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 func groupsOf(g []uint32) []int {

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/moby/sys/capability"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
 func TestCapList(t *testing.T) {
@@ -24,5 +27,26 @@ func TestCapList(t *testing.T) {
 				t.Errorf("capList(%q) = %v, want %v", tc.names, got, tc.want)
 			}
 		}
+	}
+}
+
+func TestRaisableAmbient(t *testing.T) {
+	all := []string{"CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"}
+	tests := []struct {
+		name string
+		caps vmproto.Capabilities
+		want []string
+	}{
+		{name: "runc spec's default: no inheritable set", caps: vmproto.Capabilities{Permitted: all, Ambient: all}},
+		{name: "permitted and inheritable", caps: vmproto.Capabilities{Permitted: all, Inheritable: all, Ambient: all}, want: all},
+		{name: "only what both sets hold", caps: vmproto.Capabilities{Permitted: all[:2], Inheritable: all[1:], Ambient: all}, want: all[1:2]},
+		{name: "no ambient set", caps: vmproto.Capabilities{Permitted: all, Inheritable: all}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := raisableAmbient(&tt.caps); !slices.Equal(got, tt.want) {
+				t.Errorf("raisableAmbient = %v, want %v", got, tt.want)
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"os/signal"
 
 	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/urfave/cli"
 	"golang.org/x/sys/unix"
 
@@ -55,8 +56,13 @@ var mountCommand = cli.Command{
 			opts.AllowOther = true
 			opts.DirectMount = true
 		}
-		server, err := fs.Mount(mnt, root, opts)
+		// fs.Mount, with the set-id bits cleared on unprivileged writes.
+		server, err := fuse.NewServer(sharefs.KillPrivOnWrite(fs.NewNodeFS(root, opts)), mnt, &opts.MountOptions)
 		if err != nil {
+			return fmt.Errorf("mount %s on %s: %w", src, mnt, err)
+		}
+		go server.Serve()
+		if err := server.WaitMount(); err != nil {
 			return fmt.Errorf("mount %s on %s: %w", src, mnt, err)
 		}
 		log.Info("mounted", "source", src, "mountpoint", mnt, "read-only", o.ReadOnly, "cache", o.Cache)

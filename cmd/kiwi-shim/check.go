@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
@@ -99,7 +100,7 @@ func (e *env) checks() []checkResult {
 	if _, err := initBinary(host); err != nil {
 		add("guest init", "fail", err.Error(), "make build")
 	} else {
-		n, _ := filepath.Glob(filepath.Join(e.cfg.CacheDir, "initramfs", "*.cpio"))
+		n, _ := filepath.Glob(filepath.Join(e.cfg.CacheDir, initramfs.CacheSubdir, "*.cpio"))
 		add("guest init", "ok", fmt.Sprintf("kiwi-box-init found; %d initramfs image(s) cached", len(n)), "")
 	}
 	if f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {

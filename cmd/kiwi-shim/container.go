@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/urfave/cli"
 
@@ -75,14 +74,20 @@ func containerAction(fn func(*cli.Context, *env, container) error) func(*cli.Con
 
 // keeperCmd builds the hidden loop-keeper invocation with the same global
 // settings as this one.
-func keeperCmd(ctx *cli.Context) func(owner string, count int, timeout time.Duration) *exec.Cmd {
-	return func(owner string, count int, timeout time.Duration) *exec.Cmd {
+func keeperCmd(ctx *cli.Context) func(containermode.KeeperArgs) *exec.Cmd {
+	return func(k containermode.KeeperArgs) *exec.Cmd {
 		self, err := os.Executable()
 		if err != nil {
 			self = "/proc/self/exe"
 		}
 		args := globalArgs(ctx)
-		args = append(args, containermode.KeeperCommand, "--owner", owner, "--count", strconv.Itoa(count), "--timeout", timeout.String())
+		args = append(args, containermode.KeeperCommand, "--owner", k.Owner, "--count", strconv.Itoa(k.Count), "--timeout", k.Timeout.String())
+		if k.Lease != nil {
+			args = append(args, "--lease", k.Lease.String())
+		}
+		if k.HoldOnly {
+			args = append(args, "--hold-only")
+		}
 		return exec.Command(self, args...)
 	}
 }

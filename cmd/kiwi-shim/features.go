@@ -28,7 +28,7 @@ var featuresCommand = cli.Command{
 			Annotations: map[string]string{
 				"io.kiwi-shim.annotations": oci.AnnotationMode + " " + oci.AnnotationLoopCount + " " + oci.AnnotationLoopTimeout + " " +
 					oci.AnnotationLoopControl + " " + oci.AnnotationVMMemory + " " + oci.AnnotationVMCPUs + " " + oci.AnnotationVMArch + " " +
-					oci.AnnotationVMScratch + " " + oci.AnnotationVMDNS + " " + oci.AnnotationShare + " " + oci.AnnotationShareCache + " " + oci.AnnotationShareMapped,
+					oci.AnnotationVMScratch + " " + oci.AnnotationVMDNS + " " + oci.AnnotationShare + " " + oci.AnnotationShareCache + " " + oci.AnnotationShareMapped + " " + oci.AnnotationLoopLease,
 				"io.kiwi-shim.modes":   "container",
 				"io.kiwi-shim.version": version,
 			},

@@ -12,6 +12,8 @@ import (
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/gc"
+	"github.com/kiwi-shim/kiwi-shim/pkg/initramfs"
+	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 )
 
 var gcCommand = cli.Command{
@@ -27,7 +29,10 @@ var gcCommand = cli.Command{
    - QEMU, kiwi-sharefs and monitor processes whose state directory is gone;
    - scratch images no record names and no process has open, boxbuild work
      directories no process uses, state directories without a record;
-   - stale loop leases (dead owners), with their devices and partitions.
+   - stale loop leases (dead owners), with their devices and partitions;
+   - derived cache files (initramfs images, unpacked kernels) that no
+     container used for --cache-age (0 keeps them); kernels and boxes that
+     setup fetched stay.
 
    Records of stopped containers stay (the engine deletes them) unless
    --records is given, for after the engine crashed too. Things younger
@@ -37,11 +42,17 @@ var gcCommand = cli.Command{
 		cli.BoolFlag{Name: "dry-run, n", Usage: "only print what would be removed"},
 		cli.BoolFlag{Name: "records", Usage: "also remove the records of stopped containers"},
 		cli.DurationFlag{Name: "grace", Value: gc.DefaultGrace, Usage: "leave things younger than this alone"},
+		cli.DurationFlag{Name: "cache-age", Value: gc.DefaultCacheAge, Usage: "remove derived cache files unused for this long (0: never)"},
 	},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
 		found, err := gc.Scan(gc.Options{
 			Roots: e.gcRoots(), ScratchDir: e.cfg.VM.ScratchDir, WorkDir: e.cfg.WorkDir,
 			Grace: ctx.Duration("grace"), Records: ctx.Bool("records"),
+			CacheDirs: []string{
+				filepath.Join(e.cfg.CacheDir, initramfs.CacheSubdir),
+				filepath.Join(e.cfg.CacheDir, vm.PVHCacheSubdir),
+			},
+			CacheAge: ctx.Duration("cache-age"),
 		}, gc.Host())
 		if err != nil {
 			return err
@@ -115,7 +126,7 @@ func (e *env) collect(ctx *cli.Context, l gc.Leftover) error {
 			}
 		}
 		return nil
-	case gc.KindScratch:
+	case gc.KindScratch, gc.KindCache:
 		if err := os.Remove(l.Dir); err != nil && !os.IsNotExist(err) {
 			return err
 		}

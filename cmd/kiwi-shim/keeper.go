@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
 	"github.com/kiwi-shim/kiwi-shim/pkg/devcgroup"
+	"github.com/kiwi-shim/kiwi-shim/pkg/deviceplugin"
 	"github.com/kiwi-shim/kiwi-shim/pkg/loopdev"
+	"github.com/kiwi-shim/kiwi-shim/pkg/oci"
 )
 
 // keeperCommand runs a container's loop keeper (see containermode.Keep).
@@ -23,6 +26,8 @@ var keeperCommand = cli.Command{
 		cli.StringFlag{Name: "owner"},
 		cli.IntFlag{Name: "count"},
 		cli.DurationFlag{Name: "timeout"},
+		cli.StringFlag{Name: "lease", Usage: "adopt this Kubernetes allocation (an " + oci.AnnotationLoopLease + " value)"},
+		cli.BoolFlag{Name: "hold-only", Usage: "only hold the lease (VM mode)"},
 	},
 	Action: withEnv(func(ctx *cli.Context, e *env) error {
 		a, err := e.allocator()
@@ -31,10 +36,35 @@ var keeperCommand = cli.Command{
 		}
 		sctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 		defer stop()
-		req := loopdev.Request{Owner: ctx.String("owner"), Count: ctx.Int("count"), Wait: true}
-		// On cgroup v2 the keeper rebuilds runc's device filter from
-		// the rules runc recorded for the container.
-		dev := devcgroup.Options{RuncState: filepath.Join(e.runtimeRoot(), req.Owner, "state.json")}
-		return containermode.Keep(sctx, a, req, ctx.Duration("timeout"), dev, os.Stdin, os.Stdout, e.log)
+		owner := ctx.String("owner")
+		o := containermode.KeepOptions{
+			Owner:          owner,
+			SyncPartitions: !ctx.Bool("hold-only"),
+			// On cgroup v2 the keeper rebuilds runc's device filter
+			// from the rules runc recorded for the container.
+			Devices: devcgroup.Options{RuncState: filepath.Join(e.runtimeRoot(), owner, "state.json")},
+			Log:     e.log,
+		}
+		if v := ctx.String("lease"); v != "" {
+			want, err := oci.ParseLoopLease(v)
+			if err != nil {
+				return fmt.Errorf("--lease: %w", err)
+			}
+			o.Lease = func(ctx context.Context) (*loopdev.Lease, error) {
+				return deviceplugin.Adopt(ctx, a, deviceplugin.HandoverDir(a.Dir()), want, owner)
+			}
+		} else {
+			req := loopdev.Request{Owner: owner, Count: ctx.Int("count"), Wait: true}
+			timeout := ctx.Duration("timeout")
+			o.Lease = func(c context.Context) (*loopdev.Lease, error) {
+				if timeout > 0 {
+					var cancel context.CancelFunc
+					c, cancel = context.WithTimeout(c, timeout)
+					defer cancel()
+				}
+				return a.Acquire(c, req)
+			}
+		}
+		return containermode.Keep(sctx, o, os.Stdin, os.Stdout)
 	}),
 }

@@ -73,6 +73,7 @@ func main() {
 		featuresCommand,
 		specCommand,
 		loopCommand,
+		devicePluginCommand,
 		checkCommand,
 		setupCommand,
 		boxbuildCommand,

@@ -12,7 +12,10 @@ import (
 	"github.com/urfave/cli"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/config"
+	"github.com/kiwi-shim/kiwi-shim/pkg/containermode"
+	"github.com/kiwi-shim/kiwi-shim/pkg/fdutil"
 	"github.com/kiwi-shim/kiwi-shim/pkg/settings"
+	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vm"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmmode"
 )
@@ -51,10 +54,41 @@ func (e *env) vmManager(ctx *cli.Context) *vmmode.Manager {
 
 // createVM creates a VM-mode container (see vmmode.Manager.Create).
 func createVM(ctx *cli.Context, e *env, id, bundle string, spec *specs.Spec, s settings.Container) error {
-	return e.vmManager(ctx).Create(context.Background(), vmmode.CreateOptions{
+	// A box that Kubernetes allocated loop devices to (through the device
+	// plugin) holds that lease for as long as its monitor lives, although
+	// its guest has loop devices of its own: the node's accounting then
+	// matches what the scheduler placed, and the lease is freed when the
+	// box ends, as in container mode.
+	var keeper *containermode.KeeperHandle
+	if l := s.Annotations.LoopLease; l != nil && !s.Sandbox {
+		kcmd := keeperCmd(ctx)(containermode.KeeperArgs{Owner: id, Count: len(l.Devices), Lease: l, HoldOnly: true})
+		err := fdutil.WithInheritedHidden(func() error {
+			var kerr error
+			keeper, kerr = containermode.StartKeeper(kcmd)
+			return kerr
+		})
+		if err != nil {
+			return fmt.Errorf("adopt the Kubernetes loop allocation: %w", err)
+		}
+	}
+	err := e.vmManager(ctx).Create(context.Background(), vmmode.CreateOptions{
 		ID: id, Bundle: bundle, Spec: spec, Settings: s,
 		ConsoleSocket: ctx.String("console-socket"), PidFile: ctx.String("pid-file"),
 	})
+	if keeper == nil {
+		return err
+	}
+	var rec *state.Container
+	if err == nil {
+		rec, err = e.store().Load(id)
+	}
+	if err != nil {
+		keeper.Abort()
+		return err
+	}
+	// The keeper follows the monitor: it releases when the box ends,
+	// however it ends.
+	return keeper.Hold(rec.Pid)
 }
 
 // cacheDirs are the cache directories to look for kernels and boxes in:

@@ -44,7 +44,23 @@ type CreateOptions struct {
 	// (hooks.RelayHooks). Empty leaves the hooks as they are.
 	Self string
 	// KeeperCmd builds the command that runs the loop keeper (Keep).
-	KeeperCmd func(owner string, count int, timeout time.Duration) *exec.Cmd
+	KeeperCmd func(KeeperArgs) *exec.Cmd
+}
+
+// KeeperArgs say what a keeper leases and for whom.
+type KeeperArgs struct {
+	// Owner is the container id.
+	Owner string
+	// Count is the number of devices to lease.
+	Count int
+	// Timeout bounds the wait for them; 0 waits for ever.
+	Timeout time.Duration
+	// Lease, when set, is a Kubernetes allocation to adopt instead of
+	// leasing Count devices (its devices are the ones the box gets).
+	Lease *oci.LoopLease
+	// HoldOnly holds the lease without mirroring partitions into the
+	// container (a VM-mode box).
+	HoldOnly bool
 }
 
 // Manager runs containers in container mode.
@@ -82,7 +98,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (err error) {
 	}()
 
 	if !o.Sandbox {
-		kcmd := o.KeeperCmd(o.ID, o.LoopCount, o.Settings.LoopTimeout)
+		kcmd := o.KeeperCmd(KeeperArgs{Owner: o.ID, Count: o.LoopCount, Timeout: o.Settings.LoopTimeout, Lease: o.Settings.LoopLease})
 		err = fdutil.WithInheritedHidden(func() error {
 			var kerr error
 			keeper, kerr = StartKeeper(kcmd)

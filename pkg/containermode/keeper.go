@@ -33,12 +33,33 @@ import (
 //	keeper -> create: "ok /dev/loopA /dev/loopB" | "error MESSAGE"
 //	create -> keeper: "pid N" (the container's init) | EOF (create failed)
 
+// KeepOptions configure Keep.
+type KeepOptions struct {
+	// Lease leases the devices: the allocator's Acquire for a lease of
+	// the box's own, or the adoption of a Kubernetes allocation
+	// (deviceplugin.Adopt). It bounds its own wait.
+	Lease func(context.Context) (*loopdev.Lease, error)
+	// Owner names the holder (the container id) in logs.
+	Owner string
+	// SyncPartitions mirrors the devices' partition nodes into the
+	// container's /dev (container mode); a VM-mode box only holds the
+	// lease, its guest has loop devices of its own.
+	SyncPartitions bool
+	// Devices says where the container's device cgroup is described
+	// (runc's state on cgroup v2), for the partition sync.
+	Devices devcgroup.Options
+	// Log receives progress and errors.
+	Log *slog.Logger
+}
+
 // Keep runs the keeper side: it leases the devices, reports them on out,
 // waits for the container's pid on in, then holds the lease until that
-// process exits or ctx is cancelled (SIGTERM from delete). timeout, when
-// positive, bounds only the wait for the devices. dev says where the
-// container's device cgroup is described (runc's state on cgroup v2).
-func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeout time.Duration, dev devcgroup.Options, in io.Reader, out io.Writer, log *slog.Logger) error {
+// process exits or ctx is cancelled (SIGTERM from delete).
+func Keep(ctx context.Context, o KeepOptions, in io.Reader, out io.Writer) error {
+	log := o.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pids := make(chan int, 1)
@@ -54,20 +75,14 @@ func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeou
 		}
 		cancel()
 	}()
-	actx := ctx
-	if timeout > 0 {
-		var cancelWait context.CancelFunc
-		actx, cancelWait = context.WithTimeout(ctx, timeout)
-		defer cancelWait()
-	}
-	lease, err := a.Acquire(actx, req)
+	lease, err := o.Lease(ctx)
 	if err != nil {
 		fmt.Fprintf(out, "error %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
 		return err
 	}
 	defer func() {
 		if err := lease.Release(); err != nil {
-			log.Error("release loop devices", "owner", req.Owner, "err", err)
+			log.Error("release loop devices", "owner", o.Owner, "err", err)
 		}
 	}()
 	paths := make([]string, len(lease.Devices()))
@@ -83,12 +98,14 @@ func Keep(ctx context.Context, a *loopdev.Allocator, req loopdev.Request, timeou
 	case <-ctx.Done():
 		return nil
 	}
-	log.Debug("holding loop devices", "owner", req.Owner, "pid", pid, "devices", paths)
+	log.Debug("holding loop devices", "owner", o.Owner, "pid", pid, "devices", paths)
 	pctx, stopSync := context.WithCancel(ctx)
 	synced := make(chan struct{})
 	go func() {
 		defer close(synced)
-		newPartitionSync(pid, lease.Devices(), dev, log).run(pctx)
+		if o.SyncPartitions {
+			newPartitionSync(pid, lease.Devices(), o.Devices, log).run(pctx)
+		}
 	}()
 	err = waitExit(ctx, pid)
 	stopSync()

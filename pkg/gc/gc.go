@@ -6,6 +6,9 @@
 // made state directories. It never touches a container that still runs,
 // and it is idempotent: a second run finds nothing.
 //
+// Derived cache files (initramfs images, unpacked kernels) that no
+// container used for Options.CacheAge are removed too (package cacheuse).
+//
 // Records of stopped containers are kept (an engine still alive will
 // delete them and reads their state until then) unless Options.Records is
 // set, for after a crash of the whole stack including the engine.
@@ -21,6 +24,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/cacheuse"
 	"github.com/kiwi-shim/kiwi-shim/pkg/state"
 )
 
@@ -51,19 +55,26 @@ type Options struct {
 	Grace time.Duration
 	// Records also removes the records of stopped containers.
 	Records bool
+	// CacheDirs hold derived cache files; CacheAge is how long one may go
+	// unused (package cacheuse) before it is a leftover. 0 keeps them all.
+	CacheDirs []string
+	CacheAge  time.Duration
 }
 
 // Kinds of leftovers.
 const (
-	KindStopped   = "stopped container"   // resources of a stopped container
-	KindRecord    = "stopped record"      // its record (Options.Records)
-	KindHalfMade  = "half-made state"     // a state dir without a record
-	KindProcess   = "orphan process"      // a helper whose state dir is gone
-	KindScratch   = "orphan scratch disk" // no record names it, nobody has it open
-	KindWorkDir   = "orphan work dir"     // no boxbuild or run uses it
-	DefaultGrace  = 10 * time.Minute
-	recordFile    = "container.json"
-	monitorMarker = "vm-monitor"
+	KindStopped  = "stopped container"   // resources of a stopped container
+	KindRecord   = "stopped record"      // its record (Options.Records)
+	KindHalfMade = "half-made state"     // a state dir without a record
+	KindProcess  = "orphan process"      // a helper whose state dir is gone
+	KindScratch  = "orphan scratch disk" // no record names it, nobody has it open
+	KindWorkDir  = "orphan work dir"     // no boxbuild or run uses it
+	KindCache    = "unused cache file"   // derived, unused for CacheAge
+	DefaultGrace = 10 * time.Minute
+	// DefaultCacheAge is how long a derived cache file may go unused.
+	DefaultCacheAge = 7 * 24 * time.Hour
+	recordFile      = "container.json"
+	monitorMarker   = "vm-monitor"
 )
 
 // Leftover is one thing a scan found.
@@ -121,6 +132,31 @@ func Scan(o Options, env Env) ([]Leftover, error) {
 	}
 	out = append(out, orphanProcs(o, env.Procs, liveDirs)...)
 	out = append(out, orphanFiles(o, env, scratchUsed)...)
+	cache, err := unusedCache(o, env)
+	if err != nil {
+		return nil, err
+	}
+	return append(out, cache...), nil
+}
+
+// unusedCache finds derived cache files unused for o.CacheAge that no
+// process has open.
+func unusedCache(o Options, env Env) ([]Leftover, error) {
+	if o.CacheAge <= 0 {
+		return nil, nil
+	}
+	var out []Leftover
+	for _, dir := range o.CacheDirs {
+		files, err := cacheuse.Unused(dir, o.CacheAge, env.Now)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range files {
+			if !env.Open[p] {
+				out = append(out, Leftover{Kind: KindCache, What: p, Dir: p})
+			}
+		}
+	}
 	return out, nil
 }
 

@@ -188,3 +188,49 @@ func TestHost(t *testing.T) {
 		t.Fatal("no open files seen")
 	}
 }
+
+func TestScanUnusedCache(t *testing.T) {
+	now := time.Now()
+	tests := []struct {
+		name string
+		age  time.Duration // Options.CacheAge
+		open bool          // the old file is open in some process
+		want []string      // base names found
+	}{
+		{name: "old files go", age: 7 * 24 * time.Hour, want: []string{"old.cpio", "old.elf"}},
+		{name: "open files stay", age: 7 * 24 * time.Hour, open: true, want: []string{"old.elf"}},
+		{name: "zero age keeps all", age: 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t)
+			initrds, kernels := filepath.Join(f.work, "initramfs"), filepath.Join(f.work, "kernels-pvh")
+			os.MkdirAll(initrds, 0o755)
+			os.MkdirAll(kernels, 0o755)
+			month := now.Add(-30 * 24 * time.Hour)
+			f.file(t, filepath.Join(initrds, "old.cpio"), month, false)
+			f.file(t, filepath.Join(initrds, "used.cpio"), now.Add(-time.Hour), false)
+			f.file(t, filepath.Join(kernels, "old.elf"), month, false)
+			env := Env{Now: now, Open: map[string]bool{}}
+			if tt.open {
+				env.Open[filepath.Join(initrds, "old.cpio")] = true
+			}
+			found, err := Scan(Options{Roots: []string{f.root}, CacheDirs: []string{initrds, kernels, filepath.Join(f.work, "missing")}, CacheAge: tt.age}, env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, l := range found {
+				if l.Kind != KindCache {
+					t.Errorf("unexpected %s", l)
+					continue
+				}
+				got = append(got, filepath.Base(l.Dir))
+			}
+			sort.Strings(got)
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("found %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

@@ -8,8 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/google/renameio/v2"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/cacheuse"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
@@ -31,6 +34,11 @@ type Spec struct {
 	Later   []string
 }
 
+// CacheSubdir is the directory under the cache directory that holds the
+// images Build makes. They are derived: kiwi-shim gc removes the ones no
+// container has used for a while (see package cacheuse).
+const CacheSubdir = "initramfs"
+
 // Build returns the path of the initramfs for spec under cacheDir, making
 // it if no cached copy exists. The cache key covers the init binary, the
 // kernel's module tree identity and the module list.
@@ -45,9 +53,9 @@ func Build(spec Spec, cacheDir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	dir := filepath.Join(cacheDir, "initramfs")
+	dir := filepath.Join(cacheDir, CacheSubdir)
 	out := filepath.Join(dir, key+".cpio")
-	if _, err := os.Stat(out); err == nil {
+	if cacheuse.Hit(out, time.Now()) {
 		return out, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {

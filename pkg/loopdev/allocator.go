@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -567,8 +569,12 @@ type Lease struct {
 	claims []*os.File
 }
 
-// Devices are the leased devices.
-func (l *Lease) Devices() []Device { return l.devs }
+// Devices are the leased devices (none once released or closed).
+func (l *Lease) Devices() []Device {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]Device(nil), l.devs...)
+}
 
 // Since is when the lease was granted. Grants are serialised, so the
 // order of Since is the order in which requests were served.
@@ -577,6 +583,8 @@ func (l *Lease) Since() time.Time { return l.since }
 // Files are the locked lease and claim files. A child process that
 // inherits them keeps the lease alive for as long as it lives.
 func (l *Lease) Files() []*os.File {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return append(append([]*os.File(nil), l.files...), l.claims...)
 }
 
@@ -599,4 +607,176 @@ func (l *Lease) Release() error {
 	}
 	l.devs, l.files, l.claims = nil, nil, nil
 	return errors.Join(errs...)
+}
+
+// Owner is the name the lease was granted to.
+func (l *Lease) Owner() string { return l.owner }
+
+// Close drops this process's hold on the lease without detaching or
+// releasing anything: the lease lives on in every process that still has
+// its Files (one it handed them to, see Adopt). If none does, the lease
+// goes stale and the next allocator call cleans it, as after a crash.
+// Close is idempotent; the Lease is empty afterwards.
+func (l *Lease) Close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for i := range l.devs {
+		l.files[i].Close()
+		l.claims[i].Close()
+	}
+	l.devs, l.files, l.claims = nil, nil, nil
+}
+
+// Adopt makes a Lease of the files of a lease another process holds and
+// has handed to this one (over a unix socket, as SCM_RIGHTS): for each of
+// devs, in order, its lease file and its claim file, as Lease.Files lists
+// them. It checks that every file is the one this allocator keeps for its
+// device and that the open file still holds the lock, so a stale or
+// forged hand-over cannot pass for a lease; then it records owner and
+// this process as the holder. Adopt takes ownership of files: on error
+// it closes them all.
+func (a *Allocator) Adopt(owner string, devs []Device, files []*os.File) (*Lease, error) {
+	fail := func(err error) (*Lease, error) {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, err
+	}
+	if err := validOwner(owner); err != nil {
+		return fail(err)
+	}
+	if len(devs) == 0 || len(files) != 2*len(devs) {
+		return fail(fmt.Errorf("adopt loop lease: %d file(s) for %d device(s), want two per device", len(files), len(devs)))
+	}
+	l := &Lease{a: a, owner: owner, since: time.Now().UTC()}
+	n := len(devs)
+	for i, d := range devs {
+		lf, cf := files[i], files[n+i]
+		if err := holdsLockOn(lf, a.leasePath(d)); err != nil {
+			return fail(fmt.Errorf("adopt %s: %w", d, err))
+		}
+		if err := holdsLockOn(cf, filepath.Join(a.host.ClaimDir, d.Name())); err != nil {
+			return fail(fmt.Errorf("adopt %s: %w", d, err))
+		}
+		l.devs = append(l.devs, d)
+		l.files = append(l.files, lf)
+		l.claims = append(l.claims, cf)
+		if i > 0 && slices.Contains(devs[:i], d) {
+			return fail(fmt.Errorf("adopt loop lease: %s named twice", d))
+		}
+	}
+	for _, f := range l.files {
+		var rec Record
+		if b, err := io.ReadAll(io.NewSectionReader(f, 0, 4096)); err == nil {
+			_ = json.Unmarshal(b, &rec)
+		}
+		rec.Owner, rec.PID = owner, os.Getpid()
+		if err := writeRecord(f, rec); err != nil {
+			return fail(err)
+		}
+	}
+	a.log.Debug("adopted loop lease", "owner", owner, "devices", l.devs)
+	return l, nil
+}
+
+// holdsLockOn checks that f is the file at path (not one that a release
+// removed and a new lease recreated) and that f's open file holds the
+// exclusive lock on it: re-taking an OFD lock through the open file that
+// holds it succeeds, through any other it fails.
+func holdsLockOn(f *os.File, path string) error {
+	var fst, pst unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &fst); err != nil {
+		return fmt.Errorf("stat handed-over file: %w", err)
+	}
+	if err := unix.Stat(path, &pst); err != nil {
+		return fmt.Errorf("lease file %s: %w", path, err)
+	}
+	if fst.Dev != pst.Dev || fst.Ino != pst.Ino {
+		return fmt.Errorf("the handed-over file is not %s", path)
+	}
+	held, err := heldElsewhere(path)
+	if err != nil {
+		return err
+	}
+	if !held {
+		return fmt.Errorf("%s is not locked: its holder let go", path)
+	}
+	ok, err := tryLock(f)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%s is locked by another holder", path)
+	}
+	return nil
+}
+
+// AcquireDevices leases exactly devs for owner, without waiting and
+// without queueing: it is for a holder that was promised these devices
+// (a Kubernetes allocation) and whose first lease on them ended, for
+// instance because the process that held them for it died. It fails if
+// any of them is leased by somebody else, bound outside the allocators,
+// or if the capacity would be exceeded.
+func (a *Allocator) AcquireDevices(owner string, devs []Device) (*Lease, error) {
+	if err := validOwner(owner); err != nil {
+		return nil, err
+	}
+	if len(devs) < 1 || len(devs) > a.capacity {
+		return nil, fmt.Errorf("loop device count %d: must be between 1 and the capacity %d", len(devs), a.capacity)
+	}
+	mu, err := a.openMutex()
+	if err != nil {
+		return nil, err
+	}
+	defer mu.Close()
+	var lease *Lease
+	err = withMutex(mu, func() error {
+		held, err := a.reap()
+		if err != nil {
+			return err
+		}
+		if free := a.capacity - len(held); free < len(devs) {
+			return fmt.Errorf("%w: %d of %d loop devices leased", ErrBusy, len(held), a.capacity)
+		}
+		l := &Lease{a: a, owner: owner, since: time.Now().UTC()}
+		req := Request{Owner: owner, Count: len(devs)}
+		for _, d := range devs {
+			if slices.Contains(l.devs, d) {
+				l.Release()
+				return fmt.Errorf("lease %s: named twice", d)
+			}
+			if slices.ContainsFunc(held, func(h Holder) bool { return h.Device == d.Path() }) {
+				l.Release()
+				return fmt.Errorf("%w: %s is leased by another holder", ErrBusy, d)
+			}
+			claim, err := a.host.claim(d)
+			if err != nil {
+				l.Release()
+				return err
+			}
+			if claim == nil {
+				l.Release()
+				return fmt.Errorf("%w: %s is leased through another allocator directory", ErrBusy, d)
+			}
+			f, skip, err := a.leaseFree(d, req, l.since)
+			if err != nil || skip {
+				claim.Close()
+				l.Release()
+				if err == nil {
+					err = fmt.Errorf("%w: %s is in use outside the allocator", ErrBusy, d)
+				}
+				return err
+			}
+			l.devs = append(l.devs, d)
+			l.files = append(l.files, f)
+			l.claims = append(l.claims, claim)
+		}
+		lease = l
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.log.Debug("leased named loop devices", "owner", owner, "devices", lease.devs)
+	return lease, nil
 }

@@ -69,6 +69,9 @@ type Settings struct {
 	// DNS forwarder, the default), "direct" (straight to the container's
 	// nameservers) or "".
 	VMDNS string
+	// LoopLease is the lease Kubernetes allocated through kiwi-shim's
+	// device plugin (AnnotationLoopLease), or nil.
+	LoopLease *LoopLease
 }
 
 // DefaultScratchPath is where the scratch disk is mounted when the
@@ -158,6 +161,12 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 				return s, bad(`"auto", "always", "metadata" or "never"`)
 			}
 			s.ShareCache = v
+		case AnnotationLoopLease:
+			l, err := ParseLoopLease(v)
+			if err != nil {
+				return s, fmt.Errorf("annotation %s=%.64q: %w", k, v, err)
+			}
+			s.LoopLease = &l
 		case AnnotationShareMapped:
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -166,7 +175,7 @@ func ParseAnnotations(a map[string]string) (Settings, error) {
 			s.ShareMapped = &b
 		default:
 			if !knownAnnotations[k] {
-				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, vm.dns, share, share.cache, share.mapped)", k)
+				return s, fmt.Errorf("unknown annotation %s (known: mode, loop.count, loop.timeout, loop.control, vm.memory, vm.cpus, vm.arch, vm.scratch, vm.dns, share, share.cache, share.mapped, loop.lease)", k)
 			}
 		}
 	}

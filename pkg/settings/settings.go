@@ -27,7 +27,8 @@ type Container struct {
 	// Sandbox is set for a Kubernetes pod's sandbox (pause container):
 	// it runs in container mode without loop devices.
 	Sandbox bool
-	// LoopCount is the number of loop devices container mode leases.
+	// LoopCount is the number of loop devices container mode leases:
+	// those of the Kubernetes allocation (Annotations.LoopLease) if any.
 	LoopCount int
 	// Scratch is the guest-local scratch disk VM mode gives the box.
 	Scratch Scratch
@@ -83,6 +84,13 @@ func Resolve(cfg config.Config, bundle string, spec *specs.Spec, log *slog.Logge
 	}
 	if c.LoopCount == 0 {
 		c.LoopCount = cfg.Loop.DefaultCount
+	}
+	if l := a.LoopLease; l != nil {
+		// Kubernetes allocated the devices: the box gets exactly those.
+		if a.LoopCount != 0 && a.LoopCount != len(l.Devices) {
+			log.Info("the Kubernetes loop allocation decides the device count", "annotation", oci.AnnotationLoopCount, "count", len(l.Devices))
+		}
+		c.LoopCount = len(l.Devices)
 	}
 	if c.Sandbox {
 		// A pod's pause container runs nothing but holds the namespaces

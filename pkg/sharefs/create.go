@@ -30,7 +30,7 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if err != nil {
 		return nil, nil, 0, fs.ToErrno(err)
 	}
-	if e := n.chownNew(ctx, name, fd, false); e != 0 {
+	if e := n.chownNew(ctx, name, fd, false, mode); e != 0 {
 		unix.Close(fd)
 		return nil, nil, 0, e
 	}
@@ -100,7 +100,7 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 	if err := unix.Mkdirat(n.fd, name, mode&07777); err != nil {
 		return nil, fs.ToErrno(err)
 	}
-	return n.created(ctx, name, true, out)
+	return n.created(ctx, name, true, 0, out)
 }
 
 // Mknod makes FIFOs, sockets and empty regular files; device nodes are
@@ -136,7 +136,7 @@ func (n *node) Mknod(ctx context.Context, name string, mode, dev uint32, out *fu
 			return nil, e
 		}
 	}
-	return n.created(ctx, name, false, out)
+	return n.created(ctx, name, false, mode, out)
 }
 
 // Symlink makes a symbolic link; its target is only ever returned to the
@@ -151,7 +151,7 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 	if err := unix.Symlinkat(target, n.fd, name); err != nil {
 		return nil, fs.ToErrno(err)
 	}
-	return n.created(ctx, name, false, out)
+	return n.created(ctx, name, false, 0, out)
 }
 
 func (n *node) checkCreate(name string) syscall.Errno {
@@ -161,13 +161,14 @@ func (n *node) checkCreate(name string) syscall.Errno {
 	return n.writable()
 }
 
-// created finishes Mkdir, Mknod and Symlink: owner, then the new inode.
-func (n *node) created(ctx context.Context, name string, dir bool, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+// created finishes Mkdir, Mknod and Symlink: owner, then the new inode;
+// mode is the file mode the client asked for (0 for a directory or link).
+func (n *node) created(ctx context.Context, name string, dir bool, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	fd, e := n.openChild(name)
 	if e != 0 {
 		return nil, e
 	}
-	if e := n.chownNew(ctx, name, fd, dir); e != 0 {
+	if e := n.chownNew(ctx, name, fd, dir, mode); e != 0 {
 		unix.Close(fd)
 		return nil, e
 	}

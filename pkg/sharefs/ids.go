@@ -58,11 +58,19 @@ func (n *node) owner(ctx context.Context) (uid, gid int, e syscall.Errno) {
 }
 
 // chownNew gives a just-created entry its owner; on failure the entry is
-// removed again so that the client never sees a root-owned file.
-func (n *node) chownNew(ctx context.Context, name string, fd int, dir bool) syscall.Errno {
+// removed again so that the client never sees a root-owned file. The
+// kernel clears a file's set-id bits when its owner changes, so a file the
+// client made with set-id bits in mode (a regular file; the client's
+// kernel already dropped the set-group-ID bit that its caller may not
+// have) gets mode again afterwards: on a local disk, open(O_CREAT, 04755)
+// makes a set-user-ID file of the caller's.
+func (n *node) chownNew(ctx context.Context, name string, fd int, dir bool, mode uint32) syscall.Errno {
 	uid, gid, e := n.owner(ctx)
 	if e == 0 && (uid >= 0 || gid >= 0) {
 		e = fs.ToErrno(unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW))
+		if hm := n.ex.hostMode(mode); e == 0 && !dir && hm&setID != 0 {
+			e = fs.ToErrno(unix.Chmod(procPath(fd), hm&07777))
+		}
 	}
 	if e != 0 {
 		flags := 0

@@ -8,8 +8,6 @@ import (
 	"net"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Device is the virtio device behind the back end.
@@ -145,10 +143,7 @@ func (b *Backend) shutdown() {
 		b.stopQueue(q)
 		q.mu.Lock()
 		for _, fd := range []*int{&q.kick, &q.call, &q.errFd} {
-			if *fd >= 0 {
-				unix.Close(*fd)
-				*fd = -1
-			}
+			swapFd(fd, -1)
 		}
 		q.mu.Unlock()
 	}

@@ -76,10 +76,7 @@ func (b *Backend) getVringBase(m *Message) error {
 	q.mu.Lock()
 	last := q.ring.lastAvail
 	q.base = last
-	if q.kick >= 0 {
-		unix.Close(q.kick)
-		q.kick = -1
-	}
+	swapFd(&q.kick, -1)
 	q.enabled = false
 	q.mu.Unlock()
 	p := make([]byte, 8)
@@ -107,10 +104,7 @@ func (b *Backend) setVringFd(m *Message) error {
 	case ReqSetVringKick:
 		b.stopQueue(q)
 		q.mu.Lock()
-		if q.kick >= 0 {
-			unix.Close(q.kick)
-		}
-		q.kick = fd
+		swapFd(&q.kick, fd)
 		// Without PROTOCOL_FEATURES a ring runs as soon as it has a kick.
 		if b.feature&FeatureProtocolFeatures == 0 {
 			q.enabled = true
@@ -119,17 +113,11 @@ func (b *Backend) setVringFd(m *Message) error {
 		return b.startQueue(q)
 	case ReqSetVringCall:
 		q.mu.Lock()
-		if q.call >= 0 {
-			unix.Close(q.call)
-		}
-		q.call = fd
+		swapFd(&q.call, fd)
 		q.mu.Unlock()
 	case ReqSetVringErr:
 		q.mu.Lock()
-		if q.errFd >= 0 {
-			unix.Close(q.errFd)
-		}
-		q.errFd = fd
+		swapFd(&q.errFd, fd)
 		q.mu.Unlock()
 	}
 	return nil
@@ -151,4 +139,13 @@ func (b *Backend) setVringEnable(m *Message) error {
 	q.enabled = true
 	q.mu.Unlock()
 	return b.startQueue(q)
+}
+
+// swapFd closes the descriptor *p holds, if any, and puts fd in its
+// place (-1 for none).
+func swapFd(p *int, fd int) {
+	if *p >= 0 {
+		unix.Close(*p)
+	}
+	*p = fd
 }

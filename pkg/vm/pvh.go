@@ -13,9 +13,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"time"
 
 	"github.com/google/renameio/v2"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/kiwi-shim/kiwi-shim/pkg/cacheuse"
 )
 
 // An x86 kernel image (bzImage) carries the kernel compressed and
@@ -25,8 +28,10 @@ import (
 // directly when -kernel names it. So the VM boots that ELF file, unpacked
 // on the host once per kernel and kept in the cache.
 
-// pvhDir is the cache directory of unpacked kernels.
-const pvhDir = "kernels-pvh"
+// PVHCacheSubdir is the directory under the cache directory that holds
+// the unpacked kernels. They are derived: kiwi-shim gc removes the ones no
+// container has used for a while (see package cacheuse).
+const PVHCacheSubdir = "kernels-pvh"
 
 // maxKernelELF bounds an unpacked kernel (Debian's are about 60 MiB).
 const maxKernelELF = 512 << 20
@@ -73,9 +78,9 @@ func UnpackPVH(image, cacheDir string) (string, error) {
 		return "", err
 	}
 	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%d", image, fi.Size(), fi.ModTime().UnixNano()))
-	dir := filepath.Join(cacheDir, pvhDir)
+	dir := filepath.Join(cacheDir, PVHCacheSubdir)
 	out := filepath.Join(dir, hex.EncodeToString(sum[:16])+".elf")
-	if _, err := os.Stat(out); err == nil {
+	if cacheuse.Hit(out, time.Now()) {
 		return out, nil
 	}
 	raw, err := os.ReadFile(image)

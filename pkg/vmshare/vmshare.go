@@ -144,8 +144,9 @@ func (d *device) Quick(q int, c *vhostuser.Chain) bool {
 	return true
 }
 
-// NewProtocolServer builds the FUSE protocol server for an export.
-func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error) {
+// NewProtocolServer builds the FUSE protocol server for an export; with
+// trace it logs every request and reply (at debug level).
+func NewProtocolServer(e Export, log *slog.Logger, trace bool) (*fuse.ProtocolServer, error) {
 	root, err := sharefs.Root(e.Source, e.Options)
 	if err != nil {
 		return nil, err
@@ -159,6 +160,7 @@ func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error)
 	// are debug output.
 	opts.Logger = slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	opts.MountOptions.Logger = opts.Logger
+	opts.MountOptions.Debug = trace
 	// The guest is not trusted, and go-fuse (v2.12) panics while holding
 	// an inode's lock when a FORGET drops more lookups than the inode
 	// has, which wedges every later request on it. So FORGET is ignored
@@ -171,16 +173,16 @@ func NewProtocolServer(e Export, log *slog.Logger) (*fuse.ProtocolServer, error)
 		log.Error("FUSE handler panicked", "panic", fmt.Sprint(p))
 		return fuse.EIO
 	}
-	return fuse.NewProtocolServer(fs.NewNodeFS(root, opts), &opts.MountOptions), nil
+	return fuse.NewProtocolServer(sharefs.KillPrivOnWrite(fs.NewNodeFS(root, opts)), &opts.MountOptions), nil
 }
 
 // newDevice builds the device that serves e's requests.
-func newDevice(e Export, log *slog.Logger) (*device, error) {
+func newDevice(e Export, log *slog.Logger, trace bool) (*device, error) {
 	opts, err := sharefs.FSOptions(e.Options)
 	if err != nil {
 		return nil, err
 	}
-	ps, err := NewProtocolServer(e, log)
+	ps, err := NewProtocolServer(e, log, trace)
 	if err != nil {
 		return nil, err
 	}
@@ -206,7 +208,7 @@ func Listen(e Export) (*net.UnixListener, error) {
 // listener is closed on return. log should name the export (its tag).
 func Serve(ctx context.Context, l *net.UnixListener, e Export, log *slog.Logger, trace bool) error {
 	defer l.Close()
-	dev, err := newDevice(e, log)
+	dev, err := newDevice(e, log, trace)
 	if err != nil {
 		return err
 	}

@@ -52,7 +52,7 @@ func FuzzHandleRequest(f *testing.F) {
 	os.Mkdir(canary, 0o755)
 	os.WriteFile(filepath.Join(export, "file"), []byte("inside"), 0o644)
 	os.WriteFile(filepath.Join(canary, "secret"), []byte("canary"), 0o644)
-	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Xattr: true}}, slog.New(slog.DiscardHandler))
+	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Xattr: true}}, slog.New(slog.DiscardHandler), false)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -88,7 +88,7 @@ func FuzzHandleRequest(f *testing.F) {
 func TestProtocolServerPanics(t *testing.T) {
 	// The panic handler keeps the daemon alive: a request the tree
 	// cannot take is an EIO for the guest.
-	ps, err := NewProtocolServer(Export{Source: t.TempDir()}, slog.New(slog.DiscardHandler))
+	ps, err := NewProtocolServer(Export{Source: t.TempDir()}, slog.New(slog.DiscardHandler), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +154,7 @@ func TestNullModes(t *testing.T) {
 	os.Chmod(filepath.Join(src, "zero"), 0)
 	os.Mkdir(filepath.Join(src, "zerodir"), 0)
 	os.Chmod(filepath.Join(src, "zerodir"), 0)
-	ps, err := NewProtocolServer(Export{Source: src}, slog.New(slog.DiscardHandler))
+	ps, err := NewProtocolServer(Export{Source: src}, slog.New(slog.DiscardHandler), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestLookupAgainNoLeak(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(export, "dir"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Mapped: true, Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler))
+	ps, err := NewProtocolServer(Export{Source: export, Options: sharefs.Options{Mapped: true, Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +236,7 @@ func TestOversizedRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := Export{Source: export}
-	d, err := newDevice(e, slog.New(slog.DiscardHandler))
+	d, err := newDevice(e, slog.New(slog.DiscardHandler), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,7 +313,7 @@ func TestInitDirectIOAllowMmap(t *testing.T) {
 		{"6.12 client (7.41, offers it)", 41, allowMmap2, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ps, err := NewProtocolServer(Export{Source: t.TempDir(), Options: sharefs.Options{Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler))
+			ps, err := NewProtocolServer(Export{Source: t.TempDir(), Options: sharefs.Options{Cache: sharefs.CacheMetadata}}, slog.New(slog.DiscardHandler), false)
 			if err != nil {
 				t.Fatal(err)
 			}
