@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/cacheuse"
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmproto"
 )
 
@@ -141,8 +142,10 @@ func TemplateMachine(m Machine) Machine {
 
 // TemplateKey names the template of machine m: a hash of everything the
 // saved guest depends on. Files (QEMU, the kernel, the initramfs) count
-// by path, size and modification time, so that a replaced one makes
-// another template.
+// by path, size, device and inode, so that a replaced one (written anew
+// and renamed into place, as setup, the caches and package managers do)
+// makes another template. Not by modification time: the cache moves the
+// initramfs' and unpacked kernel's forward to mark them used (cacheuse).
 func TemplateKey(m Machine) (string, error) {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\nprotocol %d\narch %s\naccel %s\nmemory %d\ncpus %d\ncmdline %q\nports %d\n",
@@ -156,11 +159,11 @@ func TemplateKey(m Machine) (string, error) {
 		qemu = p
 	}
 	for _, f := range []struct{ what, path string }{{"qemu", qemu}, {"kernel", m.Kernel}, {"initrd", m.Initrd}} {
-		fi, err := os.Stat(f.path)
-		if err != nil {
-			return "", fmt.Errorf("template key: %s: %w", f.what, err)
+		var st unix.Stat_t
+		if err := unix.Stat(f.path, &st); err != nil {
+			return "", fmt.Errorf("template key: %s %s: %w", f.what, f.path, err)
 		}
-		fmt.Fprintf(h, "%s %q %d %d\n", f.what, f.path, fi.Size(), fi.ModTime().UnixNano())
+		fmt.Fprintf(h, "%s %q %d %d %d\n", f.what, f.path, st.Size, st.Dev, st.Ino)
 	}
 	return hex.EncodeToString(h.Sum(nil)[:16]), nil
 }
@@ -217,6 +220,10 @@ func LookupTemplate(dir, key string) (TemplateRef, bool) {
 		if err != nil || !fi.Mode().IsRegular() || fi.Size() != f.size {
 			return TemplateRef{}, false
 		}
+	}
+	// Used now: gc removes templates unused for its cache age.
+	for _, f := range []string{meta, file, ram} {
+		cacheuse.Hit(f, time.Now())
 	}
 	return TemplateRef{Path: file, Size: md.Size, RAM: ram, RAMSize: md.RAMSize}, true
 }

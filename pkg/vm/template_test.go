@@ -41,6 +41,15 @@ func TestTemplateKey(t *testing.T) {
 	if err != nil || again != key {
 		t.Fatalf("same machine, key %s then %s (%v)", key, again, err)
 	}
+	// The cache marks its files used by their modification time: that is
+	// the same template.
+	later := time.Now().Add(2 * time.Hour)
+	for _, f := range []string{base.Initrd, base.Kernel, base.QEMU} {
+		os.Chtimes(f, later, later)
+	}
+	if k, err := TemplateKey(base); err != nil || k != key {
+		t.Errorf("a file marked used changed the key: %s, want %s (%v)", k, key, err)
+	}
 	// A container's devices are not part of the template.
 	withDevices := base
 	withDevices.Disks = []Disk{{Path: "/scratch", Serial: ScratchSerial}}
@@ -67,9 +76,10 @@ func TestTemplateKey(t *testing.T) {
 		{"initrd content", func(m *Machine) {
 			os.WriteFile(m.Initrd, []byte("another init, another size"), 0o644)
 		}},
-		{"qemu mtime", func(m *Machine) {
-			later := time.Now().Add(time.Hour)
-			os.Chtimes(m.QEMU, later, later)
+		{"qemu replaced by a file of the same size", func(m *Machine) {
+			b, _ := os.ReadFile(m.QEMU)
+			os.WriteFile(m.QEMU+".new", b, 0o755)
+			os.Rename(m.QEMU+".new", m.QEMU)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -124,9 +134,21 @@ func TestTemplateFiles(t *testing.T) {
 	if ref.Size != int64(len(stream)) || filepath.Dir(ref.Path) != dir || ref.RAMSize != ramSize || ref.RAM != filepath.Join(dir, key+".ram") {
 		t.Errorf("ref %+v", ref)
 	}
+	// A lookup marks the template's files used (gc's cache age), once
+	// their mark is older than cacheuse's interval.
+	_, metaPath := templatePaths(dir, key)
+	old := time.Now().Add(-48 * time.Hour)
+	for _, f := range []string{ref.Path, ref.RAM, metaPath} {
+		os.Chtimes(f, old, old)
+	}
 	got, ok := LookupTemplate(dir, key)
 	if !ok || got != ref {
 		t.Fatalf("lookup: %+v %v, want %+v", got, ok, ref)
+	}
+	for _, f := range []string{ref.Path, ref.RAM, metaPath} {
+		if fi, err := os.Stat(f); err != nil || time.Since(fi.ModTime()) > time.Hour {
+			t.Errorf("%s not marked used by the lookup: %v %v", f, fi.ModTime(), err)
+		}
 	}
 	if d, err := TemplateMakeTime(dir, key); err != nil || d != 1500*time.Millisecond {
 		t.Errorf("make time %s, %v", d, err)
