@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -203,3 +205,68 @@ func monitorRSSKiB() int {
 func benchPodman(b *testing.B) *podman { return newPodman(b, 2, "") }
 
 func benchRootfs(b *testing.B) string { return busyboxRootfs(b) }
+
+// BenchmarkVMStartTemplate: `podman run --rm` of a busybox box to its
+// first output and to its end (`true`), cold boot against a box restored
+// from a template (vm.template = auto), same kernel and size, interleaved;
+// and the template's own making (`kiwi-shim setup --template`: a boot
+// plus the save) and size.
+func BenchmarkVMStartTemplate(b *testing.B) {
+	rounds := 5
+	if n, err := strconv.Atoi(os.Getenv("KIWI_BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	dir := b.TempDir()
+	cold := benchPodman(b)
+	tp := newPodman(b, 2, fmt.Sprintf("[vm]\ntemplate = \"auto\"\ntemplate_dir = %q\n", dir))
+	rootfs := benchRootfs(b)
+	start := time.Now()
+	if out, err := exec.Command(tp.runtime, "setup", "--template").CombinedOutput(); err != nil {
+		b.Fatalf("setup --template: %v\n%s", err, out)
+	}
+	makeD := time.Since(start)
+	files, _ := filepath.Glob(filepath.Join(dir, "*.tmpl"))
+	if len(files) != 1 {
+		b.Fatalf("templates: %v", files)
+	}
+	fi, err := os.Stat(files[0])
+	if err != nil {
+		b.Fatal(err)
+	}
+	recorded, err := vm.TemplateMakeTime(dir, strings.TrimSuffix(filepath.Base(files[0]), ".tmpl"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The RAM file's data: what every restored box copies into its own
+	// memory (the file's size is the guest's RAM; the rest are holes).
+	var ramSt syscall.Stat_t
+	if err := syscall.Stat(strings.TrimSuffix(files[0], ".tmpl")+".ram", &ramSt); err != nil {
+		b.Fatal(err)
+	}
+	ramData := ramSt.Blocks * 512
+	runTrue := func(p *podman) time.Duration {
+		start := time.Now()
+		if r := p.run("", "run", "--rm", "--rootfs", rootfs, "true"); r.code != 0 {
+			b.Fatalf("run true: exit %d, stderr %q", r.code, r.stderr)
+		}
+		return time.Since(start)
+	}
+	var coldD, tmplD, coldTrue, tmplTrue []time.Duration
+	for range rounds {
+		coldD = append(coldD, timeToFirstByte(b, cold.cmd("run", "--rm", "--rootfs", rootfs, "sh", "-c", "echo ready"), "ready"))
+		tmplD = append(tmplD, timeToFirstByte(b, tp.cmd("run", "--rm", "--rootfs", rootfs, "sh", "-c", "echo ready"), "ready"))
+		coldTrue = append(coldTrue, runTrue(cold))
+		tmplTrue = append(tmplTrue, runTrue(tp))
+	}
+	b.Logf("TCG. first output: cold %v, template %v; run true: cold %v, template %v; template made in %s (setup --template %s), stream %d bytes, RAM file data %d bytes",
+		coldD, tmplD, coldTrue, tmplTrue, recorded.Round(time.Millisecond), makeD.Round(time.Millisecond), fi.Size(), ramData)
+	mc, mt := median(coldD), median(tmplD)
+	b.ReportMetric(float64(mc.Milliseconds()), "cold-first-output-ms")
+	b.ReportMetric(float64(mt.Milliseconds()), "template-first-output-ms")
+	b.ReportMetric(float64(mt)/float64(mc), "template/cold")
+	b.ReportMetric(float64(median(coldTrue).Milliseconds()), "cold-run-true-ms")
+	b.ReportMetric(float64(median(tmplTrue).Milliseconds()), "template-run-true-ms")
+	b.ReportMetric(float64(recorded.Milliseconds()), "template-make-ms")
+	b.ReportMetric(float64(fi.Size())/(1<<20), "template-MiB")
+	b.ReportMetric(float64(ramData)/(1<<20), "template-RAM-MiB")
+}

@@ -73,7 +73,7 @@ func run() error {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "kiwi-box-init: %v\n", err)
 	}
-	loadInBackground(later)
+	loaded := loadInBackground(later)
 	ctl, err := openPort(portName, 30*time.Second)
 	if err != nil {
 		return err
@@ -85,9 +85,21 @@ func run() error {
 	if err := g.w.WriteJSON(vmproto.THello, 0, vmproto.Hello{Version: vmproto.Version, Kernel: unix.ByteSliceToString(uts.Release[:]), Boot: boot}); err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
-	f, err := vmproto.ReadFrame(ctl)
-	if err != nil {
-		return fmt.Errorf("read config: %w", err)
+	// Before a template is saved the host asks the guest to finish its
+	// background work; a box restored from it continues here and gets its
+	// configuration.
+	var f vmproto.Frame
+	for {
+		if f, err = vmproto.ReadFrame(ctl); err != nil {
+			return fmt.Errorf("read config: %w", err)
+		}
+		if f.Type != vmproto.TQuiesce {
+			break
+		}
+		quiesce(loaded)
+		if err := g.w.Write(vmproto.TQuiesce, 0, nil); err != nil {
+			return fmt.Errorf("quiesce: %w", err)
+		}
 	}
 	if f.Type != vmproto.TConfig {
 		return fmt.Errorf("expected config, got frame type %d", f.Type)
@@ -95,6 +107,10 @@ func run() error {
 	ready := vmproto.Ready{Boot: vmproto.BootTimes{Config: bootClock()}}
 	var cfg vmproto.Config
 	if err := vmproto.Decode(f.Payload, &cfg); err != nil {
+		return err
+	}
+	if err := freshen(&cfg); err != nil {
+		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err
 	}
 	dns, err := planDNS(&cfg)
@@ -107,7 +123,7 @@ func run() error {
 		return err
 	}
 	ready.Boot.Mounts = bootClock()
-	if err := setupNetwork(cfg.Network); err != nil {
+	if err := setupNetwork(cfg.Network, hotplugWait(&cfg)); err != nil {
 		err = fmt.Errorf("network: %w", err)
 		g.w.WriteJSON(vmproto.TError, 0, vmproto.Error{Message: err.Error()})
 		return err

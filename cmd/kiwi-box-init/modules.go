@@ -99,13 +99,17 @@ func answerModuleRequests() error {
 
 // loadInBackground loads mods on a thread named loaderName and returns
 // once that thread carries its name, so that a module request from now
-// on waits for the loading. Failures go to the console.
-func loadInBackground(mods []*os.File) {
+// on waits for the loading. Failures go to the console. The channel it
+// returns is closed when the loading is over.
+func loadInBackground(mods []*os.File) <-chan struct{} {
+	loaded := make(chan struct{})
 	if len(mods) == 0 {
-		return
+		close(loaded)
+		return loaded
 	}
 	named := make(chan struct{})
 	go func() {
+		defer close(loaded)
 		// Never unlocked: the thread ends with the loading, and its
 		// name with it.
 		runtime.LockOSThread()
@@ -118,6 +122,7 @@ func loadInBackground(mods []*os.File) {
 		}
 	}()
 	<-named
+	return loaded
 }
 
 // isModuleRequest reports whether this process is the kernel's module

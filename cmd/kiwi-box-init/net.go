@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -16,7 +17,7 @@ import (
 
 // setupNetwork brings up lo and configures the guest's NICs with plain
 // rtnetlink requests (no ip(8) in the initramfs).
-func setupNetwork(cfg *vmproto.Network) error {
+func setupNetwork(cfg *vmproto.Network, wait time.Duration) error {
 	nl, err := newNetlink()
 	if err != nil {
 		return err
@@ -29,7 +30,7 @@ func setupNetwork(cfg *vmproto.Network) error {
 		return nil
 	}
 	for _, ifc := range cfg.Interfaces {
-		name, err := ifaceByMAC(ifc.MAC)
+		name, err := ifaceByMAC(ifc.MAC, wait)
 		if err != nil {
 			return err
 		}
@@ -50,16 +51,24 @@ func setupNetwork(cfg *vmproto.Network) error {
 	return nil
 }
 
-// ifaceByMAC finds the NIC QEMU created with the given MAC address.
-func ifaceByMAC(mac string) (string, error) {
-	ents, _ := os.ReadDir("/sys/class/net")
-	for _, e := range ents {
-		b, err := os.ReadFile("/sys/class/net/" + e.Name() + "/address")
-		if err == nil && strings.EqualFold(strings.TrimSpace(string(b)), mac) {
-			return e.Name(), nil
+// ifaceByMAC finds the NIC QEMU created with the given MAC address,
+// waiting up to wait for it to appear (a NIC hot-plugged into a guest
+// restored from a template).
+func ifaceByMAC(mac string, wait time.Duration) (string, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		ents, _ := os.ReadDir("/sys/class/net")
+		for _, e := range ents {
+			b, err := os.ReadFile("/sys/class/net/" + e.Name() + "/address")
+			if err == nil && strings.EqualFold(strings.TrimSpace(string(b)), mac) {
+				return e.Name(), nil
+			}
 		}
+		if !time.Now().Before(deadline) {
+			return "", fmt.Errorf("no network interface with MAC %s (is virtio_net loaded?)", mac)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	return "", fmt.Errorf("no network interface with MAC %s (is virtio_net loaded?)", mac)
 }
 
 type netlink struct {

@@ -50,7 +50,21 @@ const (
 	bindCache      = "mmap"
 )
 
-func mountShare(kind, tag, target string, flags uintptr, cache string) error {
+// mountShare mounts the share tag at target. In a guest restored from a
+// template the share's device was hot-plugged a moment ago: a mount that
+// fails is tried again until wait has passed (0: once).
+func mountShare(kind, tag, target string, flags uintptr, cache string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		err := mountShareOnce(kind, tag, target, flags, cache)
+		if err == nil || !time.Now().Before(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func mountShareOnce(kind, tag, target string, flags uintptr, cache string) error {
 	switch kind {
 	case "virtiofs":
 		if err := unix.Mount(tag, target, "virtiofs", flags, ""); err != nil {
@@ -91,11 +105,12 @@ func setupRoot(cfg *vmproto.Config) error {
 	if cfg.RootReadonly {
 		flags |= unix.MS_RDONLY
 	}
-	if err := mountShare(cfg.RootShare, cfg.RootTag, newRoot, flags, rootCache); err != nil {
+	wait := hotplugWait(cfg)
+	if err := mountShare(cfg.RootShare, cfg.RootTag, newRoot, flags, rootCache, wait); err != nil {
 		return fmt.Errorf("mount root share %s (%s): %w", cfg.RootTag, cfg.RootShare, err)
 	}
 	for i, m := range cfg.Mounts {
-		if err := mountOne(i, m, cfg.RootShare); err != nil {
+		if err := mountOne(i, m, cfg.RootShare, wait); err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Destination, m.Type, err)
 		}
 	}
@@ -321,13 +336,13 @@ func target(dest string) (string, error) {
 // mountOne makes one of the container's mounts, then gives it the
 // propagation its options ask for (a separate mount call: with a
 // propagation flag, mount(2) changes nothing else).
-func mountOne(i int, m vmproto.Mount, share string) error {
+func mountOne(i int, m vmproto.Mount, share string, wait time.Duration) error {
 	flags, data := parseOptions(m.Options)
 	dst, err := target(m.Destination)
 	if err != nil {
 		return err
 	}
-	if err := mountAt(i, m, share, dst, flags, data); err != nil {
+	if err := mountAt(i, m, share, dst, flags, data, wait); err != nil {
 		return err
 	}
 	if prop := propagation(m.Options); prop != 0 && m.Type != "cgroup" && m.Type != "cgroup2" {
@@ -338,13 +353,13 @@ func mountOne(i int, m vmproto.Mount, share string) error {
 	return nil
 }
 
-func mountAt(i int, m vmproto.Mount, share, dst string, flags uintptr, data string) error {
+func mountAt(i int, m vmproto.Mount, share, dst string, flags uintptr, data string, wait time.Duration) error {
 	switch m.Type {
 	case "share":
 		if err := os.MkdirAll(dst, 0o755); err != nil {
 			return err
 		}
-		return mountShare(share, m.Tag, dst, flags&^(unix.MS_BIND|unix.MS_REC), bindCache)
+		return mountShare(share, m.Tag, dst, flags&^(unix.MS_BIND|unix.MS_REC), bindCache, wait)
 	case "file":
 		// A host file (resolv.conf, hosts, ...) arrives by value: put it
 		// on a guest tmpfs and bind it over its place, so that nothing is
@@ -367,7 +382,7 @@ func mountAt(i int, m vmproto.Mount, share, dst string, flags uintptr, data stri
 		}
 		return nil
 	case "disk":
-		dev, err := findDisk(m.Source, 10*time.Second)
+		dev, err := findDisk(m.Source, max(10*time.Second, wait))
 		if err != nil {
 			return err
 		}

@@ -30,9 +30,9 @@ var gcCommand = cli.Command{
    - scratch images no record names and no process has open, boxbuild work
      directories no process uses, state directories without a record;
    - stale loop leases (dead owners), with their devices and partitions;
-   - derived cache files (initramfs images, unpacked kernels) that no
-     container used for --cache-age (0 keeps them); kernels and boxes that
-     setup fetched stay.
+   - derived cache files (initramfs images, unpacked kernels, VM
+     templates) that no container used for --cache-age (0 keeps them);
+     kernels and boxes that setup fetched stay.
 
    Records of stopped containers stay (the engine deletes them) unless
    --records is given, for after the engine crashed too. Things younger
@@ -51,6 +51,7 @@ var gcCommand = cli.Command{
 			CacheDirs: []string{
 				filepath.Join(e.cfg.CacheDir, initramfs.CacheSubdir),
 				filepath.Join(e.cfg.CacheDir, vm.PVHCacheSubdir),
+				e.cfg.TemplateDirPath(),
 			},
 			CacheAge: ctx.Duration("cache-age"),
 		}, gc.Host())

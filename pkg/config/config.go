@@ -32,10 +32,13 @@ const (
 	// and vm.kernel_flavour.
 	EnvKernelVersion = "KIWI_SHIM_KERNEL_VERSION"
 	EnvKernelFlavour = "KIWI_SHIM_KERNEL_FLAVOUR"
+	// EnvTemplate overrides vm.template (auto or off): the test suite
+	// runs both ways with it.
+	EnvTemplate = "KIWI_SHIM_VM_TEMPLATE"
 )
 
 // EnvOverrides are the environment variables that override the file.
-var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour}
+var EnvOverrides = []string{EnvLoopCapacity, EnvLoopDir, EnvCacheDir, EnvKernelVersion, EnvKernelFlavour, EnvTemplate}
 
 // The guest kernel VM mode boots unless vm.kernel_version and
 // vm.kernel_flavour name another: Debian 12's 6.12 (from its security
@@ -146,7 +149,20 @@ type VM struct {
 	// (io.kiwi-shim.vm.scratch). It must be on a disk, not a tmpfs: the
 	// guest's writes land there.
 	ScratchDir string `toml:"scratch_dir"`
+	// Template is whether boxes start from a saved, booted guest
+	// (package vm's templates) instead of a cold boot: "auto" restores a
+	// template, making it on first use, "off" (the default) always
+	// boots.
+	Template string `toml:"template"`
+	// TemplateDir holds the templates; "" is cache_dir/templates.
+	TemplateDir string `toml:"template_dir"`
 }
+
+// Template settings.
+const (
+	TemplateAuto = "auto"
+	TemplateOff  = "off"
+)
 
 // Default returns the configuration used when no file exists.
 func Default() Config {
@@ -155,8 +171,17 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch"},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch", Template: TemplateOff},
 	}
+}
+
+// TemplateDirPath is where VM templates are kept: vm.template_dir, or
+// templates below the cache directory.
+func (c *Config) TemplateDirPath() string {
+	if c.VM.TemplateDir != "" {
+		return c.VM.TemplateDir
+	}
+	return filepath.Join(c.CacheDir, "templates")
 }
 
 // DefaultRootless returns the defaults for an unprivileged user: the
@@ -247,6 +272,9 @@ func (c *Config) applyEnv() error {
 	if v := os.Getenv(EnvKernelFlavour); v != "" {
 		c.VM.KernelFlavour = v
 	}
+	if v := os.Getenv(EnvTemplate); v != "" {
+		c.VM.Template = v
+	}
 	return nil
 }
 
@@ -285,6 +313,12 @@ func (c *Config) Validate() error {
 	}
 	if !c.VM.Share.Valid() {
 		return fmt.Errorf("vm.share %q: want %q or %q", c.VM.Share, ShareVirtioFS, Share9P)
+	}
+	if c.VM.Template != TemplateAuto && c.VM.Template != TemplateOff {
+		return fmt.Errorf("vm.template %q: want %q or %q", c.VM.Template, TemplateAuto, TemplateOff)
+	}
+	if c.VM.TemplateDir != "" && !filepath.IsAbs(c.VM.TemplateDir) {
+		return fmt.Errorf("vm.template_dir %q: want an absolute path", c.VM.TemplateDir)
 	}
 	if _, err := ParseSize(c.VM.Memory); err != nil {
 		return fmt.Errorf("vm.memory: %w", err)

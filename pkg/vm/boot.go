@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -45,6 +46,10 @@ func (m *monitor) setupNetwork() error {
 	return nil
 }
 
+// seedSize is the number of random bytes each guest gets for its entropy
+// pool (vmproto.Config.Seed).
+const seedSize = 64
+
 func oneLine(s string) string {
 	b := []byte(s)
 	for i, c := range b {
@@ -55,13 +60,24 @@ func oneLine(s string) string {
 	return string(b)
 }
 
-// startQEMU starts QEMU as a child that dies with the monitor.
+// startQEMU starts QEMU for a cold boot as a child that dies with the
+// monitor.
 func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
-	args, err := m.cfg.Machine.Args()
+	// The taps become QEMU's fds 3, 4, ... (Machine.Args).
+	return m.startMachine(m.cfg.Machine, m.taps)
+}
+
+// qemuLogPath is QEMU's log in the state directory.
+func (m *monitor) qemuLogPath() string { return filepath.Join(m.dir, qemuLog) }
+
+// startMachine starts QEMU for mach as a child that dies with the
+// monitor; it inherits extra as fds 3, 4, ...
+func (m *monitor) startMachine(mach Machine, extra []*os.File) (*exec.Cmd, <-chan struct{}, error) {
+	args, err := mach.Args()
 	if err != nil {
 		return nil, nil, err
 	}
-	logf, err := os.OpenFile(filepath.Join(m.dir, qemuLog), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	logf, err := os.OpenFile(m.qemuLogPath(), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -70,8 +86,7 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 	cmd.Dir = m.dir // socket names may be relative to it (SocketPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	// The taps become QEMU's fds 3, 4, ... (Machine.Args).
-	cmd.ExtraFiles = m.taps
+	cmd.ExtraFiles = extra
 	err = fdutil.WithInheritedHidden(cmd.Start)
 	if err != nil {
 		return nil, nil, fmt.Errorf("start %s: %w", m.cfg.QEMU, err)
@@ -84,12 +99,15 @@ func (m *monitor) startQEMU() (*exec.Cmd, <-chan struct{}, error) {
 }
 
 // boot waits for the guest to say hello, sends it the configuration and
-// waits until the container's root is set up.
+// waits until the container's root is set up. A guest restored from a
+// template (r not nil) said hello when the template was made: its
+// control port is connected already, and it gets the configuration at
+// once.
 //
 // A kiwi-sharefs that dies meanwhile (sfsDone; nil without virtio-fs)
 // ends the boot at once: without its file server the guest would wait
 // on its root until the boot timeout.
-func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
+func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDone, sfsDone, creatorGone <-chan struct{}, sigs <-chan os.Signal) (net.Conn, error) {
 	sfsEnded := func() error {
 		if m.bootSignal() == 0 && (sfs == nil || sfs.ProcessState == nil || !sfs.ProcessState.Success()) {
 			return fmt.Errorf("kiwi-sharefs, the box's file server, died during boot (log: %s)", filepath.Join(m.dir, shareFSLog))
@@ -108,13 +126,17 @@ func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, c
 		return fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
 	}
 	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := l.Accept()
-		if err == nil {
-			accepted <- c
-		}
-	}()
 	var conn net.Conn
+	if r != nil {
+		conn = r.ctl
+	} else {
+		go func() {
+			c, err := l.Accept()
+			if err == nil {
+				accepted <- c
+			}
+		}()
+	}
 	connectBy := time.After(30 * time.Second)
 	for conn == nil {
 		select {
@@ -172,24 +194,34 @@ func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, c
 			}
 		}
 	}
-	f, err := read(m.cfg.BootTimeout)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
 	var hello vmproto.Hello
-	if f.Type != vmproto.THello || vmproto.Decode(f.Payload, &hello) != nil || hello.Version != vmproto.Version {
-		conn.Close()
-		return nil, fmt.Errorf("guest init speaks another protocol (frame %d %q): rebuild the initramfs", f.Type, f.Payload)
+	if r == nil {
+		f, err := read(m.cfg.BootTimeout)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		if f.Type != vmproto.THello || vmproto.Decode(f.Payload, &hello) != nil || hello.Version != vmproto.Version {
+			conn.Close()
+			return nil, fmt.Errorf("guest init speaks another protocol (frame %d %q): rebuild the initramfs", f.Type, f.Payload)
+		}
+		m.log.Debug("guest up", "id", m.cfg.ID, "kernel", hello.Kernel)
 	}
 	helloAt := time.Now()
-	m.log.Debug("guest up", "id", m.cfg.ID, "kernel", hello.Kernel)
 	m.guest = vmproto.NewWriter(conn)
-	if err := m.guest.WriteJSON(vmproto.TConfig, 0, m.cfg.Guest); err != nil {
+	guest := m.cfg.Guest
+	guest.Hotplugged = r != nil
+	guest.Seed = make([]byte, seedSize)
+	if _, err := rand.Read(guest.Seed); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("seed for the guest: %w", err)
+	}
+	guest.Time = time.Now().UnixNano()
+	if err := m.guest.WriteJSON(vmproto.TConfig, 0, guest); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("send guest config: %w", err)
 	}
-	f, err = read(m.cfg.BootTimeout)
+	f, err := read(m.cfg.BootTimeout)
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -200,7 +232,11 @@ func (m *monitor) boot(l net.Listener, qemu, sfs *exec.Cmd, qemuDone, sfsDone, c
 		if len(f.Payload) > 0 {
 			vmproto.Decode(f.Payload, &ready) // only measurements
 		}
-		m.recordBoot(bootPhases(m.qemuStart, helloAt, time.Now(), hello.Boot, ready.Boot))
+		p := bootPhases(m.qemuStart, helloAt, time.Now(), hello.Boot, ready.Boot)
+		if r != nil {
+			p.Restore, p.RestoreLoad, p.RestoreRAM = r.took, r.loaded, r.ram
+		}
+		m.recordBoot(p)
 		return conn, nil
 	case vmproto.TError:
 		var e vmproto.Error

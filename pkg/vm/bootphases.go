@@ -27,6 +27,18 @@ type BootPhases struct {
 	Mounts  time.Duration `json:"mounts"`  // the container's root and mounts
 	Setup   time.Duration `json:"setup"`   // network, DNS, rlimits, the program's check
 	Total   time.Duration `json:"total"`   // QEMU start to Ready, by the host's clock
+	// Restore, for a box restored from a template, is QEMU's start to
+	// the restored guest's continuation (load and device attachment);
+	// the guest's own phases up to Hello are then the template's and
+	// zero here.
+	Restore time.Duration `json:"restore,omitempty"`
+	// RestoreLoad is the part of Restore up to the guest's load from
+	// the template (QEMU's start, its connections and the load); the
+	// rest is the device attachment.
+	RestoreLoad time.Duration `json:"restoreLoad,omitempty"`
+	// RestoreRAM is the copy of the template's RAM into the box's own
+	// memory, before QEMU's start (so not part of Total).
+	RestoreRAM time.Duration `json:"restoreRAM,omitempty"`
 	// Start is `start` to the guest's report that the process runs
 	// (filled in later; zero until then).
 	Start time.Duration `json:"start,omitempty"`
@@ -109,6 +121,9 @@ func (p BootPhases) logAttrs() []any {
 		"config_ms", ms(p.Config), "mounts_ms", ms(p.Mounts), "setup_ms", ms(p.Setup), "total_ms", ms(p.Total)}
 	if p.Start > 0 {
 		a = append(a, "start_ms", ms(p.Start))
+	}
+	if p.Restore > 0 {
+		a = append(a, "restore_ms", ms(p.Restore), "restore_load_ms", ms(p.RestoreLoad), "restore_ram_ms", ms(p.RestoreRAM))
 	}
 	return a
 }

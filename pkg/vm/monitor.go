@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
@@ -63,6 +64,10 @@ type MonitorConfig struct {
 	ConsoleSocket string `json:"consoleSocket,omitempty"`
 	// BootTimeout bounds the wait for the guest's hello.
 	BootTimeout time.Duration `json:"bootTimeout"`
+	// Template, when set, is the template the box's guest is restored
+	// from instead of a cold boot (see template.go); a failed restore is
+	// logged and the box boots cold.
+	Template *TemplateRef `json:"template,omitempty"`
 	// ShareFS runs the virtio-fs back end of Machine.VirtioFS.
 	ShareFS *ShareFS `json:"sharefs,omitempty"`
 	// Cgroup is the container's cgroup (made by create), which the
@@ -227,24 +232,70 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 	if err != nil {
 		return fail(err)
 	}
-	defer m.stopShareFS(sfs, sfsDone)
+	defer func() { m.stopShareFS(sfs, sfsDone) }()
 	// A stop (SIGTERM, SIGINT, SIGHUP to the monitor) at any moment of
 	// the boot ends the box with the signal's status, as a kill does.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
-	qemu, qemuDone, err := m.startQEMU()
-	if err != nil {
-		return fail(err)
+	var (
+		qemu     *exec.Cmd
+		qemuDone <-chan struct{}
+		r        *restored
+	)
+	if m.cfg.Template != nil {
+		r, err = m.restore(gl, ql, creatorGone, sigs)
+		switch {
+		case err == nil:
+			qemu, qemuDone = r.qemu, r.done
+			m.log.Debug("guest restored from its template", "id", m.cfg.ID, "template", m.cfg.Template.Path, "ms", r.took.Milliseconds())
+		case errors.Is(err, errAbandoned) || m.bootSignal() != 0:
+			code, abandoned := fail(err)
+			if sig := m.bootSignal(); sig != 0 {
+				code = 128 + sig
+			}
+			return code, abandoned
+		default:
+			m.log.Warn("vm template not restored: booting the box cold", "id", m.cfg.ID, "template", m.cfg.Template.Path, "err", err)
+			var bad *badTemplateError
+			if errors.As(err, &bad) {
+				if rerr := RemoveTemplate(*m.cfg.Template); rerr != nil {
+					m.log.Warn("remove the template that failed", "id", m.cfg.ID, "template", m.cfg.Template.Path, "err", rerr)
+				} else {
+					m.log.Warn("removed the template that failed to load: the next box makes it again", "id", m.cfg.ID, "template", m.cfg.Template.Path)
+				}
+			}
+			m.mu.Lock()
+			if m.qmp != nil {
+				m.qmp.Close()
+			}
+			m.qmp, m.qmpErr, m.qemu = nil, nil, nil
+			m.mu.Unlock()
+			if r != nil && r.attached {
+				// kiwi-sharefs ends with QEMU's connections: the cold
+				// boot gets a new one.
+				sfs.Process.Kill()
+				<-sfsDone
+				if sfs, sfsDone, err = m.startShareFS(); err != nil {
+					return fail(err)
+				}
+			}
+			r = nil
+		}
 	}
-	m.mu.Lock()
-	m.qemu = qemu.Process
-	stopped := m.bootStop != 0
-	m.mu.Unlock()
-	if stopped {
-		qemu.Process.Kill() // killed before QEMU was there
+	if r == nil {
+		if qemu, qemuDone, err = m.startQEMU(); err != nil {
+			return fail(err)
+		}
+		m.mu.Lock()
+		m.qemu = qemu.Process
+		stopped := m.bootStop != 0
+		m.mu.Unlock()
+		if stopped {
+			qemu.Process.Kill() // killed before QEMU was there
+		}
+		go m.acceptQMP(ql)
 	}
-	go m.acceptQMP(ql)
-	conn, err := m.boot(gl, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
+	conn, err := m.boot(gl, r, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
 	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone

@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -52,6 +53,24 @@ type Machine struct {
 	TapMACs []string
 	// Disks are raw images attached as virtio-blk devices.
 	Disks []Disk
+	// Hotplug gives the machine a template's layout (see template.go):
+	// its RAM is always a shared memfd and it has HotplugPorts empty
+	// PCIe root ports. The container's devices are not on its command
+	// line, only their back ends (tap descriptors, drives, 9p file
+	// system devices): HotplugCommands attaches them once the guest is
+	// restored. A template is made from such a machine without any
+	// container device.
+	Hotplug bool `json:",omitempty"`
+	// IncomingFD, when not 0, makes QEMU wait for the guest's migration
+	// stream (a template) at this inherited descriptor: -incoming defer,
+	// and the caller starts the load over QMP (restoreCommands), after
+	// which the guest stays stopped (-S) until it is told to continue.
+	IncomingFD int `json:"-"`
+	// RAMPath, when set, is the file the guest's RAM is (shared, as
+	// with the memfd): a template's RAM file when it is made, and the
+	// copy of it a restored box runs on (/proc/self/fd/N of a memfd).
+	// Such RAM is left out of the migration stream (x-ignore-shared).
+	RAMPath string `json:"-"`
 }
 
 // VirtioFS is one vhost-user-fs device.
@@ -105,8 +124,10 @@ func (m Machine) Args() ([]string, error) {
 		return nil, fmt.Errorf("guest architecture %q is not supported (x86_64, aarch64)", m.Arch)
 	}
 	cmdline := strings.TrimSpace("console=" + console + " panic=-1 quiet loglevel=3 rdinit=/init " + m.Cmdline)
-	if len(m.VirtioFS) > 0 {
-		// The vhost-user back end maps the guest's memory.
+	sharedRAM := len(m.VirtioFS) > 0 || m.Hotplug
+	if sharedRAM {
+		// The vhost-user back end maps the guest's memory (a template's
+		// too: its restored boxes get virtio-fs devices).
 		machine += ",memory-backend=mem"
 	}
 	args := []string{
@@ -133,22 +154,51 @@ func (m Machine) Args() ([]string, error) {
 		// listens before it starts QEMU.
 		args = append(args, "-chardev", "socket,id=qmp,path="+m.QMPSocket, "-mon", "chardev=qmp,mode=control")
 	}
+	if m.Hotplug {
+		for i := range HotplugPorts {
+			args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=%s%d,chassis=%d", hotplugPortPrefix, i, i+1))
+		}
+	}
+	// device appends a device: on a template's machine it is attached
+	// later (HotplugCommands), only its back end is on the command line.
+	device := func(dev string) {
+		if !m.Hotplug {
+			args = append(args, "-device", dev)
+		}
+	}
 	if m.Network == NetUser {
-		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,mac="+userMAC)
+		args = append(args, "-netdev", "user,id=net0")
+		device("virtio-net-pci,netdev=net0,mac=" + userMAC)
 	}
 	for i, mac := range m.TapMACs {
 		if _, err := net.ParseMAC(mac); err != nil {
 			return nil, fmt.Errorf("tap NIC %d: %w", i, err)
 		}
 		id := "tap" + strconv.Itoa(i)
-		args = append(args, "-netdev", "tap,id="+id+",fd="+strconv.Itoa(3+i), "-device", "virtio-net-pci,netdev="+id+",mac="+mac)
+		args = append(args, "-netdev", "tap,id="+id+",fd="+strconv.Itoa(3+i))
+		device("virtio-net-pci,netdev=" + id + ",mac=" + mac)
 	}
-	if len(m.VirtioFS) > 0 {
+	switch {
+	case m.RAMPath != "":
+		if strings.ContainsAny(m.RAMPath, ",\n") {
+			return nil, fmt.Errorf("RAM file %q cannot be passed to QEMU", m.RAMPath)
+		}
+		if !sharedRAM {
+			return nil, errors.New("a RAM file is only for a template's machine (Hotplug)")
+		}
+		args = append(args, "-object", "memory-backend-file,id=mem,share=on,mem-path="+m.RAMPath+",size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
+	case sharedRAM:
 		args = append(args, "-object", "memory-backend-memfd,id=mem,share=on,size="+strconv.FormatInt(m.MemoryMiB, 10)+"M")
 	}
 	for i, v := range m.VirtioFS {
 		if strings.ContainsAny(v.Socket, ",\n") || strings.ContainsAny(v.Tag, ",=\n") || len(v.Tag) > 36 {
 			return nil, fmt.Errorf("virtio-fs %q (socket %q): tag or path cannot be passed to QEMU", v.Tag, v.Socket)
+		}
+		if m.Hotplug {
+			// Its socket is connected by chardev-add, once the guest is
+			// restored: kiwi-sharefs ends with its first connection, and
+			// a failed restore must leave it to the cold boot.
+			continue
 		}
 		id := "vfs" + strconv.Itoa(i)
 		args = append(args, "-chardev", "socket,id="+id+",path="+v.Socket,
@@ -162,8 +212,8 @@ func (m Machine) Args() ([]string, error) {
 		// cache=unsafe: a scratch disk's content is thrown away with the
 		// box, so the guest's flushes need not reach the host's disk.
 		args = append(args,
-			"-drive", "file="+d.Path+",format=raw,if=none,id="+id+",cache=unsafe,aio=threads,discard=unmap",
-			"-device", "virtio-blk-pci,drive="+id+",serial="+d.Serial)
+			"-drive", "file="+d.Path+",format=raw,if=none,id="+id+",cache=unsafe,aio=threads,discard=unmap")
+		device("virtio-blk-pci,drive=" + id + ",serial=" + d.Serial)
 	}
 	for i, s := range m.Shares {
 		if strings.ContainsAny(s.Path, ",\n") || strings.ContainsAny(s.Tag, ",=\n") {
@@ -174,7 +224,14 @@ func (m Machine) Args() ([]string, error) {
 		if s.ReadOnly {
 			fsdev += ",readonly=on"
 		}
-		args = append(args, "-fsdev", fsdev, "-device", "virtio-9p-pci,fsdev="+id+",mount_tag="+s.Tag)
+		args = append(args, "-fsdev", fsdev)
+		device("virtio-9p-pci,fsdev=" + id + ",mount_tag=" + s.Tag)
+	}
+	if m.IncomingFD > 0 {
+		if !m.Hotplug {
+			return nil, errors.New("a guest is restored only into a template's machine (Hotplug)")
+		}
+		args = append(args, "-S", "-incoming", "defer")
 	}
 	return args, nil
 }

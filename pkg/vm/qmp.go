@@ -115,14 +115,21 @@ func (q *qmp) end(err error, greeted chan<- error, first bool) {
 // execute runs one QMP command without arguments and returns its
 // "return" value, or QEMU's error.
 func (q *qmp) execute(command string, timeout time.Duration) (json.RawMessage, error) {
+	return q.run(command, nil, timeout)
+}
+
+// run runs one QMP command with arguments (nil for none) and returns its
+// "return" value, or QEMU's error.
+func (q *qmp) run(command string, args any, timeout time.Duration) (json.RawMessage, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.id++
 	id := fmt.Sprintf("%d", q.id)
 	b, err := json.Marshal(struct {
-		Execute string `json:"execute"`
-		ID      string `json:"id"`
-	}{command, id})
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        string `json:"id"`
+	}{command, args, id})
 	if err != nil {
 		return nil, err
 	}

@@ -67,6 +67,9 @@ type machine struct {
 	net    vm.NetworkPlan
 	// scratchPath is where the scratch disk is mounted, "" for none.
 	scratchPath string
+	// template is the template the guest is restored from, nil for a
+	// cold boot.
+	template *vm.TemplateRef
 }
 
 // Create prepares the box and starts its monitor, which boots the guest
@@ -81,6 +84,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) error {
 	if err != nil {
 		return err
 	}
+	mc.template = m.boxTemplate(ctx, o.ID, o.Settings.VM, mc)
 	return m.launch(ctx, o, mc)
 }
 
@@ -348,7 +352,7 @@ func (m *Manager) monitorConfig(o CreateOptions, mc *machine, rec *state.Contain
 	}
 	mcfg := vm.MonitorConfig{
 		ID: o.ID, QEMU: mc.qemu, Guest: guest, ConsoleSocket: o.ConsoleSocket,
-		BootTimeout: bootTimeout, ShareFS: shareFS, Cgroup: rec.Cgroup,
+		BootTimeout: bootTimeout, ShareFS: shareFS, Cgroup: rec.Cgroup, Template: mc.template,
 		NetNS: netPlan.NetNS, NetNSOwned: ownNetNS,
 		Machine: vm.Machine{
 			QEMU: mc.qemu, Arch: v.Arch, Accel: mc.accel, MemoryMiB: v.MemoryMiB, CPUs: v.CPUs,

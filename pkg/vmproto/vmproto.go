@@ -52,7 +52,8 @@ const (
 	TPoweroff Type = 15 // H->G: stop everything and power off
 	TPause    Type = 16 // C->H: stop the VM's vCPUs; H->C: done
 	TResume   Type = 17 // C->H: continue them; H->C: done
-	maxType   Type = 17
+	TQuiesce  Type = 18 // H->G before a template is saved: finish the background work; G->H: done, now idle
+	maxType   Type = 18
 )
 
 // Frame is one message.
@@ -234,6 +235,19 @@ type Config struct {
 	// UserNS, when set, puts every process of the container (the first
 	// and the exec'd ones) in a user namespace with these mappings.
 	UserNS *UserNS `json:"userNS,omitempty"`
+	// Time is the host's CLOCK_REALTIME (ns since the epoch) when it sent
+	// the configuration: the guest sets its clock to it, which matters
+	// most for a guest restored from a template (its clock is the
+	// template's). 0 leaves the clock.
+	Time int64 `json:"time,omitempty"`
+	// Seed is random bytes from the host that the guest credits to its
+	// entropy pool and reseeds its random generator with, so that no two
+	// boxes restored from one template share random state.
+	Seed []byte `json:"seed,omitempty"`
+	// Hotplugged says the box's devices (shares, NICs, disks) were
+	// hot-plugged into a guest restored from a template: the guest waits
+	// for them to appear (bounded) before it uses them.
+	Hotplugged bool `json:"hotplugged,omitempty"`
 	// PidNS puts the container's first process in a PID namespace of its
 	// own, as its PID 1 (without a user namespace also in a mount
 	// namespace, where /proc is that namespace's); exec'd processes join
