@@ -57,19 +57,33 @@ func containerdTools(t testing.TB) string {
 	})
 }
 
-// startContainerd starts the private containerd (its CRI plugin uses the
-// kiwi runtime handler, a pinned local pause image and a private CNI
-// configuration), imports a busybox image into it, and stops it (checking
-// that nothing is left) when the test ends.
-func startContainerd(t testing.TB) *containerd {
-	t.Helper()
-	tools := containerdTools(t)
-	dir, err := os.MkdirTemp("", "kiwi-ctrd-")
-	if err != nil {
-		t.Fatal(err)
+// ctrdConfig is where a private containerd keeps its files: root and
+// state directories, the gRPC socket (ttrpc beside it), the shims'
+// socket directory and the CNI configuration directory. RuncRoot, when
+// set, adds a runc handler with that state root as CRI's default;
+// otherwise kiwi is the default.
+type ctrdConfig struct {
+	Root, State, Sock, ShimDir, CNIDir, RuncRoot string
+}
+
+// containerdConfig is c's containerd configuration (version 3): CRI with
+// the pinned pause image, the CNI plugins of cniPluginDir, and the kiwi
+// handler (io.kiwi-shim.* annotations passed to the shim).
+func containerdConfig(c ctrdConfig) string {
+	handlers := `[plugins.'io.containerd.cri.v1.runtime'.containerd]
+  default_runtime_name = "kiwi"
+`
+	if c.RuncRoot != "" {
+		handlers = fmt.Sprintf(`[plugins.'io.containerd.cri.v1.runtime'.containerd]
+  default_runtime_name = "runc"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+  Root = %q
+`, c.RuncRoot)
 	}
-	c := &containerd{t: t, dir: dir, sock: filepath.Join(dir, "c.sock"), ctr: filepath.Join(tools, "ctr"), ns: "kiwitest"}
-	conf := fmt.Sprintf(`version = 3
+	return fmt.Sprintf(`version = 3
 root = %[1]q
 state = %[2]q
 [grpc]
@@ -89,25 +103,43 @@ state = %[2]q
 [plugins.'io.containerd.cri.v1.runtime'.cni]
   bin_dirs = [%[7]q]
   conf_dir = %[8]q
-[plugins.'io.containerd.cri.v1.runtime'.containerd]
-  default_runtime_name = "kiwi"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiwi]
+%[9]s[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiwi]
   runtime_type = "io.containerd.kiwi.v2"
   pod_annotations = ["io.kiwi-shim.*"]
   container_annotations = ["io.kiwi-shim.*"]
 [plugins.'io.containerd.grpc.v1.cri']
   disable_tcp_service = true
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, c.sock+".ttrpc", filepath.Join(dir, "s"),
-		pauseImage, cniPluginDir, filepath.Join(dir, "cni"))
+`, c.Root, c.State, c.Sock, c.Sock+".ttrpc", c.ShimDir, pauseImage, cniPluginDir, c.CNIDir, handlers)
+}
+
+// bridgeConflist is a CNI network name on a bridge without gateway or
+// masquerading (the bridge plugin then changes no host sysctl, such as
+// ip_forward, and adds no iptables rule), its addresses from subnet.
+func bridgeConflist(name, bridge, subnet, ipamDir string) string {
+	return fmt.Sprintf(`{"cniVersion": "1.0.0", "name": %q, "plugins": [{"type": "bridge", "bridge": %q,
+  "isGateway": false, "ipMasq": false, "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}]}`,
+		name, bridge, subnet, ipamDir)
+}
+
+// startContainerd starts the private containerd (its CRI plugin uses the
+// kiwi runtime handler, a pinned local pause image and a private CNI
+// configuration), imports a busybox image into it, and stops it (checking
+// that nothing is left) when the test ends.
+func startContainerd(t testing.TB) *containerd {
+	t.Helper()
+	tools := containerdTools(t)
+	dir, err := os.MkdirTemp("", "kiwi-ctrd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &containerd{t: t, dir: dir, sock: filepath.Join(dir, "c.sock"), ctr: filepath.Join(tools, "ctr"), ns: "kiwitest"}
+	conf := containerdConfig(ctrdConfig{Root: filepath.Join(dir, "root"), State: filepath.Join(dir, "state"),
+		Sock: c.sock, ShimDir: filepath.Join(dir, "s"), CNIDir: filepath.Join(dir, "cni")})
 	confPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// A bridge without gateway or masquerading: the bridge plugin then
-	// changes no host sysctl (ip_forward) and adds no iptables rule.
-	cni := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": %q, "plugins": [{"type": "bridge", "bridge": %q,
-  "isGateway": false, "ipMasq": false, "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}]}`,
-		criNetName, criBridge, criSubnet, filepath.Join(dir, "ipam"))
+	cni := bridgeConflist(criNetName, criBridge, criSubnet, filepath.Join(dir, "ipam"))
 	os.MkdirAll(filepath.Join(dir, "cni"), 0o755)
 	if err := os.WriteFile(filepath.Join(dir, "cni", "10-kiwi.conflist"), []byte(cni), 0o644); err != nil {
 		t.Fatal(err)

@@ -51,17 +51,7 @@ func TestK8sKiwiBuildJob(t *testing.T) {
 	runs := c.buildJobs(desc, out,
 		k8sBuildJob{name: "kiwi-build", mode: "container", n: 3},
 		k8sBuildJob{name: "kiwi-build-vm", mode: "vm", n: 3, annotations: k8sVMAnnotations})
-	for _, a := range runs {
-		at := 0
-		for _, b := range runs {
-			if b.node == a.node && b.start <= a.start && a.start < b.end {
-				at++
-			}
-		}
-		if at > k8sNodeLoops/2 {
-			t.Fatalf("%d builds ran on %s at once (at %d): %+v", at, a.node, a.start, runs)
-		}
-	}
+	checkPerNode(t, runs, k8sNodeLoops/2)
 }
 
 // startBuildCluster starts the cluster with the box image in both nodes'
@@ -82,12 +72,6 @@ func startBuildCluster(t *testing.T) (*k8sCluster, string, string) {
 	}
 	t.Logf("box image imported into both nodes in %s", time.Since(start).Round(time.Second))
 	return c, desc, out
-}
-
-// k8sBuildRun is one build pod: its node and its own start and end.
-type k8sBuildRun struct {
-	pod, node  string
-	start, end int64
 }
 
 // k8sBuildJob is a Job of n KIWI builds in mode ("container" or "vm"),
@@ -150,7 +134,7 @@ spec:
 // succeed (no node's allocator over capacity on the way; a VM-mode
 // build's node leases 2 while the VM runs), checks every image in its
 // pod's directory of out, deletes the Jobs and returns the runs.
-func (c *k8sCluster) buildJobs(desc, out string, jobs ...k8sBuildJob) []k8sBuildRun {
+func (c *k8sCluster) buildJobs(desc, out string, jobs ...k8sBuildJob) []k8sPodRun {
 	t := c.t
 	t.Helper()
 	start := time.Now()
@@ -192,7 +176,7 @@ func (c *k8sCluster) buildJobs(desc, out string, jobs ...k8sBuildJob) []k8sBuild
 		t.Fatalf("the builds' loop allocations were never seen leased (most %d)", maxHeld)
 	}
 
-	var runs []k8sBuildRun
+	var runs []k8sPodRun
 	for _, j := range jobs {
 		pods := strings.Fields(c.kubectlMust("get", "pods", "-l", "job-name="+j.name, "-o", `jsonpath={range .items[*]}{.metadata.name},{.spec.nodeName} {end}`))
 		if len(pods) != j.n {
@@ -210,21 +194,13 @@ func (c *k8sCluster) buildJobs(desc, out string, jobs ...k8sBuildJob) []k8sBuild
 
 // buildRun reads the build pod "pod,node" of a Job started at start: its
 // own start and end from its log, and its image from out.
-func (c *k8sCluster) buildRun(p, mode string, start time.Time, out string) k8sBuildRun {
+func (c *k8sCluster) buildRun(p, mode string, start time.Time, out string) k8sPodRun {
 	t := c.t
 	t.Helper()
 	pod, node, _ := strings.Cut(p, ",")
 	logs := c.kubectlMust("logs", pod)
-	r := k8sBuildRun{pod: pod, node: node}
-	for _, line := range strings.Split(logs, "\n") {
-		f := strings.Fields(line)
-		switch {
-		case len(f) == 2 && f[0] == "start":
-			r.start, _ = strconv.ParseInt(f[1], 10, 64)
-		case len(f) == 4 && f[0] == "end":
-			r.end, _ = strconv.ParseInt(f[1], 10, 64)
-		}
-	}
+	r := k8sPodRun{pod: pod, node: node}
+	r.start, r.end = podTimes(logs)
 	// A container-mode box sees exactly its allocation; a VM has loop
 	// devices of its own.
 	if r.start == 0 || r.end == 0 || (mode == "container" && !strings.Contains(logs, "loops 2\n")) {

@@ -391,48 +391,13 @@ func (n *k8sNode) startContainerd(tools, crictl string) {
 	t.Helper()
 	d := n.dir
 	sock := filepath.Join(d, "containerd.sock")
-	conf := fmt.Sprintf(`version = 3
-root = %[1]q
-state = %[2]q
-[grpc]
-  address = %[3]q
-[ttrpc]
-  address = %[4]q
-[plugins.'io.containerd.shim.v1.manager']
-  socket_dir = %[5]q
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = "overlayfs"
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = %[6]q
-[plugins.'io.containerd.cri.v1.runtime']
-  # These hosts deny a negative oom_score_adj (no CAP_SYS_RESOURCE), which
-  # CRI gives pod sandboxes (-998): keep it at containerd's own.
-  restrict_oom_score_adj = true
-[plugins.'io.containerd.cri.v1.runtime'.cni]
-  bin_dirs = [%[7]q]
-  conf_dir = %[8]q
-[plugins.'io.containerd.cri.v1.runtime'.containerd]
-  default_runtime_name = "runc"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  SystemdCgroup = false
-  Root = %[9]q
-[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiwi]
-  runtime_type = "io.containerd.kiwi.v2"
-  pod_annotations = ["io.kiwi-shim.*"]
-  container_annotations = ["io.kiwi-shim.*"]
-[plugins.'io.containerd.grpc.v1.cri']
-  disable_tcp_service = true
-`, filepath.Join(d, "containerd", "root"), filepath.Join(d, "containerd", "state"), sock, sock+".ttrpc",
-		filepath.Join(d, "s"), pauseImage, cniPluginDir, filepath.Join(d, "cni"), filepath.Join(d, "runc"))
+	conf := containerdConfig(ctrdConfig{Root: filepath.Join(d, "containerd", "root"), State: filepath.Join(d, "containerd", "state"),
+		Sock: sock, ShimDir: filepath.Join(d, "s"), CNIDir: filepath.Join(d, "cni"), RuncRoot: filepath.Join(d, "runc")})
 	confPath := filepath.Join(d, "containerd.toml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cni := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "kiwi-k8s", "plugins": [{"type": "bridge", "bridge": %q,
-  "isGateway": false, "ipMasq": false, "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}]}`,
-		n.bridge, n.subnet, filepath.Join(d, "ipam"))
+	cni := bridgeConflist("kiwi-k8s", n.bridge, n.subnet, filepath.Join(d, "ipam"))
 	if err := os.WriteFile(filepath.Join(d, "cni", "10-kiwi.conflist"), []byte(cni), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -109,11 +109,7 @@ spec:
 
 	// Each pod's node and its own start and end: at no time more than 2
 	// on a node.
-	type run struct {
-		pod, node  string
-		start, end int64
-	}
-	var runs []run
+	var runs []k8sPodRun
 	pods := strings.Fields(c.kubectlMust("get", "pods", "-l", "job-name=loops", "-o", `jsonpath={range .items[*]}{.metadata.name},{.spec.nodeName} {end}`))
 	if len(pods) != 6 {
 		t.Fatalf("Job loops has %d pods, want 6: %v", len(pods), pods)
@@ -121,34 +117,15 @@ spec:
 	for _, p := range pods {
 		name, node, _ := strings.Cut(p, ",")
 		logs := c.kubectlMust("logs", name)
-		r := run{pod: name, node: node}
-		for _, line := range strings.Split(logs, "\n") {
-			f := strings.Fields(line)
-			switch {
-			case len(f) == 2 && f[0] == "start":
-				r.start, _ = strconv.ParseInt(f[1], 10, 64)
-			case len(f) == 2 && f[0] == "end":
-				r.end, _ = strconv.ParseInt(f[1], 10, 64)
-			}
-		}
+		r := k8sPodRun{pod: name, node: node}
+		r.start, r.end = podTimes(logs)
 		if r.start == 0 || r.end == 0 || !strings.Contains(logs, "loops 2 ") || !strings.Contains(logs, "used /dev/loop") {
 			t.Fatalf("pod %s on %s: log\n%s", name, node, logs)
 		}
 		t.Logf("%s on %s: seconds %d..%d after the Job; %s", name, node, r.start-start.Unix(), r.end-start.Unix(), strings.Join(strings.Fields(logs), " "))
 		runs = append(runs, r)
 	}
-	for _, a := range runs {
-		// The pods running on a's node when a started (a itself too).
-		at := 0
-		for _, b := range runs {
-			if b.node == a.node && b.start <= a.start && a.start < b.end {
-				at++
-			}
-		}
-		if at > k8sNodeLoops/2 {
-			t.Fatalf("%d pods ran on %s at once (at %d): %+v", at, a.node, a.start, runs)
-		}
-	}
+	checkPerNode(t, runs, k8sNodeLoops/2)
 	nodes := map[string]bool{}
 	for _, r := range runs {
 		nodes[r.node] = true

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -125,4 +126,44 @@ spec:
 		states, _ := filepath.Glob(filepath.Join("/run/kiwi-shim/containerd", criNS, "containers", "*"))
 		return len(states) == 0
 	})
+}
+
+// podTimes reads a pod's own start and end (Unix seconds) from its log:
+// the lines "start N" and "end N ..." its script printed; 0 for a line it
+// did not print.
+func podTimes(logs string) (start, end int64) {
+	for _, line := range strings.Split(logs, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 2 && f[0] == "start":
+			start, _ = strconv.ParseInt(f[1], 10, 64)
+		case len(f) >= 2 && f[0] == "end":
+			end, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	return start, end
+}
+
+// k8sPodRun is one pod of a Job: its node and its own start and end.
+type k8sPodRun struct {
+	pod, node  string
+	start, end int64
+}
+
+// checkPerNode fails the test if more than most of runs ran on one node
+// at once: counted when each pod started, the pods running on its node
+// then (itself too).
+func checkPerNode(t *testing.T, runs []k8sPodRun, most int) {
+	t.Helper()
+	for _, a := range runs {
+		at := 0
+		for _, b := range runs {
+			if b.node == a.node && b.start <= a.start && a.start < b.end {
+				at++
+			}
+		}
+		if at > most {
+			t.Fatalf("%d pods ran on %s at once (at %d): %+v", at, a.node, a.start, runs)
+		}
+	}
 }
