@@ -155,11 +155,22 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 	if _, err := q.run("migrate-set-capabilities", ignoreShared(), qmpTimeout); err != nil {
 		return r, m.qemuFailed("load the template", err)
 	}
+	loadErr := func(err error) error {
+		err = m.qemuFailed("load the template", err)
+		select {
+		case <-q.done:
+			// QEMU ended: its exit status and log say whether the
+			// template was at fault (below), not the moment.
+			return err
+		default:
+			return &badTemplateError{err}
+		}
+	}
 	if _, err := q.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(mach.IncomingFD)}, qmpTimeout); err != nil {
-		return r, &badTemplateError{m.qemuFailed("load the template", err)}
+		return r, loadErr(err)
 	}
 	if err := waitLoaded(ctx, q); err != nil {
-		return r, &badTemplateError{m.qemuFailed("load the template", err)}
+		return r, loadErr(err)
 	}
 	r.loaded = time.Since(m.qemuStart)
 	for _, c := range cmds {
