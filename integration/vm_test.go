@@ -504,3 +504,19 @@ func runVMBundle(t testing.TB, dir, bundle, id string, inspect func(stateDir str
 	b, _ := os.ReadFile(outPath)
 	return string(b)
 }
+
+// TestVMGuestCrashReported: a box whose guest kernel crashes ends at once
+// with status 255, and its stderr says so with the kernel's own line, as
+// an oops would (oops=panic makes one a panic).
+func TestVMGuestCrashReported(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	rootfs := busyboxRootfs(t)
+	// podman makes /proc/sysrq-trigger read-only, as the guest then does.
+	r := p.run("", "run", "--rm", "--security-opt", "unmask=/proc/sysrq-trigger", "--rootfs", rootfs,
+		"sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60")
+	if r.code != 255 || !strings.Contains(r.stderr, "kiwi-shim: the VM's kernel crashed: Kernel panic - not syncing: sysrq triggered crash") {
+		t.Fatalf("exit %d, stderr %q; want 255 and the guest kernel's panic", r.code, r.stderr)
+	}
+}

@@ -4,11 +4,13 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -344,4 +346,34 @@ func (m *monitor) killQEMU() {
 	if p != nil {
 		p.Kill()
 	}
+}
+
+// guestCrash returns the first line of the guest console at p that
+// reports a kernel crash, without its timestamp; "" when there is none.
+// It reads at most the console's last 64 KiB.
+func guestCrash(p string) string {
+	f, err := os.Open(p)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const most = 64 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > most {
+		f.Seek(fi.Size()-most, io.SeekStart)
+	}
+	b, _ := io.ReadAll(io.LimitReader(f, most))
+	for _, l := range splitLines(string(b)) {
+		// "[   21.228623] BUG: ..."
+		if i := strings.Index(l, "] "); strings.HasPrefix(l, "[") && i > 0 {
+			l = l[i+2:]
+		}
+		// How a Linux kernel reports its crash: the oops (which
+		// oops=panic turns into a panic) and the panic.
+		for _, mark := range []string{"Kernel panic - ", "BUG: ", "Oops: ", "general protection fault"} {
+			if i := strings.Index(l, mark); i >= 0 {
+				return strings.TrimSpace(l[i:])
+			}
+		}
+	}
+	return ""
 }

@@ -363,6 +363,10 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 	m.status = "stopped"
 	if !m.exitSeen {
 		log.Error("VM ended without reporting the container's exit status", "id", m.cfg.ID, "console", m.cfg.Machine.ConsoleLog)
+		if crash := guestCrash(m.cfg.Machine.ConsoleLog); crash != "" {
+			log.Error("the guest kernel crashed", "id", m.cfg.ID, "console", crash)
+			fmt.Fprintf(m.err, "kiwi-shim: the VM's kernel crashed: %s (guest console: %s)\n", crash, m.cfg.Machine.ConsoleLog)
+		}
 		return 255, false
 	}
 	return m.exit, false

@@ -123,7 +123,11 @@ func (m Machine) Args() ([]string, error) {
 	default:
 		return nil, fmt.Errorf("guest architecture %q is not supported (x86_64, aarch64)", m.Arch)
 	}
-	cmdline := strings.TrimSpace("console=" + console + " panic=-1 quiet loglevel=3 rdinit=/init " + m.Cmdline)
+	// oops=panic: a guest kernel that oopses ends the box (panic=-1
+	// reboots, which -no-reboot makes QEMU's exit) instead of running on
+	// half-broken; a build then fails at once, with the oops reported
+	// (guestCrash), rather than hanging.
+	cmdline := strings.TrimSpace("console=" + console + " panic=-1 oops=panic quiet loglevel=3 rdinit=/init " + m.Cmdline)
 	sharedRAM := len(m.VirtioFS) > 0 || m.Hotplug
 	if sharedRAM {
 		// The vhost-user back end maps the guest's memory (a template's
