@@ -5,11 +5,14 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // testNetwork creates a podman network on a documentation subnet for the
@@ -96,6 +99,46 @@ func TestVMNetworkNone(t *testing.T) {
 	if r.code != 0 || strings.TrimSpace(r.stdout) != "lo" {
 		t.Fatalf("exit %d, interfaces %q (stderr %q); want only lo", r.code, r.stdout, r.stderr)
 	}
+}
+
+// TestVMHostNetnsByPath: a box given the host's own network namespace by
+// path (as CRI gives the containers of a hostNetwork pod their
+// sandbox's) gets QEMU's user-mode network, like --network host; the
+// host's interfaces and addresses stay where they are (moving them into
+// the guest, as for a container's own namespace, took the host's
+// network down for as long as the box ran).
+func TestVMHostNetnsByPath(t *testing.T) {
+	guestRelease(t)
+	p := newPodman(t, 2, "")
+	noVMLeft(t)
+	// A handle on the host's namespace, as `ip netns` makes them.
+	handle := filepath.Join(t.TempDir(), "hostnet")
+	if err := os.WriteFile(handle, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("/proc/self/ns/net", handle, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(handle, unix.MNT_DETACH) })
+	before := hostAddrs(t)
+	r := p.run("", "run", "--rm", "--network", "ns:"+handle, "--rootfs", busyboxRootfs(t),
+		"sh", "-c", "ip -4 -o addr show; cat /sys/class/net/eth0/address")
+	if r.code != 0 || !strings.Contains(r.stdout, "10.0.2.15/24") || !strings.Contains(r.stdout, "52:54:00:12:34:56") {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want QEMU's user-mode network (10.0.2.15)", r.code, r.stdout, r.stderr)
+	}
+	if after := hostAddrs(t); after != before {
+		t.Fatalf("the host's addresses changed:\nbefore %s\nafter  %s", before, after)
+	}
+}
+
+// hostAddrs lists the host's global IPv4 addresses by interface.
+func hostAddrs(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "-br", "-4", "addr", "show", "scope", "global").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
 }
 
 // TestVMPublish: -p 127.0.0.1:PORT:80 reaches a server inside the VM.

@@ -64,7 +64,17 @@ func PlanNetwork(spec *specs.Spec) NetworkPlan {
 // guest. A new namespace made for the container (whose path create
 // learns only once the monitor lives in it) is planned this way after
 // the hooks that may have set it up.
+//
+// The caller's own namespace is the host's network, whatever path names
+// it: its interfaces are the host's and never move into a guest (they
+// would take the host's addresses with them). CRI gives every container
+// of a pod the sandbox's namespace by path, and a hostNetwork pod's
+// sandbox runs in the host's: such a box gets QEMU user-mode networking,
+// as a container without a network namespace of its own does.
 func PlanNetworkAt(path string) NetworkPlan {
+	if same, err := sameNamespace(path, "/proc/self/ns/net"); err == nil && same {
+		return NetworkPlan{Mode: NetUser, Why: fmt.Sprintf("%s is the host's network namespace (kiwi-shim's own), which a VM cannot share: using QEMU user-mode networking", path)}
+	}
 	ifs, err := interfacesIn(path)
 	if err != nil {
 		return NetworkPlan{Mode: NetUser, Why: fmt.Sprintf("cannot inspect %s (%v): using QEMU user-mode networking", path, err)}
@@ -125,4 +135,17 @@ func (p NetworkPlan) guestNetwork() *vmproto.Network {
 		Interfaces: []vmproto.Interface{{MAC: userMAC, Addresses: []string{"10.0.2.15/24"}}},
 		Routes:     []vmproto.Route{{Gateway: "10.0.2.2"}},
 	}
+}
+
+// sameNamespace reports whether the namespace files at a and b are the
+// same namespace (their device and inode).
+func sameNamespace(a, b string) (bool, error) {
+	var sa, sb unix.Stat_t
+	if err := unix.Stat(a, &sa); err != nil {
+		return false, err
+	}
+	if err := unix.Stat(b, &sb); err != nil {
+		return false, err
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino, nil
 }

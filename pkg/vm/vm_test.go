@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -150,6 +151,15 @@ func TestPlanNetwork(t *testing.T) {
 	}
 	if PlanNetwork(&specs.Spec{Linux: &specs.Linux{}}).guestNetwork() == nil {
 		t.Fatal("user network without guest configuration")
+	}
+	// The host's namespace named by path (a CRI container of a
+	// hostNetwork pod gets its sandbox's, which is the host's): the
+	// host's interfaces must never move into a guest.
+	for _, path := range []string{"/proc/self/ns/net", fmt.Sprintf("/proc/%d/ns/net", os.Getpid())} {
+		hostByPath := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: path}}}}
+		if p := PlanNetwork(hostByPath); p.Mode != NetUser || p.NetNS != "" || !strings.Contains(p.Why, "host's network namespace") {
+			t.Fatalf("host namespace by path %s: %+v", path, p)
+		}
 	}
 }
 
