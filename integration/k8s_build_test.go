@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -157,14 +156,14 @@ func (c *k8sCluster) buildJobs(desc, out string, jobs ...k8sBuildJob) []k8sPodRu
 			if done[j.name] {
 				continue
 			}
-			r := c.kubectl("get", "job", j.name, "-o", "jsonpath={.status.succeeded} {.status.failed}")
-			if f := strings.Fields(r.stdout); len(f) == 2 && f[1] != "0" {
+			succeeded, failed := c.jobCounts(j.name)
+			if failed > 0 {
 				for _, p := range strings.Fields(c.kubectl("get", "pods", "-l", "job-name="+j.name, "-o", "name").stdout) {
 					t.Logf("%s:\n%s", p, tailLines(c.kubectl("logs", p).stdout, 30))
 				}
 				t.Fatalf("Job %s: a build failed", j.name)
 			}
-			if strings.HasPrefix(r.stdout, strconv.Itoa(j.n)+" ") {
+			if succeeded == j.n {
 				done[j.name] = true
 				t.Logf("Job %s complete after %s", j.name, time.Since(start).Round(time.Second))
 			}

@@ -96,11 +96,11 @@ spec:
 				}
 			}
 		}
-		out := c.kubectl("get", "job", "loops", "-o", "jsonpath={.status.succeeded} {.status.failed}").stdout
-		if f := strings.Fields(out); len(f) == 2 && f[1] != "0" {
+		succeeded, failed := c.jobCounts("loops")
+		if failed > 0 {
 			t.Fatalf("Job loops: a pod failed:\n%s", c.kubectlMust("describe", "pods", "-l", "job-name=loops"))
 		}
-		return strings.HasPrefix(out, "6")
+		return succeeded == 6
 	})
 	if !allocated {
 		t.Fatalf("kubectl describe node never showed a full node's kiwi-shim.io/loop allocation (%d)", k8sNodeLoops)

@@ -167,3 +167,14 @@ func checkPerNode(t *testing.T, runs []k8sPodRun, most int) {
 		}
 	}
 }
+
+// jobCounts returns how many pods of the Job name succeeded and failed so
+// far. The API leaves a count out while it is zero: a Job whose first pod
+// failed has a failed count and no succeeded one.
+func (c *k8sCluster) jobCounts(name string) (succeeded, failed int) {
+	out := c.kubectl("get", "job", name, "-o", "jsonpath={.status.succeeded},{.status.failed}").stdout
+	s, f, _ := strings.Cut(strings.TrimSpace(out), ",")
+	succeeded, _ = strconv.Atoi(s)
+	failed, _ = strconv.Atoi(f)
+	return succeeded, failed
+}
