@@ -202,7 +202,9 @@ func monitorRSSKiB() int {
 	return 0
 }
 
-func benchPodman(b *testing.B) *podman { return newPodman(b, 2, "") }
+// benchPodman is a podman whose VM boxes boot cold: the start figures
+// compare boots (BenchmarkVMStartTemplate has the restored ones).
+func benchPodman(b *testing.B) *podman { return newPodman(b, 2, "[vm]\ntemplate = \"off\"\n") }
 
 func benchRootfs(b *testing.B) string { return busyboxRootfs(b) }
 

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiwi-shim/kiwi-shim/pkg/config"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
@@ -231,41 +232,83 @@ func TestHooksRuntime(t *testing.T) {
 
 // TestVMKillDuringBoot: `kill` of a VM container that is still booting
 // (create has not returned) ends it with the signal, and create says so
-// instead of the guest console's last line; nothing is left.
+// instead of the guest console's last line; nothing is left. Both ways a
+// box boots: cold (the kill lands while the guest's kernel boots) and
+// restored from a template (the kill lands while the restore waits for
+// its QEMU, which a wrapper holds for two seconds: a restore takes a
+// fraction of one, too short to aim at otherwise).
 func TestVMKillDuringBoot(t *testing.T) {
 	guestRelease(t)
-	dir := t.TempDir()
-	leaveClean(t, dir)
-	root := filepath.Join(dir, "root")
-	bundle := busyboxBundle(t, dir, `"true"`, `{"io.kiwi-shim.mode": "vm"}`, false)
-	k := func(args ...string) result {
-		return run(t, nil, shim(), append([]string{"--root", root}, args...)...)
-	}
-	out, _ := os.Create(filepath.Join(dir, "create.out"))
-	defer out.Close()
-	create := exec.Command(shim(), "--root", root, "create", "--bundle", bundle, "kb")
-	create.Stdout, create.Stderr = out, out
-	if err := create.Start(); err != nil {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { k("delete", "--force", "kb") })
-	eventually(t, 60*time.Second, "creating", func() bool { return strings.Contains(k("state", "kb").stdout, `"status": "creating"`) })
-	// QEMU is up (the firmware or the kernel is running).
-	eventually(t, 60*time.Second, "QEMU started", func() bool {
-		_, err := os.Stat(filepath.Join(root, "containers", "kb", "qemu.pid"))
-		return err == nil
-	})
-	time.Sleep(time.Second)
-	if r := k("kill", "kb", "KILL"); r.code != 0 {
-		t.Fatalf("kill during boot: %s", r.stderr)
-	}
-	err := create.Wait()
-	b, _ := os.ReadFile(out.Name())
-	if err == nil || !strings.Contains(string(b), "stopped by SIGKILL during its boot") || strings.Contains(string(b), "console") {
-		t.Fatalf("create: %v\n%s", err, b)
-	}
-	t.Logf("create: %v: %s", err, b)
-	if r := k("state", "kb"); r.code == 0 {
-		t.Errorf("state after the failed create: %s", r.stdout)
+	for _, restored := range []bool{false, true} {
+		name := "cold"
+		if restored {
+			name = "restored"
+		}
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			leaveClean(t, dir)
+			root := filepath.Join(dir, "root")
+			args := []string{"--root", root}
+			env := []string{config.EnvTemplate + "=off"}
+			if restored {
+				wrapper := filepath.Join(dir, "qemu-system-x86_64")
+				script := fmt.Sprintf("#!/bin/sh\ncase \" $* \" in *\" -incoming \"*) sleep 2 ;; esac\nexec %q \"$@\"\n", qemu)
+				conf := filepath.Join(dir, "kiwi-shim.toml")
+				toml := fmt.Sprintf("[vm]\ntemplate = \"auto\"\ntemplate_dir = %q\nqemu = { x86_64 = %q }\n", filepath.Join(dir, "templates"), wrapper)
+				if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(conf, []byte(toml), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				args = append(args, "--config", conf)
+				env = []string{config.EnvTemplate + "=auto"}
+				if r := run(t, env, shim(), append(args, "setup", "--template")...); r.code != 0 {
+					t.Fatalf("setup --template: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+				}
+			}
+			bundle := busyboxBundle(t, dir, `"true"`, `{"io.kiwi-shim.mode": "vm"}`, false)
+			k := func(a ...string) result {
+				return run(t, env, shim(), append(append([]string{}, args...), a...)...)
+			}
+			out, _ := os.Create(filepath.Join(dir, "create.out"))
+			defer out.Close()
+			create := exec.Command(shim(), append(append([]string{}, args...), "create", "--bundle", bundle, "kb")...)
+			create.Env = append(os.Environ(), env...)
+			create.Stdout, create.Stderr = out, out
+			if err := create.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { k("delete", "--force", "kb") })
+			eventually(t, 60*time.Second, "creating", func() bool { return strings.Contains(k("state", "kb").stdout, `"status": "creating"`) })
+			// QEMU is up (cold: the firmware or the kernel is running;
+			// restored: the wrapper holds it before the load).
+			eventually(t, 60*time.Second, "QEMU started", func() bool {
+				_, err := os.Stat(filepath.Join(root, "containers", "kb", "qemu.pid"))
+				return err == nil
+			})
+			time.Sleep(time.Second)
+			if r := k("kill", "kb", "KILL"); r.code != 0 {
+				t.Fatalf("kill during boot: %s", r.stderr)
+			}
+			err := create.Wait()
+			b, _ := os.ReadFile(out.Name())
+			if err == nil || !strings.Contains(string(b), "stopped by SIGKILL during its boot") || strings.Contains(string(b), "console") {
+				t.Fatalf("create: %v\n%s", err, b)
+			}
+			t.Logf("create: %v: %s", err, b)
+			if r := k("state", "kb"); r.code == 0 {
+				t.Errorf("state after the failed create: %s", r.stdout)
+			}
+			if restored {
+				if files, _ := filepath.Glob(filepath.Join(dir, "templates", "*.tmpl")); len(files) != 1 {
+					t.Errorf("templates after the kill: %v (want the one, kept)", files)
+				}
+			}
+		})
 	}
 }

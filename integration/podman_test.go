@@ -44,9 +44,15 @@ func newPodman(t testing.TB, capacity int, extraConfig string) *podman {
 	// and the run's mark (testRunEnv) whatever environment podman passes.
 	// The configuration's environment overrides (a private kernel cache,
 	// another kernel: KIWI_SHIM_CACHE_DIR, KIWI_SHIM_KERNEL_VERSION, ...)
-	// given to the test reach kiwi-shim the same way.
+	// given to the test reach kiwi-shim the same way, except
+	// KIWI_SHIM_VM_TEMPLATE for a test that sets vm.template itself (it
+	// compares the two ways, whichever way the suite runs).
 	forward := ""
+	ownTemplate := strings.Contains(extraConfig, "template = ")
 	for _, k := range config.EnvOverrides {
+		if k == config.EnvTemplate && ownTemplate {
+			continue
+		}
 		if v, ok := os.LookupEnv(k); ok && !strings.HasPrefix(k, "KIWI_SHIM_LOOP_") {
 			forward += fmt.Sprintf("%s=%q ", k, v)
 		}

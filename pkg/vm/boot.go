@@ -287,10 +287,34 @@ func (m *monitor) qemuGone(qemu *exec.Cmd) error {
 	}
 	if ps := qemu.ProcessState; ps != nil {
 		if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return fmt.Errorf("QEMU was killed by %s during the boot (by the host: not the guest)", unix.SignalName(ws.Signal()))
+			return &qemuKilledError{sig: ws.Signal()}
 		}
 	}
 	return nil
+}
+
+// qemuKilledError is a QEMU that a signal ended during the boot.
+type qemuKilledError struct{ sig syscall.Signal }
+
+func (e *qemuKilledError) Error() string {
+	return fmt.Sprintf("QEMU was killed by %s during the boot (by the host: not the guest)", unix.SignalName(e.sig))
+}
+
+// fromOutside reports whether the signal came from outside QEMU (kill,
+// an OOM kill, an administrator's stop) rather than from QEMU's own
+// fault (a crash: SIGSEGV, SIGABRT, ...), as far as the signal tells.
+func (e *qemuKilledError) fromOutside() bool {
+	switch e.sig {
+	case unix.SIGSEGV, unix.SIGBUS, unix.SIGILL, unix.SIGFPE, unix.SIGABRT, unix.SIGTRAP, unix.SIGSYS:
+		return false
+	}
+	return true
+}
+
+// killedFromOutside reports whether err is a QEMU killed from outside.
+func killedFromOutside(err error) bool {
+	var k *qemuKilledError
+	return errors.As(err, &k) && k.fromOutside()
 }
 
 // bootStopped is the error of a boot that a signal ended.

@@ -3,6 +3,8 @@ package vm
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kiwi-shim/kiwi-shim/pkg/vmshare"
+	"golang.org/x/sys/unix"
 )
 
 // TestStopDuringBoot: a kill at any moment of the boot ends the box with
@@ -128,4 +131,30 @@ func runMonitor(t *testing.T, dir string, mc MonitorConfig) (<-chan int, *os.Fil
 		done <- code
 	}()
 	return done, r
+}
+
+// TestKilledFromOutside: a QEMU that a signal from outside ended ends
+// the box (a restore does not fall back to a cold boot); one that
+// crashed by itself does not count as killed from outside.
+func TestKilledFromOutside(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{&qemuKilledError{sig: unix.SIGKILL}, true},
+		{&qemuKilledError{sig: unix.SIGTERM}, true},
+		{fmt.Errorf("QMP: %w", &qemuKilledError{sig: unix.SIGHUP}), true},
+		{&qemuKilledError{sig: unix.SIGSEGV}, false},
+		{&qemuKilledError{sig: unix.SIGABRT}, false},
+		{&badTemplateError{errors.New("load of migration failed")}, false},
+		{errors.New("control port: timeout"), false},
+		{nil, false},
+	} {
+		if got := killedFromOutside(tc.err); got != tc.want {
+			t.Errorf("killedFromOutside(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+	if msg := (&qemuKilledError{sig: unix.SIGKILL}).Error(); !strings.Contains(msg, "killed by SIGKILL during the boot") {
+		t.Errorf("message %q", msg)
+	}
 }

@@ -248,7 +248,10 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		case err == nil:
 			qemu, qemuDone = r.qemu, r.done
 			m.log.Debug("guest restored from its template", "id", m.cfg.ID, "template", m.cfg.Template.Path, "ms", r.took.Milliseconds())
-		case errors.Is(err, errAbandoned) || m.bootSignal() != 0:
+		case errors.Is(err, errAbandoned) || m.bootSignal() != 0 || killedFromOutside(err):
+			// A QEMU killed from outside ends the box as in a cold
+			// boot: only a restore that fails by itself (a template
+			// QEMU cannot load, a QEMU that crashes) boots cold.
 			code, abandoned := fail(err)
 			if sig := m.bootSignal(); sig != 0 {
 				code = 128 + sig

@@ -44,8 +44,9 @@ type restored struct {
 // until the guest is loaded, attaches the box's devices, and continues
 // the guest, which then waits for its configuration. Every wait is
 // bounded; on any failure QEMU is gone when it returns, and the caller
-// boots cold. A stop of the box (sigs) kills QEMU at once; the boot's
-// signal then says so (bootSignal).
+// boots cold, unless QEMU was killed from outside (killedFromOutside),
+// which ends the box as it would a cold boot. A stop of the box (sigs)
+// kills QEMU at once; the boot's signal then says so (bootSignal).
 func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs <-chan os.Signal) (r *restored, err error) {
 	t := *m.cfg.Template
 	f, err := openTemplate(t)
