@@ -51,9 +51,11 @@ deps:
 	fi
 	$(GO) mod download
 
-# A guest kernel for VM mode, unpacked into the cache (not installed).
+# A guest kernel for VM mode, unpacked into the cache (not installed),
+# and its VM template (vm.template = auto: the first box needs not make
+# it; aarch64 guests boot cold).
 kernel: build
-	$(BIN)/kiwi-shim setup
+	$(BIN)/kiwi-shim setup --template
 	$(BIN)/kiwi-shim setup --arch aarch64
 
 # The default kiwi box (podman image + OCI archive), rebuilt only when its
@@ -62,7 +64,7 @@ box: deps
 	./contrib/box/build
 
 lint:
-	test -z "$$(gofmt -l . | tee /dev/stderr)"
+	test -z "$$(gofmt -l . | tee -a /dev/stderr)"
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
 
@@ -70,9 +72,15 @@ test-unit:
 	$(GO) test -race -count=1 ./pkg/... ./cmd/...
 
 # Integration tests share host loop devices, podman and QEMU: one package
-# at a time, never in parallel with the unit tests.
+# at a time, never in parallel with the unit tests. The suite runs once
+# per way a VM box starts (TEMPLATE_WAYS): restored from a template (the
+# default, vm.template = auto), then booted cold (off).
+TEMPLATE_WAYS ?= auto off
 test-integration: build
-	KIWI_SHIM_BIN=$(BIN) $(GO) test -count=1 -p 1 -timeout 60m -v ./integration/
+	@for way in $(TEMPLATE_WAYS); do \
+		echo "== integration tests, VM boxes with vm.template = $$way"; \
+		KIWI_SHIM_VM_TEMPLATE=$$way KIWI_SHIM_BIN=$(BIN) $(GO) test -count=1 -p 1 -timeout 60m -v ./integration/ || exit 1; \
+	done
 
 test: deps build kernel lint test-unit test-integration
 

@@ -151,8 +151,8 @@ type VM struct {
 	ScratchDir string `toml:"scratch_dir"`
 	// Template is whether boxes start from a saved, booted guest
 	// (package vm's templates) instead of a cold boot: "auto" restores a
-	// template, making it on first use, "off" (the default) always
-	// boots.
+	// template, making it on first use (the default), "off" always
+	// boots cold.
 	Template string `toml:"template"`
 	// TemplateDir holds the templates; "" is cache_dir/templates.
 	TemplateDir string `toml:"template_dir"`
@@ -171,7 +171,7 @@ func Default() Config {
 		CacheDir:    "/var/cache/kiwi-shim",
 		WorkDir:     "/var/tmp/kiwi-shim/boxbuild",
 		Loop:        Loop{Dir: "/run/kiwi-shim/loop", DefaultCount: 2},
-		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch", Template: TemplateOff},
+		VM:          VM{Accel: "auto", Memory: "2G", CPUs: 2, KernelVersion: DefaultKernelVersion, KernelFlavour: DefaultKernelFlavour, Share: ShareVirtioFS, ScratchDir: "/var/tmp/kiwi-shim/scratch", Template: TemplateAuto},
 	}
 }
 
