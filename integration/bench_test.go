@@ -95,7 +95,9 @@ func BenchmarkContainerModeRun(b *testing.B) {
 // container's output in VM mode, against a raw QEMU boot of the same
 // kernel with a minimal init that prints one line (same accelerator,
 // memory and cpus, the same unpacked kernel file; the compressed image's
-// raw boot is reported too), interleaved. It also reports the resident memory of
+// raw boot is reported too), interleaved: a cold boot (kiwi-shim-ms,
+// ratio) and the default start, restored from a template
+// (template-ms, template-ratio). It also reports the resident memory of
 // the host processes kiwi-shim adds besides QEMU (the monitor).
 func BenchmarkVMStart(b *testing.B) {
 	rounds := 5
@@ -103,6 +105,10 @@ func BenchmarkVMStart(b *testing.B) {
 		rounds = n
 	}
 	p := benchPodman(b)
+	tp := newPodman(b, 2, fmt.Sprintf("[vm]\ntemplate = \"auto\"\ntemplate_dir = %q\n", b.TempDir()))
+	if out, err := exec.Command(tp.runtime, "setup", "--template").CombinedOutput(); err != nil {
+		b.Fatalf("setup --template: %v\n%s", err, out)
+	}
 	rootfs := benchRootfs(b)
 	kernel := guestKernel(b).Image
 	rawInit := filepath.Join(b.TempDir(), "rawinit")
@@ -130,7 +136,7 @@ func BenchmarkVMStart(b *testing.B) {
 			"-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init", "-serial", "stdio")
 		return timeToFirstByte(b, raw, "ready")
 	}
-	var shimD, rawD, bzD []time.Duration
+	var shimD, tmplD, rawD, bzD []time.Duration
 	var monitorRSS []int
 	var phases []vm.BootPhases
 	for range rounds {
@@ -158,8 +164,9 @@ func BenchmarkVMStart(b *testing.B) {
 		}()
 		shimD = append(shimD, timeToFirstByte(b, cmd, "ready"))
 		<-done
+		tmplD = append(tmplD, timeToFirstByte(b, tp.cmd("run", "--rm", "--rootfs", rootfs, "sh", "-c", "echo ready"), "ready"))
 	}
-	b.Logf("kernel %s: raw boots %v (compressed image: %v), podman runs %v", filepath.Base(kernel), rawD, bzD, shimD)
+	b.Logf("kernel %s: raw boots %v (compressed image: %v), podman runs %v, restored %v", filepath.Base(kernel), rawD, bzD, shimD, tmplD)
 	b.Logf("boot phases of the podman runs: %+v", phases)
 	if len(phases) > 0 {
 		for _, ph := range []struct {
@@ -188,6 +195,8 @@ func BenchmarkVMStart(b *testing.B) {
 	b.ReportMetric(float64(mr.Milliseconds()), "raw-qemu-ms")
 	b.ReportMetric(float64(median(bzD).Milliseconds()), "raw-bzimage-ms")
 	b.ReportMetric(float64(ms)/float64(mr), "ratio")
+	b.ReportMetric(float64(median(tmplD).Milliseconds()), "template-ms")
+	b.ReportMetric(float64(median(tmplD))/float64(mr), "template-ratio")
 	if len(monitorRSS) > 0 {
 		sort.Ints(monitorRSS)
 		b.ReportMetric(float64(monitorRSS[len(monitorRSS)/2]), "monitor-rss-KiB")
