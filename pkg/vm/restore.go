@@ -23,6 +23,12 @@ const (
 	restoreConnectTimeout = 30 * time.Second
 	// restoreLoadTimeout bounds the load of the template.
 	restoreLoadTimeout = 60 * time.Second
+	// restoreExitGrace is how long a failed restore waits for QEMU to
+	// end by itself before it kills it: a step that failed because
+	// QEMU's connections ended usually sees that before QEMU's exit
+	// status exists, and only that status tells a kill from outside
+	// (which ends the box) from the restore's own kill.
+	restoreExitGrace = 2 * time.Second
 )
 
 // restored is a QEMU that runs the box's guest, restored from its
@@ -108,11 +114,15 @@ func (m *monitor) restore(gl, ql net.Listener, creatorGone <-chan struct{}, sigs
 		if r.ctl != nil {
 			r.ctl.Close()
 		}
+		// A stopped or abandoned box is judged by that, not by
+		// QEMU's end: it is killed at once.
 		endedItself := false
-		select {
-		case <-done:
-			endedItself = true
-		default:
+		if ctx.Err() == nil && m.bootSignal() == 0 {
+			select {
+			case <-done:
+				endedItself = true
+			case <-time.After(restoreExitGrace):
+			}
 		}
 		qemu.Process.Kill()
 		<-done
