@@ -125,7 +125,7 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 		if err := m.qemuGone(qemu); err != nil {
 			return err
 		}
-		return fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+		return m.stoppedDuringBoot(qemu)
 	}
 	accepted := make(chan net.Conn, 1)
 	var conn net.Conn
@@ -176,15 +176,18 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 						if err := m.qemuGone(qemu); err != nil {
 							return vmproto.Frame{}, err
 						}
+						return vmproto.Frame{}, m.stoppedDuringBoot(qemu)
 					case <-time.After(time.Second):
 					}
+					return vmproto.Frame{}, fmt.Errorf("guest's control port during boot: %w (QEMU: %s; guest console: %s)",
+						r.err, tail(m.qemuLogPath()), tail(m.cfg.Machine.ConsoleLog))
 				}
-				return r.f, r.err
+				return r.f, nil
 			case <-qemuDone:
 				if err := m.qemuGone(qemu); err != nil {
 					return vmproto.Frame{}, err
 				}
-				return vmproto.Frame{}, fmt.Errorf("the VM stopped during boot; guest console: %s", tail(m.cfg.Machine.ConsoleLog))
+				return vmproto.Frame{}, m.stoppedDuringBoot(qemu)
 			case <-sfsDone:
 				return vmproto.Frame{}, sfsEnded()
 			case <-creatorGone:
@@ -315,6 +318,17 @@ func (e *qemuKilledError) fromOutside() bool {
 func killedFromOutside(err error) bool {
 	var k *qemuKilledError
 	return errors.As(err, &k) && k.fromOutside()
+}
+
+// stoppedDuringBoot explains a QEMU that exited by itself during the
+// boot: the guest's kernel crash when its console shows one, otherwise
+// QEMU's status and last words and the console's last line.
+func (m *monitor) stoppedDuringBoot(qemu *exec.Cmd) error {
+	console := m.cfg.Machine.ConsoleLog
+	if crash := guestCrash(console); crash != "" {
+		return fmt.Errorf("the VM's kernel crashed during boot: %s (guest console: %s)", crash, console)
+	}
+	return fmt.Errorf("the VM stopped during boot (QEMU %s: %s); guest console: %s", qemu.ProcessState, tail(m.qemuLogPath()), tail(console))
 }
 
 // bootStopped is the error of a boot that a signal ended.
