@@ -520,3 +520,111 @@ func TestVMGuestCrashReported(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q; want 255 and the guest kernel's panic", r.code, r.stderr)
 	}
 }
+
+// crashingQEMU writes a QEMU wrapper into a new directory that makes the
+// guest kernel of the first crashes boots it starts panic at once
+// (no init: "Kernel panic - not syncing: ..."), before kiwi-box-init runs, and
+// counts the boots in the file boots beside it.
+func crashingQEMU(t *testing.T, crashes int) (wrapper, boots string) {
+	t.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	wrapper, boots = filepath.Join(dir, "qemu-system-x86_64"), filepath.Join(dir, "boots")
+	script := fmt.Sprintf(`#!/bin/sh
+case " $* " in
+*" -append "*)
+	n=$(cat %[1]q 2>/dev/null || echo 0)
+	n=$((n + 1))
+	echo $n >%[1]q
+	if [ $n -le %[2]d ]; then
+		prev=
+		for a do
+			shift
+			[ "$prev" = -append ] && a="$a rdinit=/nonexistent init=/nonexistent"
+			set -- "$@" "$a"
+			prev=$a
+		done
+	fi ;;
+esac
+exec %[3]q "$@"
+`, boots, crashes, qemu)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return wrapper, boots
+}
+
+// bootCount reads crashingQEMU's count of boots.
+func bootCount(t *testing.T, boots string) int {
+	t.Helper()
+	b, _ := os.ReadFile(boots)
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
+}
+
+// TestVMBootCrashRetried: a guest kernel that crashes during a cold boot,
+// before the container's process started, is booted once more (nothing
+// of the container ran yet), and the first boot's console is kept as
+// console.log.1; a kernel that crashes again ends the box with both
+// crashes named. Making a template retries the same way.
+func TestVMBootCrashRetried(t *testing.T) {
+	guestRelease(t)
+	const want = "Kernel panic - not syncing: "
+	t.Run("once", func(t *testing.T) {
+		wrapper, boots := crashingQEMU(t, 1)
+		p := newPodman(t, 2, fmt.Sprintf("[vm]\ntemplate = \"off\"\nqemu = { x86_64 = %q }\n", wrapper))
+		noVMLeft(t)
+		rootfs := busyboxRootfs(t)
+		// Detached, so that the state directory is there to look at.
+		r := p.run("", "run", "-d", "--rootfs", rootfs, "sleep", "60")
+		id := strings.TrimSpace(r.stdout)
+		defer p.run("", "rm", "-f", "-t", "0", id)
+		if r.code != 0 {
+			t.Fatalf("exit %d, stdout %q, stderr %q; want the box up after the second boot", r.code, r.stdout, r.stderr)
+		}
+		if r := p.run("", "exec", id, "echo", "hello"); r.code != 0 || r.stdout != "hello\n" {
+			t.Fatalf("exec: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+		}
+		if n := bootCount(t, boots); n != 2 {
+			t.Fatalf("%d boots, want 2", n)
+		}
+		kept, _ := filepath.Glob(filepath.Join(p.root, "containers", "*", "console.log.1"))
+		if len(kept) != 1 {
+			t.Fatalf("first boot's console kept as %v, want one console.log.1", kept)
+		}
+		if b, err := os.ReadFile(kept[0]); err != nil || !strings.Contains(string(b), want) {
+			t.Fatalf("%s: %v; want the first boot's panic %q in:\n%s", kept[0], err, want, b)
+		}
+	})
+	t.Run("twice", func(t *testing.T) {
+		wrapper, boots := crashingQEMU(t, 99)
+		p := newPodman(t, 2, fmt.Sprintf("[vm]\ntemplate = \"off\"\nqemu = { x86_64 = %q }\n", wrapper))
+		noVMLeft(t)
+		rootfs := busyboxRootfs(t)
+		r := p.run("", "run", "--rm", "--rootfs", rootfs, "echo", "hello")
+		if r.code == 0 || !strings.Contains(r.stderr, "the VM's kernel crashed during boot: "+want) || !strings.Contains(r.stderr, "the first boot crashed too: "+want) {
+			t.Fatalf("exit %d, stdout %q, stderr %q; want a failure naming both boots' panic", r.code, r.stdout, r.stderr)
+		}
+		if n := bootCount(t, boots); n != 2 {
+			t.Fatalf("%d boots, want 2", n)
+		}
+		noVMLeft(t)
+	})
+	t.Run("template", func(t *testing.T) {
+		wrapper, boots := crashingQEMU(t, 1)
+		p, dir := templatePodman(t, fmt.Sprintf("qemu = { x86_64 = %q }\n", wrapper))
+		if out, err := exec.Command(p.runtime, "setup", "--template").CombinedOutput(); err != nil {
+			t.Fatalf("setup --template: %v\n%s", err, out)
+		}
+		if n := bootCount(t, boots); n != 2 {
+			t.Fatalf("%d boots, want 2", n)
+		}
+		if files := templateFiles(t, dir); len(files) != 1 {
+			t.Fatalf("templates: %v, want the one made by the second boot", files)
+		}
+		noVMLeft(t)
+	})
+}

@@ -179,6 +179,9 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 						return vmproto.Frame{}, m.stoppedDuringBoot(qemu)
 					case <-time.After(time.Second):
 					}
+					if crash := guestCrash(m.cfg.Machine.ConsoleLog); crash != "" {
+						return vmproto.Frame{}, &guestCrashError{line: crash, console: m.cfg.Machine.ConsoleLog}
+					}
 					return vmproto.Frame{}, fmt.Errorf("guest's control port during boot: %w (QEMU: %s; guest console: %s)",
 						r.err, tail(m.qemuLogPath()), tail(m.cfg.Machine.ConsoleLog))
 				}
@@ -300,7 +303,10 @@ func (m *monitor) qemuGone(qemu *exec.Cmd) error {
 type qemuKilledError struct{ sig syscall.Signal }
 
 func (e *qemuKilledError) Error() string {
-	return fmt.Sprintf("QEMU was killed by %s during the boot (by the host: not the guest)", unix.SignalName(e.sig))
+	if !e.fromOutside() {
+		return fmt.Sprintf("QEMU crashed (%s) during the boot", unix.SignalName(e.sig))
+	}
+	return fmt.Sprintf("QEMU was killed by %s during the boot (from outside the VM: not by the guest)", unix.SignalName(e.sig))
 }
 
 // fromOutside reports whether the signal came from outside QEMU (kill,
@@ -326,9 +332,45 @@ func killedFromOutside(err error) bool {
 func (m *monitor) stoppedDuringBoot(qemu *exec.Cmd) error {
 	console := m.cfg.Machine.ConsoleLog
 	if crash := guestCrash(console); crash != "" {
-		return fmt.Errorf("the VM's kernel crashed during boot: %s (guest console: %s)", crash, console)
+		return &guestCrashError{line: crash, console: console}
 	}
 	return fmt.Errorf("the VM stopped during boot (QEMU %s: %s); guest console: %s", qemu.ProcessState, tail(m.qemuLogPath()), tail(console))
+}
+
+// guestCrashError is a guest kernel that crashed during the boot, before
+// the container's process started.
+type guestCrashError struct {
+	line    string // the kernel's crash line (guestCrash)
+	console string // the console log that shows it, if it is kept
+}
+
+func (e *guestCrashError) Error() string {
+	if e.console == "" {
+		return "the VM's kernel crashed during boot: " + e.line
+	}
+	return fmt.Sprintf("the VM's kernel crashed during boot: %s (guest console: %s)", e.line, e.console)
+}
+
+// forgetQEMU drops the QMP connection and process of a QEMU that ended
+// during the boot, before another one boots the box.
+func (m *monitor) forgetQEMU() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.qmp != nil {
+		m.qmp.Close()
+	}
+	m.qmp, m.qmpErr, m.qemu = nil, nil, nil
+}
+
+// restartShareFS gives a new QEMU a new kiwi-sharefs: the running one
+// (sfs, nil without virtio-fs exports) serves one QEMU and ends with its
+// connections.
+func (m *monitor) restartShareFS(sfs *exec.Cmd, done <-chan struct{}) (*exec.Cmd, <-chan struct{}, error) {
+	if sfs != nil {
+		sfs.Process.Kill()
+		<-done
+	}
+	return m.startShareFS()
 }
 
 // bootStopped is the error of a boot that a signal ended.

@@ -154,7 +154,29 @@ func TestKilledFromOutside(t *testing.T) {
 			t.Errorf("killedFromOutside(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
-	if msg := (&qemuKilledError{sig: unix.SIGKILL}).Error(); !strings.Contains(msg, "killed by SIGKILL during the boot") {
-		t.Errorf("message %q", msg)
+	for sig, want := range map[unix.Signal]string{
+		unix.SIGKILL: "QEMU was killed by SIGKILL during the boot (from outside",
+		unix.SIGSEGV: "QEMU crashed (SIGSEGV) during the boot",
+	} {
+		if msg := (&qemuKilledError{sig: sig}).Error(); !strings.HasPrefix(msg, want) {
+			t.Errorf("%s: message %q, want it to start with %q", unix.SignalName(sig), msg, want)
+		}
+	}
+}
+
+// TestGuestCrashErrorFound: the crash error is found through wrapping,
+// and names the console only when it is kept.
+func TestGuestCrashErrorFound(t *testing.T) {
+	err := fmt.Errorf("make template: %w", &guestCrashError{line: "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"})
+	var crash *guestCrashError
+	if !errors.As(err, &crash) || crash.line != "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI" {
+		t.Fatalf("errors.As(%v) = %v", err, crash)
+	}
+	if got, want := err.Error(), "make template: the VM's kernel crashed during boot: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"; got != want {
+		t.Errorf("message %q, want %q", got, want)
+	}
+	kept := &guestCrashError{line: "Kernel panic - not syncing: x", console: "/run/c/console.log"}
+	if got := kept.Error(); !strings.HasSuffix(got, "(guest console: /run/c/console.log)") {
+		t.Errorf("message %q names no console", got)
 	}
 }

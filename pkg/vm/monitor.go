@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -267,41 +268,64 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 					m.log.Warn("removed the template that failed to load: the next box makes it again", "id", m.cfg.ID, "template", m.cfg.Template.Path)
 				}
 			}
-			m.mu.Lock()
-			if m.qmp != nil {
-				m.qmp.Close()
-			}
-			m.qmp, m.qmpErr, m.qemu = nil, nil, nil
-			m.mu.Unlock()
+			m.forgetQEMU()
 			if r != nil && r.attached {
 				// kiwi-sharefs ends with QEMU's connections: the cold
 				// boot gets a new one.
-				sfs.Process.Kill()
-				<-sfsDone
-				if sfs, sfsDone, err = m.startShareFS(); err != nil {
+				if sfs, sfsDone, err = m.restartShareFS(sfs, sfsDone); err != nil {
 					return fail(err)
 				}
 			}
 			r = nil
 		}
 	}
-	if r == nil {
-		if qemu, qemuDone, err = m.startQEMU(); err != nil {
-			return fail(err)
+	var (
+		conn    net.Conn
+		crashed *guestCrashError // the cold boot's first crash, if any
+	)
+	for {
+		if r == nil {
+			if qemu, qemuDone, err = m.startQEMU(); err != nil {
+				return fail(err)
+			}
+			m.mu.Lock()
+			m.qemu = qemu.Process
+			stopped := m.bootStop != 0
+			m.mu.Unlock()
+			if stopped {
+				qemu.Process.Kill() // killed before QEMU was there
+			}
+			go m.acceptQMP(ql)
 		}
-		m.mu.Lock()
-		m.qemu = qemu.Process
-		stopped := m.bootStop != 0
-		m.mu.Unlock()
-		if stopped {
-			qemu.Process.Kill() // killed before QEMU was there
+		conn, err = m.boot(gl, r, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
+		if err == nil {
+			break
 		}
-		go m.acceptQMP(ql)
-	}
-	conn, err := m.boot(gl, r, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
-	if err != nil {
 		qemu.Process.Kill()
 		<-qemuDone
+		// A guest kernel that crashes in a cold boot, before the
+		// container's process started, is booted once more: nothing of
+		// the container ran yet. Under TCG a guest kernel patching its
+		// own code at boot (jump labels, as modules load) now and then
+		// meets a vCPU still running the old code (Oops: int3), about
+		// once in a few hundred boots; a second crash ends the box.
+		var crash *guestCrashError
+		if r == nil && crashed == nil && errors.As(err, &crash) && m.bootSignal() == 0 {
+			crashed = crash
+			kept := crash.console + ".1"
+			if rerr := os.Rename(crash.console, kept); rerr != nil {
+				kept = crash.console
+			}
+			m.log.Warn("the guest kernel crashed before the container's process started: booting it again", "id", m.cfg.ID, "crash", crash.line, "console", kept)
+			m.forgetQEMU()
+			if sfs, sfsDone, err = m.restartShareFS(sfs, sfsDone); err != nil {
+				return fail(err)
+			}
+			continue
+		}
+		if crashed != nil && errors.As(err, &crash) {
+			err = fmt.Errorf("%w; the first boot crashed too: %s", err, crashed.line)
+		}
 		code, abandoned := fail(err)
 		if sig := m.bootSignal(); sig != 0 {
 			code = 128 + sig

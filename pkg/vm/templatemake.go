@@ -62,7 +62,17 @@ func EnsureTemplate(ctx context.Context, m Machine, dir string, log *slog.Logger
 	tmpRAM := tmp + templateRAMExt
 	defer os.Remove(tmp)
 	defer os.Remove(tmpRAM)
-	if err := saveTemplate(ctx, m, tmp, tmpRAM, log); err != nil {
+	err = saveTemplate(ctx, m, tmp, tmpRAM, log)
+	var crash *guestCrashError
+	if errors.As(err, &crash) {
+		// As in a box's cold boot (Run): a guest kernel that crashed
+		// in its boot gets one more.
+		log.Warn("the template's guest kernel crashed during its boot: booting it again", "crash", crash.line)
+		os.Remove(tmp)
+		os.Remove(tmpRAM) // a fresh RAM file, as the first boot had
+		err = saveTemplate(ctx, m, tmp, tmpRAM, log)
+	}
+	if err != nil {
 		return TemplateRef{}, false, fmt.Errorf("make template: %w", err)
 	}
 	t, err = commitTemplate(dir, key, tmp, tmpRAM, time.Since(start))
@@ -159,6 +169,11 @@ func saveTemplate(ctx context.Context, m Machine, out, ram string, log *slog.Log
 		}
 	}()
 	why := func(err error) error {
+		// A crash line on the console says what happened, whether or
+		// not QEMU has ended yet.
+		if crash := guestCrash(m.ConsoleLog); crash != "" {
+			return &guestCrashError{line: crash} // its console goes with work
+		}
 		select {
 		case <-done:
 			return fmt.Errorf("%w (QEMU ended: %s; guest console: %s)", err, tail(qemuLogPath), tail(m.ConsoleLog))
