@@ -522,9 +522,9 @@ func TestVMGuestCrashReported(t *testing.T) {
 }
 
 // crashingQEMU writes a QEMU wrapper into a new directory that makes the
-// guest kernel of the first crashes boots it starts panic at once
-// (no init: "Kernel panic - not syncing: ..."), before kiwi-box-init runs, and
-// counts the boots in the file boots beside it.
+// guest kernel of the first crashes boots panic at once (no init:
+// "Kernel panic - not syncing: ..."), before kiwi-box-init runs, and
+// counts the boots (QEMU calls with -append) in the file boots beside it.
 func crashingQEMU(t *testing.T, crashes int) (wrapper, boots string) {
 	t.Helper()
 	qemu, err := exec.LookPath("qemu-system-x86_64")
@@ -611,11 +611,11 @@ func TestVMBootCrashRetried(t *testing.T) {
 		if n := bootCount(t, boots); n != 2 {
 			t.Fatalf("%d boots, want 2", n)
 		}
-		noVMLeft(t)
 	})
 	t.Run("template", func(t *testing.T) {
 		wrapper, boots := crashingQEMU(t, 1)
 		p, dir := templatePodman(t, fmt.Sprintf("qemu = { x86_64 = %q }\n", wrapper))
+		noVMLeft(t)
 		if out, err := exec.Command(p.runtime, "setup", "--template").CombinedOutput(); err != nil {
 			t.Fatalf("setup --template: %v\n%s", err, out)
 		}
@@ -625,6 +625,5 @@ func TestVMBootCrashRetried(t *testing.T) {
 		if files := templateFiles(t, dir); len(files) != 1 {
 			t.Fatalf("templates: %v, want the one made by the second boot", files)
 		}
-		noVMLeft(t)
 	})
 }

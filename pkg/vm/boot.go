@@ -127,15 +127,22 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 		}
 		return m.stoppedDuringBoot(qemu)
 	}
-	accepted := make(chan net.Conn, 1)
+	accepted := make(chan net.Conn)
+	returned := make(chan struct{})
+	defer close(returned)
 	var conn net.Conn
 	if r != nil {
 		conn = r.ctl
 	} else {
 		go func() {
 			c, err := l.Accept()
-			if err == nil {
-				accepted <- c
+			if err != nil {
+				return
+			}
+			select {
+			case accepted <- c:
+			case <-returned:
+				c.Close() // a QEMU the boot gave up on
 			}
 		}()
 	}
@@ -178,9 +185,6 @@ func (m *monitor) boot(l net.Listener, r *restored, qemu, sfs *exec.Cmd, qemuDon
 						}
 						return vmproto.Frame{}, m.stoppedDuringBoot(qemu)
 					case <-time.After(time.Second):
-					}
-					if crash := guestCrash(m.cfg.Machine.ConsoleLog); crash != "" {
-						return vmproto.Frame{}, &guestCrashError{line: crash, console: m.cfg.Machine.ConsoleLog}
 					}
 					return vmproto.Frame{}, fmt.Errorf("guest's control port during boot: %w (QEMU: %s; guest console: %s)",
 						r.err, tail(m.qemuLogPath()), tail(m.cfg.Machine.ConsoleLog))
@@ -342,14 +346,21 @@ func (m *monitor) stoppedDuringBoot(qemu *exec.Cmd) error {
 type guestCrashError struct {
 	line    string // the kernel's crash line (guestCrash)
 	console string // the console log that shows it, if it is kept
+	after   error  // what the boot saw of it, if it says more
 }
 
 func (e *guestCrashError) Error() string {
-	if e.console == "" {
-		return "the VM's kernel crashed during boot: " + e.line
+	msg := "the VM's kernel crashed during boot: " + e.line
+	if e.console != "" {
+		msg += " (guest console: " + e.console + ")"
 	}
-	return fmt.Sprintf("the VM's kernel crashed during boot: %s (guest console: %s)", e.line, e.console)
+	if e.after != nil {
+		msg += " (then: " + e.after.Error() + ")"
+	}
+	return msg
 }
+
+func (e *guestCrashError) Unwrap() error { return e.after }
 
 // forgetQEMU drops the QMP connection and process of a QEMU that ended
 // during the boot, before another one boots the box.

@@ -253,6 +253,11 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 			// A QEMU killed from outside ends the box as in a cold
 			// boot: only a restore that fails by itself (a template
 			// QEMU cannot load, a QEMU that crashes) boots cold.
+			if sfs != nil && (r == nil || !r.attached) {
+				// No QEMU ever connected to it: it has nothing to
+				// finish, and would wait for a connection.
+				sfs.Process.Kill()
+			}
 			code, abandoned := fail(err)
 			if sig := m.bootSignal(); sig != 0 {
 				code = 128 + sig
@@ -282,6 +287,7 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 	var (
 		conn    net.Conn
 		crashed *guestCrashError // the cold boot's first crash, if any
+		kept    string           // its console, kept
 	)
 	for {
 		if r == nil {
@@ -295,7 +301,7 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 			if stopped {
 				qemu.Process.Kill() // killed before QEMU was there
 			}
-			go m.acceptQMP(ql)
+			go m.acceptQMP(ql, qemu.Process)
 		}
 		conn, err = m.boot(gl, r, qemu, sfs, qemuDone, sfsDone, creatorGone, sigs)
 		if err == nil {
@@ -303,6 +309,12 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		}
 		qemu.Process.Kill()
 		<-qemuDone
+		// A stop that came meanwhile wins over a retry.
+		select {
+		case s := <-sigs:
+			m.stopBoot(int(s.(syscall.Signal)))
+		default:
+		}
 		// A guest kernel that crashes in a cold boot, before the
 		// container's process started, is booted once more: nothing of
 		// the container ran yet. Under TCG a guest kernel patching its
@@ -311,20 +323,29 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		// once in a few hundred boots; a second crash ends the box.
 		var crash *guestCrashError
 		if r == nil && crashed == nil && errors.As(err, &crash) && m.bootSignal() == 0 {
-			crashed = crash
-			kept := crash.console + ".1"
+			crashed, kept = crash, crash.console+".1"
 			if rerr := os.Rename(crash.console, kept); rerr != nil {
+				m.log.Warn("keep the crashed boot's console", "id", m.cfg.ID, "err", rerr)
 				kept = crash.console
 			}
 			m.log.Warn("the guest kernel crashed before the container's process started: booting it again", "id", m.cfg.ID, "crash", crash.line, "console", kept)
 			m.forgetQEMU()
 			if sfs, sfsDone, err = m.restartShareFS(sfs, sfsDone); err != nil {
-				return fail(err)
+				return fail(fmt.Errorf("boot again after a guest kernel crash: %w", err))
 			}
 			continue
 		}
-		if crashed != nil && errors.As(err, &crash) {
-			err = fmt.Errorf("%w; the first boot crashed too: %s", err, crashed.line)
+		switch {
+		case crashed != nil && errors.As(err, &crash):
+			err = fmt.Errorf("%w; the first boot crashed too: %s (its console: %s)", err, crashed.line, kept)
+		case crashed != nil:
+			err = fmt.Errorf("%w; the first boot had crashed: %s (its console: %s)", err, crashed.line, kept)
+		}
+		if sfs != nil {
+			// The container never started and its QEMU is gone:
+			// kiwi-sharefs has nothing left to serve (it may never
+			// have had a connection to end it).
+			sfs.Process.Kill()
 		}
 		code, abandoned := fail(err)
 		if sig := m.bootSignal(); sig != 0 {

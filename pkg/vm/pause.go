@@ -4,11 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 )
 
 // acceptQMP takes QEMU's connection to the QMP socket, which it makes at
 // start, and negotiates; pause and resume need it.
-func (m *monitor) acceptQMP(l net.Listener) {
+func (m *monitor) acceptQMP(l net.Listener, qemu *os.Process) {
 	c, err := l.Accept()
 	var q *qmp
 	if err == nil {
@@ -16,6 +17,13 @@ func (m *monitor) acceptQMP(l net.Listener) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.qemu != qemu {
+		// That QEMU is gone (a boot after a crash has its own).
+		if q != nil {
+			q.Close()
+		}
+		return
+	}
 	m.qmp, m.qmpErr = q, err
 	if err != nil {
 		m.log.Warn("no QMP connection to QEMU: pause and resume will fail", "id", m.cfg.ID, "err", err)

@@ -64,13 +64,15 @@ func EnsureTemplate(ctx context.Context, m Machine, dir string, log *slog.Logger
 	defer os.Remove(tmpRAM)
 	err = saveTemplate(ctx, m, tmp, tmpRAM, log)
 	var crash *guestCrashError
-	if errors.As(err, &crash) {
+	if errors.As(err, &crash) && ctx.Err() == nil {
 		// As in a box's cold boot (Run): a guest kernel that crashed
 		// in its boot gets one more.
 		log.Warn("the template's guest kernel crashed during its boot: booting it again", "crash", crash.line)
 		os.Remove(tmp)
 		os.Remove(tmpRAM) // a fresh RAM file, as the first boot had
-		err = saveTemplate(ctx, m, tmp, tmpRAM, log)
+		if err = saveTemplate(ctx, m, tmp, tmpRAM, log); err != nil {
+			err = fmt.Errorf("%w; the first boot crashed too: %s", err, crash.line)
+		}
 	}
 	if err != nil {
 		return TemplateRef{}, false, fmt.Errorf("make template: %w", err)
@@ -169,13 +171,16 @@ func saveTemplate(ctx context.Context, m Machine, out, ram string, log *slog.Log
 		}
 	}()
 	why := func(err error) error {
-		// A crash line on the console says what happened, whether or
-		// not QEMU has ended yet.
-		if crash := guestCrash(m.ConsoleLog); crash != "" {
-			return &guestCrashError{line: crash} // its console goes with work
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+			// QEMU's connections may end a moment before QEMU does.
 		}
 		select {
 		case <-done:
+			if crash := guestCrash(m.ConsoleLog); crash != "" {
+				return &guestCrashError{line: crash, after: err} // its console goes with work
+			}
 			return fmt.Errorf("%w (QEMU ended: %s; guest console: %s)", err, tail(qemuLogPath), tail(m.ConsoleLog))
 		default:
 			return fmt.Errorf("%w (guest console: %s)", err, tail(m.ConsoleLog))
