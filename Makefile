@@ -116,7 +116,7 @@ test-tree-on-share: deps build kernel
 # containerd and kiwi-shim device plugin, RuntimeClass kiwi;
 # integration/k8s_cluster_test.go, build tag k8s), kiwi pods in
 # container and VM mode on it, Jobs requesting kiwi-shim.io/loop (real
-# KIWI builds in both modes; the box image, make demo's). About 26 min
+# KIWI builds in both modes; the box image, make demo's). About 25 min
 # under TCG on 2 cores (three VM builds at once).
 # contrib/k8s/build builds Kubernetes and etcd from the module proxy once
 # (nice 19, one compile at a time; long, see docs/testing.md) into
