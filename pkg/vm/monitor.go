@@ -318,9 +318,10 @@ func Run(dir string, ready, goAhead *os.File, log *slog.Logger) (code int, aband
 		// A guest kernel that crashes in a cold boot, before the
 		// container's process started, is booted once more: nothing of
 		// the container ran yet. Under TCG a guest kernel patching its
-		// own code at boot (jump labels, as modules load) now and then
-		// meets a vCPU still running the old code (Oops: int3), about
-		// once in a few hundred boots; a second crash ends the box.
+		// own code at boot (jump labels) now and then meets a vCPU still
+		// running the old code (Oops: int3; once in 150 raw boots with
+		// no modules, docs/troubleshooting.md); a second crash ends the
+		// box.
 		var crash *guestCrashError
 		if r == nil && crashed == nil && errors.As(err, &crash) && m.bootSignal() == 0 {
 			crashed, kept = crash, crash.console+".1"
